@@ -1,0 +1,67 @@
+"""Reduced-precision range checks and conversions (float16, bfloat16), numpy only.
+
+A fold computes in float64 and rounds once into the weight's own dtype. In float16/bfloat16 the
+folded value can overflow to inf or flush to zero where the original did not, so every fold into a
+reduced-precision weight is checked here before anything is written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+FLOAT16 = "float16"
+BFLOAT16 = "bfloat16"
+
+# Largest finite value and smallest positive (subnormal) value of each format.
+_LIMITS = {
+    FLOAT16: (65504.0, 2.0**-24),
+    BFLOAT16: (3.3895313892515355e38, 2.0**-133),
+}
+
+ONNX_DTYPE_NAME = {
+    onnx.TensorProto.FLOAT16: FLOAT16,
+    onnx.TensorProto.BFLOAT16: BFLOAT16,
+}
+
+
+def range_problem(values: np.ndarray, dtype: str, what: str = "folded weight") -> str | None:
+    """Why `values` (float64) cannot be stored in `dtype`, or None when they fit.
+
+    Refuses overflow (|v| above the largest finite value) and flush to zero (a non-zero value
+    smaller than half the smallest subnormal, which rounds to 0).
+    """
+    if dtype not in _LIMITS:
+        return None
+    largest, smallest = _LIMITS[dtype]
+    magnitude = np.abs(values)
+    finite = np.isfinite(values)
+    if not finite.all():
+        return f"{what} is not finite"
+    peak = float(magnitude.max(initial=0.0))
+    # Values within half an ulp above `largest` still round to it; beyond that they become inf.
+    if peak > largest * (1 + 2.0**-12):
+        return f"{what} would overflow {dtype} (|w| up to {peak:.3g} > {largest:.6g})"
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.size and float(nonzero.min()) < smallest / 2:
+        return (
+            f"{what} would flush to zero in {dtype} "
+            f"(|w| down to {float(nonzero.min()):.3g} < {smallest / 2:.3g})"
+        )
+    return None
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even), returned as uint16 bit patterns."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint32) << 16).view(np.float32)
