@@ -1,0 +1,185 @@
+"""Apply the fold rules to every graph of a model (subgraphs first) until nothing changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.fold.graph import (
+    Constant,
+    GraphView,
+    NameAllocator,
+    TypeTable,
+    node_label,
+    subgraphs,
+)
+from bnfold.fold.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
+from bnfold.fold.rules import FOLD_RULES, LOWER_RULES
+from bnfold.fold.rules.common import batchnorm_affine
+from bnfold.io import iter_tensors
+
+_CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
+_MAX_PASSES = 16  # each pass folds at least one node; real graphs settle in two
+
+
+def fold_model(model: onnx.ModelProto, *, lower_standalone: bool = False) -> FoldReport:
+    """Fold `model` in place and return what happened."""
+    report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
+    folder = _ModelFolder(model, lower_standalone, report)
+    folder.fold_graph(model.graph, {}, "main")
+    remove_unused(model, folder.dead)
+    report.nodes_after = count_nodes(model.graph)
+    report.params_after = count_params(model)
+    return report
+
+
+class _ModelFolder:
+    def __init__(self, model: onnx.ModelProto, lower_standalone: bool, report: FoldReport):
+        self.names = NameAllocator(model)
+        self.types = TypeTable(model)
+        self.lower_standalone = lower_standalone
+        self.report = report
+        self.dead: list[str] = []
+
+    def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
+        return GraphView(graph, self.names, self.types, outer, path)
+
+    def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
+        scope = self.view(graph, outer, path)
+        _check_batchnorm_arity(scope)
+        for _, node in scope.live_nodes():
+            for attr_name, sub in subgraphs(node):
+                self.fold_graph(sub, scope.constants, f"{path}/{node_label(node)}/{attr_name}")
+        for _ in range(_MAX_PASSES):
+            view = self.view(graph, outer, path)
+            changed = self.fold_pass(view)
+            view.commit()
+            if not changed:
+                break
+        view = self.view(graph, outer, path)
+        self.settle_kept(view)
+        view.commit()
+
+    def fold_pass(self, view: GraphView) -> bool:
+        changed = False
+        for index, node in list(view.live_nodes()):
+            if index in view.removed or node.op_type not in _CANDIDATE_OPS:
+                continue
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            for rule in FOLD_RULES:
+                match = rule.match(view, index)
+                if match is None or rule.check(view, match) is not None:
+                    continue
+                into = node_label(view.nodes[match.target_index])
+                self.dead.extend(rule.rewrite(view, match))
+                self.report.entries.append(
+                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, rule.name)
+                )
+                changed = True
+                break
+        return changed
+
+    def settle_kept(self, view: GraphView) -> None:
+        """Record why each remaining BN stays; lower it to Mul+Add when asked and possible."""
+        for index, node in list(view.live_nodes("BatchNormalization")):
+            reasons = refusal_reasons(view, index)
+            label = node_label(node)
+            if self.lower_standalone:
+                rule = LOWER_RULES[0]
+                match = rule.match(view, index)
+                problem = rule.check(view, match)
+                if problem is None:
+                    self.dead.extend(rule.rewrite(view, match))
+                    self.report.entries.append(
+                        FoldEntry(label, node.op_type, LOWERED, view.path, "Mul+Add", rule.name,
+                                  reasons)
+                    )
+                    continue
+                reasons.append(f"not lowered: {problem}")
+            self.report.entries.append(
+                FoldEntry(label, node.op_type, KEPT, view.path, None, None, reasons)
+            )
+
+
+def refusal_reasons(view: GraphView, index: int) -> list[str]:
+    """Why no fold rule applies to BN `index`, one reason per neighbour considered."""
+    affine = batchnorm_affine(view, index)
+    if isinstance(affine, str):
+        return [affine]
+    reasons = []
+    for rule in FOLD_RULES:
+        match = rule.match(view, index)
+        if match is None:
+            continue
+        reason = rule.check(view, match)
+        if reason is not None:
+            reasons.append(f"into {node_label(view.nodes[match.target_index])}: {reason}")
+    if not reasons:
+        reasons.append(_neighbourhood(view, index))
+    return list(dict.fromkeys(reasons))
+
+
+def _neighbourhood(view: GraphView, index: int) -> str:
+    node = view.nodes[index]
+    producer = view.producer_of(node.input[0])
+    source = node_label(producer[1]) if producer else f"graph input {node.input[0]!r}"
+    readers = [node_label(view.nodes[i]) for i in view.live_consumers(node.output[0])]
+    if node.output[0] in view.graph_outputs:
+        readers.append("graph output")
+    target = ", ".join(readers[:3]) or "nothing"
+    return (
+        f"no Conv/ConvTranspose/Gemm/MatMul beside it (input from {source}, output to {target})"
+    )
+
+
+def _check_batchnorm_arity(view: GraphView) -> None:
+    for _, node in view.live_nodes("BatchNormalization"):
+        present = [name for name in node.input[:5] if name]
+        if len(present) < 5 or not node.output or not node.output[0]:
+            raise BnfoldError(
+                f"BatchNormalization {node_label(node)!r} has {len(present)} of its 5 inputs "
+                f"(X, scale, B, mean, var) or no output: the model is malformed; re-export it"
+            )
+
+
+def remove_unused(model: onnx.ModelProto, candidates: list[str]) -> None:
+    """Drop initializers and Constant nodes among `candidates` that nothing reads any more."""
+    candidates_set = set(candidates)
+    if not candidates_set:
+        return
+    used: set[str] = set()
+    graphs = list(_all_graphs(model.graph))
+    for graph in graphs:
+        used.update(v.name for v in graph.output)
+        for node in graph.node:
+            used.update(node.input)
+    for graph in graphs:
+        inputs = {v.name for v in graph.input}
+        dead = candidates_set - used - inputs
+        if not dead:
+            continue
+        for index in reversed(range(len(graph.initializer))):
+            if graph.initializer[index].name in dead:
+                del graph.initializer[index]
+        for index in reversed(range(len(graph.node))):
+            node = graph.node[index]
+            if node.op_type == "Constant" and node.output and node.output[0] in dead:
+                del graph.node[index]
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            yield from _all_graphs(sub)
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    return sum(len(g.node) for g in _all_graphs(graph))
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Values held in initializers and Constant tensors, subgraphs included."""
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in iter_tensors(model)))

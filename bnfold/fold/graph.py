@@ -1,0 +1,392 @@
+"""The view of one ONNX graph that a fold rule needs: producers, consumers, constants, names.
+
+The view edits the GraphProto in place and keeps its maps current, so rules can be applied one
+after another in a single pass. Node removal is deferred to `commit()` (one rebuild instead of
+an O(n) delete per fold). Names used inside subgraphs count as uses by the node that owns the
+subgraph, so a tensor read in an If branch is never treated as unused.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.errors import BnfoldError
+from bnfold.io import iter_tensors
+from bnfold.precision import bfloat16_bits_to_float32
+
+SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) for each subgraph of `node` (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for index, graph in enumerate(attr.graphs):
+                yield f"{attr.name}[{index}]", graph
+
+
+def names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that `node`'s subgraphs read (recursively), i.e. its implicit inputs."""
+    used: set[str] = set()
+    for _, graph in subgraphs(node):
+        defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        for inner in graph.node:
+            defined.update(inner.output)
+        for inner in graph.node:
+            used.update(name for name in inner.input if name)
+            used.update(names_read_by_subgraphs(inner))
+        used.update(v.name for v in graph.output)
+        used -= defined
+    return used
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A name for reports: the node's own, else op type and first output."""
+    if node.name:
+        return node.name
+    return f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values, refusing data whose size does not match its dims."""
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type == onnx.TensorProto.BFLOAT16:
+        if tensor.HasField("raw_data"):
+            bits = np.frombuffer(tensor.raw_data, dtype=np.uint16)
+        else:
+            bits = np.asarray(tensor.int32_data, dtype=np.uint16)
+        _check_count(tensor, bits.size, count)
+        return bfloat16_bits_to_float32(bits).reshape(tuple(tensor.dims))
+    if tensor.HasField("raw_data"):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        itemsize = np.dtype(dtype).itemsize
+        if len(tensor.raw_data) != count * itemsize:
+            _check_count(tensor, len(tensor.raw_data) // max(itemsize, 1), count)
+    try:
+        array = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:
+        raise BnfoldError(
+            f"tensor {tensor.name!r} is corrupt ({exc}): re-export the model"
+        ) from None
+    _check_count(tensor, array.size, count)
+    return array
+
+
+def _check_count(tensor: onnx.TensorProto, have: int, want: int) -> None:
+    if have != want:
+        raise BnfoldError(
+            f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({want} values) but holds "
+            f"{have}: the file is corrupt; re-export the model"
+        )
+
+
+class NameAllocator:
+    """Fresh tensor names, unique across the whole model (subgraphs may not shadow)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._used: set[str] = set()
+        self._collect(model.graph)
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        used = self._used
+        used.update(t.name for t in graph.initializer)
+        used.update(v.name for v in graph.input)
+        used.update(v.name for v in graph.output)
+        used.update(v.name for v in graph.value_info)
+        for node in graph.node:
+            used.update(node.input)
+            used.update(node.output)
+            for _, sub in subgraphs(node):
+                self._collect(sub)
+
+    def fresh(self, base: str) -> str:
+        candidate, index = base, 0
+        while candidate in self._used:
+            index += 1
+            candidate = f"{base}_{index}"
+        self._used.add(candidate)
+        return candidate
+
+
+@dataclass
+class Constant:
+    """A constant tensor visible in a graph: an initializer or a Constant node's value."""
+
+    tensor: onnx.TensorProto
+    owner: onnx.GraphProto  # the graph that holds it (an outer one for outer-scope names)
+    is_initializer: bool
+
+
+class GraphView:
+    """Producers, consumers and constants of one graph, kept current while rules edit it."""
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        names: NameAllocator,
+        types: TypeTable,
+        outer_constants: dict[str, Constant] | None = None,
+        path: str = "main",
+    ):
+        self.graph = graph
+        self.names = names
+        self.types = types
+        self.path = path
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.removed: set[int] = set()
+        self._placement: dict[int, list[int]] = {}  # node index -> nodes inserted before it
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.graph_outputs = {v.name for v in graph.output}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.constants: dict[str, Constant] = dict(outer_constants or {})
+        # An outer-scope constant is shadowed by a local input of the same name.
+        for name in self.graph_inputs:
+            self.constants.pop(name, None)
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        for tensor in graph.initializer:
+            self.initializers[tensor.name] = tensor
+            # IR<4 lists initializers as graph inputs: those are overridable, not constant.
+            if tensor.name not in self.graph_inputs:
+                self.constants[tensor.name] = Constant(tensor, graph, True)
+        for index, node in enumerate(self.nodes):
+            self._index_node(index, node)
+
+    def _index_node(self, index: int, node: onnx.NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self.consumers[name].append(index)
+        for name in names_read_by_subgraphs(node):
+            self.consumers[name].append(index)
+        for name in node.output:
+            if name:
+                self.producer[name] = index
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+            tensor = _constant_node_tensor(node)
+            if tensor is not None:
+                self.constants[node.output[0]] = Constant(tensor, self.graph, False)
+
+    # ---- queries -------------------------------------------------------------------------
+    def live_nodes(self, op_type: str | None = None) -> Iterator[tuple[int, onnx.NodeProto]]:
+        for index, node in enumerate(self.nodes):
+            if index not in self.removed and (op_type is None or node.op_type == op_type):
+                yield index, node
+
+    def producer_of(self, name: str) -> tuple[int, onnx.NodeProto] | None:
+        index = self.producer.get(name)
+        if index is None or index in self.removed:
+            return None
+        return index, self.nodes[index]
+
+    def live_consumers(self, name: str) -> list[int]:
+        return [i for i in self.consumers.get(name, ()) if i not in self.removed]
+
+    def sole_consumer_problem(self, name: str, expected: int) -> str | None:
+        """Why `name` is not read by node `expected` alone, or None."""
+        if name in self.graph_outputs:
+            return f"{name!r} is also a graph output"
+        others = [i for i in self.live_consumers(name) if i != expected]
+        if others:
+            labels = ", ".join(node_label(self.nodes[i]) for i in others[:3])
+            return f"{name!r} also feeds {labels}"
+        return None
+
+    def constant_array(self, name: str) -> np.ndarray | None:
+        constant = self.constants.get(name)
+        return None if constant is None else tensor_to_array(constant.tensor)
+
+    def constant_dtype(self, name: str) -> int | None:
+        constant = self.constants.get(name)
+        return None if constant is None else constant.tensor.data_type
+
+    def non_constant_reason(self, name: str, role: str) -> str | None:
+        if name in self.constants:
+            return None
+        if name in self.graph_inputs:
+            return f"{role} {name!r} is a graph input (can change at run time)"
+        return f"{role} {name!r} is computed at run time, not a constant"
+
+    def owns_exclusively(self, name: str, node_index: int) -> bool:
+        """True when initializer `name` lives in this graph and only `node_index` reads it, once."""
+        if name not in self.initializers or name in self.graph_inputs:
+            return False
+        if name in self.graph_outputs or self.constants.get(name) is None:
+            return False
+        readers = self.live_consumers(name)
+        return readers == [node_index] and list(self.nodes[node_index].input).count(name) == 1
+
+    # ---- edits ---------------------------------------------------------------------------
+    def set_constant(
+        self, node_index: int, input_slot: int, values: np.ndarray, elem_type: int, hint: str
+    ) -> str:
+        """Give input `input_slot` of a node the constant `values` (already in its final dtype).
+
+        Edits the initializer in place when the node owns it alone; otherwise (shared,
+        outer-scope, Constant node) adds a fresh initializer so other readers keep theirs.
+        """
+        node = self.nodes[node_index]
+        old = node.input[input_slot] if input_slot < len(node.input) else ""
+        if old and self.owns_exclusively(old, node_index):
+            fill_tensor(self.initializers[old], values, elem_type)
+            return old
+        tensor = onnx.TensorProto(name=self.names.fresh(f"{hint}_bnfold"))
+        fill_tensor(tensor, values, elem_type)
+        name = self.add_initializer(tensor)
+        while len(node.input) <= input_slot:
+            node.input.append("")
+        if old:
+            self.consumers[old] = [i for i in self.consumers[old] if i != node_index]
+        node.input[input_slot] = name
+        self.consumers[name].append(node_index)
+        return name
+
+    def add_initializer(self, tensor: onnx.TensorProto) -> str:
+        """Append an initializer (its name must come from self.names) and return its name."""
+        self.graph.initializer.append(tensor)
+        stored = self.graph.initializer[-1]
+        self.initializers[stored.name] = stored
+        self.constants[stored.name] = Constant(stored, self.graph, True)
+        return stored.name
+
+    def set_input(self, node_index: int, input_slot: int, name: str) -> None:
+        node = self.nodes[node_index]
+        old = node.input[input_slot]
+        self.consumers[old] = [i for i in self.consumers[old] if i != node_index]
+        node.input[input_slot] = name
+        self.consumers[name].append(node_index)
+
+    def bypass(self, remove_index: int, keep_index: int, keep_output_slot: int = 0) -> None:
+        """Remove node `remove_index`, letting `keep_index` produce its first output instead.
+
+        `keep_index`'s old output (read by nobody else, checked by the rule) disappears.
+        """
+        removed = self.nodes[remove_index]
+        keeper = self.nodes[keep_index]
+        old_name = keeper.output[keep_output_slot]
+        new_name = removed.output[0]
+        keeper.output[keep_output_slot] = new_name
+        self.producer.pop(old_name, None)
+        self.producer[new_name] = keep_index
+        self.remove_node(remove_index)
+        self.drop_value_info(old_name)
+
+    def remove_node(self, index: int) -> None:
+        self.removed.add(index)
+        for name in self.nodes[index].input:
+            if name:
+                self.consumers[name] = [i for i in self.consumers[name] if i != index]
+
+    def insert_node_before(self, before_index: int, node: onnx.NodeProto) -> int:
+        """Add `node`; commit() places it just before `before_index` (topological order)."""
+        self.nodes.append(node)
+        index = len(self.nodes) - 1
+        self._index_node(index, node)
+        self._placement.setdefault(before_index, []).append(index)
+        return index
+
+    def drop_value_info(self, name: str) -> None:
+        for index, value in enumerate(self.graph.value_info):
+            if value.name == name:
+                del self.graph.value_info[index]
+                return
+
+    def commit(self) -> None:
+        """Write the node list back. The view is spent afterwards: build a new one to go on."""
+        if self._placement:
+            inserted = {i for group in self._placement.values() for i in group}
+            order: list[int] = []
+            for index in range(len(self.nodes)):
+                if index not in inserted:
+                    order.extend(self._placement.get(index, ()))
+                    order.append(index)
+            kept = [self.nodes[i] for i in order if i not in self.removed]
+            del self.graph.node[:]
+            self.graph.node.extend(kept)  # copies; only lowering inserts nodes
+        else:
+            # Deleting by index keeps the remaining wrappers valid and copies nothing.
+            for index in sorted(self.removed, reverse=True):
+                del self.graph.node[index]
+
+
+def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+    return None
+
+
+def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, elem_type: int) -> None:
+    """Store `values` (already rounded into elem_type's numpy dtype) as raw data."""
+    for field in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.dims[:]
+    tensor.dims.extend(values.shape)
+    tensor.data_type = elem_type
+    tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+class TypeTable:
+    """Element type and rank of tensors, from declared value infos, else shape inference.
+
+    Inference runs at most once per model, on a copy whose large tensors are emptied, so it
+    costs the graph's size rather than the weights'.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+        self._known: dict[str, tuple[int, int | None]] = {}
+        self._inferred = False
+        self._collect(model.graph)
+
+    def lookup(self, name: str) -> tuple[int, int | None] | None:
+        """(elem_type, rank or None) of `name`, or None when unknown."""
+        if name not in self._known and not self._inferred:
+            self._inferred = True
+            self._infer()
+        found = self._known.get(name)
+        return found
+
+    def _collect(self, graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            self._known.setdefault(tensor.name, (tensor.data_type, len(tensor.dims)))
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            tensor_type = value.type.tensor_type
+            if not value.type.HasField("tensor_type") or not tensor_type.elem_type:
+                continue
+            rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+            known = self._known.get(value.name)
+            if known is None or (known[1] is None and rank is not None):
+                self._known[value.name] = (tensor_type.elem_type, rank)
+        for node in graph.node:
+            for _, sub in subgraphs(node):
+                self._collect(sub)
+
+    def _infer(self) -> None:
+        emptied: list[tuple[onnx.TensorProto, bytes]] = []
+        try:
+            for tensor in iter_tensors(self._model):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) > 4096:
+                    emptied.append((tensor, tensor.raw_data))
+                    tensor.ClearField("raw_data")
+            small = self._model.SerializeToString()
+        finally:
+            for tensor, raw in emptied:
+                tensor.raw_data = raw
+        try:
+            inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(small))
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+            return  # ranks stay unknown; rules that need them refuse with that reason
+        self._collect(inferred.graph)
+

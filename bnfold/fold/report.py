@@ -1,0 +1,61 @@
+"""What a fold did: each BatchNormalization folded (into what) or kept (and why), and counts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+FOLDED = "folded"
+LOWERED = "lowered"
+KEPT = "kept"
+
+
+@dataclass
+class FoldEntry:
+    node: str  # label of the BN (or Mul/Add) node
+    op_type: str
+    status: str  # folded | lowered | kept
+    graph: str = "main"  # "main" or a subgraph path such as "If_0/then_branch"
+    into: str | None = None  # the node it folded into
+    rule: str | None = None
+    reasons: list[str] = field(default_factory=list)  # why it was kept
+
+
+@dataclass
+class FoldReport:
+    entries: list[FoldEntry] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    verification: dict | None = None  # VerifyResult.to_dict() when verified
+
+    @property
+    def folded(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.status == FOLDED]
+
+    @property
+    def kept(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.status == KEPT]
+
+    @property
+    def lowered(self) -> list[FoldEntry]:
+        return [e for e in self.entries if e.status == LOWERED]
+
+    @property
+    def folded_count(self) -> int:
+        """BatchNormalization nodes folded away (Mul/Add affine folds are listed, not counted)."""
+        return sum(1 for e in self.folded if e.op_type == "BatchNormalization")
+
+    @property
+    def batchnorm_count(self) -> int:
+        return sum(1 for e in self.entries if e.op_type == "BatchNormalization")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["summary"] = {
+            "batchnorm": self.batchnorm_count,
+            "folded": self.folded_count,
+            "lowered": len(self.lowered),
+            "kept": len(self.kept),
+        }
+        return data

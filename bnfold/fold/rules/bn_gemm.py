@@ -1,0 +1,62 @@
+"""BatchNormalization → Gemm (BN first) into the Gemm.
+
+A' = x·s + t over A's K columns (transA=0):  α·A'·op(B) + β·C = α·x·op(B') + (β·C + α·t·op(B))
+with op(B') = diag(s)·op(B). With transA=1 the BN channels are Gemm's output rows: refused.
+"""
+
+from __future__ import annotations
+
+from bnfold.fold import math as fold_math
+from bnfold.fold.graph import GraphView, node_label
+from bnfold.fold.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
+from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, batchnorm_affine, plan_problem
+from bnfold.fold.rules.into_producer import constant_or_reason
+
+
+class BnGemmRule:
+    name = "bn-gemm"
+
+    def match(self, view: GraphView, index: int) -> Match | None:
+        return consumer_match(view, index, "Gemm")
+
+    def check(self, view: GraphView, match: Match) -> str | None:
+        gemm = view.nodes[match.target_index]
+        label = node_label(gemm)
+        if attribute(gemm, "transA", 0):
+            return f"{label} has transA=1: the BN channels become its output rows"
+        if gemm.input[1] == gemm.input[0] or (len(gemm.input) > 2 and gemm.input[2] == gemm.input[0]):
+            return f"{label} reads the BN output twice"
+        b = constant_or_reason(view, gemm.input[1], "Gemm B")
+        if isinstance(b, str):
+            return b
+        if b.ndim != 2:
+            return f"{label} B has rank {b.ndim}, expected 2"
+        trans_b = bool(attribute(gemm, "transB", 0))
+        affine = batchnorm_affine(view, match.node_index)
+        if isinstance(affine, str):
+            return affine
+        k = b.shape[1] if trans_b else b.shape[0]
+        if k != affine.scale.shape[0]:
+            return f"{label} takes {k} input features but the BN has {affine.scale.shape[0]}"
+        c = None
+        if len(gemm.input) > 2 and gemm.input[2]:
+            c = constant_or_reason(view, gemm.input[2], "Gemm C")
+            if isinstance(c, str):
+                return c
+        alpha = float(attribute(gemm, "alpha", 1.0))
+        beta = float(attribute(gemm, "beta", 1.0))
+        match.affine = affine
+        new_b, new_c, new_beta = fold_math.gemm_input_fold(
+            b, c, affine.scale, affine.shift, trans_b, alpha, beta
+        )
+        elem = view.constant_dtype(gemm.input[1])
+        match.updates = [
+            ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
+            ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),
+        ]
+        if new_beta != beta:
+            match.attributes["beta"] = new_beta
+        return plan_problem(match, view)
+
+    def rewrite(self, view: GraphView, match: Match) -> list[str]:
+        return rewrite_bn_into_consumer(view, match)

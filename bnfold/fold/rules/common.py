@@ -1,0 +1,171 @@
+"""What every rule shares: reading a BatchNormalization as an affine map, matches and plans.
+
+A rule is match → check → rewrite:
+- `match(view, index)` finds the pattern around node `index` or returns None (not my pattern);
+- `check(view, match)` returns a refusal reason or None, never edits the graph, and leaves the
+  computed constants in `match.plan` so rewrite does not recompute them;
+- `rewrite(view, match)` applies the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from bnfold.fold import math as fold_math
+from bnfold.fold.graph import GraphView, node_label
+from bnfold.precision import ONNX_DTYPE_NAME, float32_to_bfloat16_bits, range_problem
+
+DEFAULT_EPSILON = 1e-5
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+@dataclass
+class ChannelAffine:
+    """y = scale·x + shift along axis 1, from a BatchNormalization or a Mul/Add constant."""
+
+    scale: np.ndarray  # float64 [C]
+    shift: np.ndarray  # float64 [C]
+    dead_inputs: tuple[str, ...] = ()  # constants the source reads, possibly unused afterwards
+
+
+@dataclass
+class ConstantUpdate:
+    """New float64 values for one input of a node, to be rounded into `elem_type`."""
+
+    node_index: int
+    slot: int
+    values: np.ndarray
+    elem_type: int
+    hint: str
+
+
+@dataclass
+class Match:
+    node_index: int  # the node that disappears (BatchNormalization, Mul or Add)
+    target_index: int  # the node it folds into
+    affine: ChannelAffine | None = None
+    updates: list[ConstantUpdate] = field(default_factory=list)
+    attributes: dict[str, float] = field(default_factory=dict)  # target attribute changes
+    extra: dict = field(default_factory=dict)  # rule-specific facts found by match
+
+
+def attribute(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.f = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, float(value)))
+
+
+def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
+    """The affine map of inference BatchNormalization node `index`, or why it has none."""
+    node = view.nodes[index]
+    if len(node.input) < 5 or not all(node.input[:5]):
+        return (
+            f"has {len([n for n in node.input if n])} of its 5 inputs (X, scale, B, mean, var); "
+            f"the model is malformed"
+        )
+    if attribute(node, "training_mode", 0):
+        return "training_mode=1 (batch statistics are used, not the running averages)"
+    if attribute(node, "spatial", 1) == 0:
+        return "spatial=0 (per-activation statistics, not per-channel)"
+    used_extra = [
+        name
+        for name in node.output[1:]
+        if name and (view.live_consumers(name) or name in view.graph_outputs)
+    ]
+    if used_extra:
+        return f"its running-statistics outputs are used ({', '.join(used_extra)})"
+    roles = ("scale", "B", "mean", "var")
+    for role, name in zip(roles, node.input[1:5]):
+        reason = view.non_constant_reason(name, role)
+        if reason:
+            return reason
+    gamma, beta, mean, var = (view.constant_array(n) for n in node.input[1:5])
+    shapes = {role: a.shape for role, a in zip(roles, (gamma, beta, mean, var))}
+    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        text = ", ".join(f"{r} {list(s)}" for r, s in shapes.items())
+        return f"parameters are not all one vector of length C ({text})"
+    if not all(view.constant_dtype(n) in FLOAT_TYPES for n in node.input[1:5]):
+        return "parameters are not floating point"
+    epsilon = float(attribute(node, "epsilon", DEFAULT_EPSILON))
+    denominator = var.astype(np.float64) + epsilon
+    if not np.all(denominator > 0):
+        bad = int(np.argmin(denominator))
+        return f"var+epsilon is not positive (channel {bad}: {denominator[bad]:.3g})"
+    scale, shift = fold_math.bn_scale_shift(gamma, beta, mean, var, epsilon)
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return "its parameters are not finite"
+    return ChannelAffine(scale, shift, tuple(node.input[1:5]))
+
+
+def round_into(values: np.ndarray, elem_type: int) -> np.ndarray:
+    """float64 values rounded once into the storage dtype of `elem_type` (bf16 as uint16 bits)."""
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return float32_to_bfloat16_bits(values.astype(np.float32))
+    return values.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def plan_problem(match: Match, view: GraphView) -> str | None:
+    """Why the planned constants cannot be stored in their dtypes, or None."""
+    for update in match.updates:
+        dtype = ONNX_DTYPE_NAME.get(update.elem_type)
+        what = f"folded {update.hint}"
+        if dtype is not None:
+            problem = range_problem(update.values, dtype, what)
+        elif not np.all(np.isfinite(update.values)):
+            problem = f"{what} is not finite"
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def apply_plan(view: GraphView, match: Match) -> None:
+    for update in match.updates:
+        stored = round_into(update.values, update.elem_type)
+        view.set_constant(update.node_index, update.slot, stored, update.elem_type, update.hint)
+    for name, value in match.attributes.items():
+        set_float_attribute(view.nodes[match.target_index], name, value)
+
+
+def producer_match(view: GraphView, index: int, op_types: tuple[str, ...]) -> Match | None:
+    """Match node `index` whose data input (input 0) is produced by one of `op_types`."""
+    node = view.nodes[index]
+    if not node.input:
+        return None
+    found = view.producer_of(node.input[0])
+    if found is None or found[1].op_type not in op_types or found[1].domain not in ("", "ai.onnx"):
+        return None
+    return Match(node_index=index, target_index=found[0])
+
+
+def producer_output_problem(view: GraphView, match: Match) -> str | None:
+    """The producer's output must feed only the node being folded."""
+    producer = view.nodes[match.target_index]
+    problem = view.sole_consumer_problem(producer.output[0], match.node_index)
+    if problem:
+        return f"{node_label(producer)} output {problem}"
+    return None
+
+
+def weight_rank_problem(weight: np.ndarray, channels: int, axis_size: int, what: str) -> str | None:
+    if axis_size != channels:
+        return f"{what} has {axis_size} output channels but the BN has {channels}"
+    return None

@@ -1,0 +1,48 @@
+"""Conv → BatchNormalization (or per-channel Mul/Add) into the Conv.
+
+Conv weight [Cout, Cin/g, k…], any dims (1-D/2-D/3-D), group, dilation, stride, with or without
+bias:  W'[o] = W[o]·s[o],  b'[o] = b[o]·s[o] + t[o]  with s = γ/√(σ²+ε), t = β − μ·s.
+"""
+
+from __future__ import annotations
+
+from bnfold.fold import math as fold_math
+from bnfold.fold.graph import GraphView
+from bnfold.fold.rules.common import ConstantUpdate, Match
+from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
+
+
+class ConvBnRule(IntoProducerRule):
+    name = "conv-bn"
+    producer_ops = ("Conv",)
+
+    def output_channels(self, view: GraphView, match: Match) -> tuple[int, int] | str:
+        conv = view.nodes[match.target_index]
+        if len(conv.input) < 2:
+            return "Conv has no weight input"
+        weight = constant_or_reason(view, conv.input[1], "Conv weight")
+        if isinstance(weight, str):
+            return weight
+        if weight.ndim < 3:
+            return f"Conv weight has rank {weight.ndim}, expected at least 3"
+        match.extra["weight"] = weight
+        return weight.shape[0], weight.ndim
+
+    def plan(self, view: GraphView, match: Match) -> str | None:
+        conv = view.nodes[match.target_index]
+        weight = match.extra["weight"]
+        bias = None
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = constant_or_reason(view, conv.input[2], "Conv bias")
+            if isinstance(bias, str):
+                return bias
+            if bias.shape != (weight.shape[0],):
+                return f"Conv bias has shape {list(bias.shape)}, expected [{weight.shape[0]}]"
+        affine = match.affine
+        new_weight, new_bias = fold_math.conv_output_fold(weight, bias, affine.scale, affine.shift)
+        elem = view.constant_dtype(conv.input[1])
+        match.updates = [
+            ConstantUpdate(match.target_index, 1, new_weight, elem, f"{conv.input[1]}"),
+            ConstantUpdate(match.target_index, 2, new_bias, elem, f"{conv.input[1]}_bias"),
+        ]
+        return None

@@ -1,0 +1,53 @@
+"""Gemm → BatchNormalization (or per-channel Mul/Add) into the Gemm.
+
+Y = α·op(A)·op(B) + β·C, any α, β, transA, transB, with or without C. Output column n:
+B' = B·s over its N axis (columns when transB=0, rows when transB=1), C' = C·s + t/β
+(C' = t with β' = 1 when C is absent or β = 0).
+"""
+
+from __future__ import annotations
+
+from bnfold.fold import math as fold_math
+from bnfold.fold.graph import GraphView
+from bnfold.fold.rules.common import ConstantUpdate, Match, attribute
+from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
+
+
+class GemmBnRule(IntoProducerRule):
+    name = "gemm-bn"
+    producer_ops = ("Gemm",)
+
+    def output_channels(self, view: GraphView, match: Match) -> tuple[int, int] | str:
+        gemm = view.nodes[match.target_index]
+        b = constant_or_reason(view, gemm.input[1], "Gemm B")
+        if isinstance(b, str):
+            return b
+        if b.ndim != 2:
+            return f"Gemm B has rank {b.ndim}, expected 2"
+        trans_b = bool(attribute(gemm, "transB", 0))
+        match.extra.update(b=b, trans_b=trans_b)
+        return (b.shape[0] if trans_b else b.shape[1]), 2
+
+    def plan(self, view: GraphView, match: Match) -> str | None:
+        gemm = view.nodes[match.target_index]
+        b, trans_b = match.extra["b"], match.extra["trans_b"]
+        c = None
+        if len(gemm.input) > 2 and gemm.input[2]:
+            c = constant_or_reason(view, gemm.input[2], "Gemm C")
+            if isinstance(c, str):
+                return c
+            if c.ndim > 2:
+                return f"Gemm C has rank {c.ndim}"
+        beta = float(attribute(gemm, "beta", 1.0))
+        affine = match.affine
+        new_b, new_c, new_beta = fold_math.gemm_output_fold(
+            b, c, affine.scale, affine.shift, trans_b, beta
+        )
+        elem = view.constant_dtype(gemm.input[1])
+        match.updates = [
+            ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
+            ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),
+        ]
+        if new_beta != beta:
+            match.attributes["beta"] = new_beta
+        return None

@@ -1,0 +1,122 @@
+"""Shared machinery for folding a per-channel affine map into the node that produces its input.
+
+The map comes from a BatchNormalization, or from a Mul/Add with a per-channel constant (a frozen
+BN exported as Mul→Add). Subclasses say which producer they handle and how its constants change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from bnfold.fold.graph import GraphView
+from bnfold.fold.rules.common import (
+    ChannelAffine,
+    Match,
+    apply_plan,
+    batchnorm_affine,
+    plan_problem,
+    producer_output_problem,
+)
+
+SOURCE_OPS = ("BatchNormalization", "Mul", "Add")
+
+
+class IntoProducerRule(ABC):
+    """match: BN/Mul/Add fed by `producer_ops`; check: affine + plan; rewrite: edit, bypass."""
+
+    name = "into-producer"
+    producer_ops: tuple[str, ...] = ()
+
+    def match(self, view: GraphView, index: int) -> Match | None:
+        node = view.nodes[index]
+        if node.op_type not in SOURCE_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        slots = (0,) if node.op_type == "BatchNormalization" else (0, 1)
+        for slot in slots:
+            if slot >= len(node.input):
+                continue
+            found = view.producer_of(node.input[slot])
+            if found is None or found[1].op_type not in self.producer_ops:
+                continue
+            if node.op_type != "BatchNormalization" and node.input[1 - slot] not in view.constants:
+                return None  # Mul/Add of two run-time tensors: not an affine map
+            return Match(node_index=index, target_index=found[0], extra={"data_slot": slot})
+        return None
+
+    def check(self, view: GraphView, match: Match) -> str | None:
+        problem = producer_output_problem(view, match)
+        if problem:
+            return problem
+        shape = self.output_channels(view, match)
+        if isinstance(shape, str):
+            return shape
+        channels, rank = shape
+        affine = source_affine(view, match, channels, rank)
+        if isinstance(affine, str):
+            return affine
+        if affine.scale.shape[0] != channels:
+            target = view.nodes[match.target_index].op_type
+            return f"{target} has {channels} output channels but the BN has {affine.scale.shape[0]}"
+        match.affine = affine
+        problem = self.plan(view, match)
+        return problem or plan_problem(match, view)
+
+    def rewrite(self, view: GraphView, match: Match) -> list[str]:
+        """Apply the plan; returns names that may have become unused."""
+        node = view.nodes[match.target_index]
+        dead = [node.input[u.slot] for u in match.updates if u.slot < len(node.input)]
+        apply_plan(view, match)
+        view.bypass(match.node_index, match.target_index)
+        return dead + list(match.affine.dead_inputs)
+
+    # ---- per producer ----------------------------------------------------------------------
+    @abstractmethod
+    def output_channels(self, view: GraphView, match: Match) -> tuple[int, int] | str:
+        """(channel count C on axis 1, rank of the producer's output), or a refusal."""
+
+    @abstractmethod
+    def plan(self, view: GraphView, match: Match) -> str | None:
+        """Fill match.updates/attributes from match.affine, or return a refusal."""
+
+
+def source_affine(
+    view: GraphView, match: Match, channels: int, rank: int
+) -> ChannelAffine | str:
+    node = view.nodes[match.node_index]
+    if node.op_type == "BatchNormalization":
+        return batchnorm_affine(view, match.node_index)
+    const_name = node.input[1 - match.extra["data_slot"]]
+    values = view.constant_array(const_name)
+    if values.dtype.kind != "f":
+        return f"{node.op_type} constant {const_name!r} is not floating point"
+    per_channel = per_channel_vector(values, channels, rank)
+    if per_channel is None:
+        return (
+            f"{node.op_type} constant {const_name!r} of shape {list(values.shape)} is not "
+            f"per-channel along axis 1 of a rank-{rank} output"
+        )
+    if node.op_type == "Mul":
+        return ChannelAffine(per_channel, np.zeros(channels), (const_name,))
+    return ChannelAffine(np.ones(channels), per_channel, (const_name,))
+
+
+def per_channel_vector(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """`values` as a float64 [C] vector if it broadcasts along axis 1 only, without growing the
+    output (rank ≤ output rank); None otherwise."""
+    if values.ndim > rank:
+        return None
+    for position, size in enumerate(values.shape):
+        axis = rank - values.ndim + position
+        if axis == 1:
+            if size not in (1, channels):
+                return None
+        elif size != 1:
+            return None
+    return np.broadcast_to(values.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def constant_or_reason(view: GraphView, name: str, role: str) -> np.ndarray | str:
+    reason = view.non_constant_reason(name, role)
+    return reason if reason else view.constant_array(name)

@@ -1,0 +1,93 @@
+"""MatMul → BatchNormalization and MatMul → Add(const) → BatchNormalization into one Gemm.
+
+BN normalises axis 1; MatMul X·B produces B's columns on its last axis. The two coincide only
+when the output is 2-D, which must be proven from declared or inferred shapes (rank of X = 2).
+Then X·B (+ c) → BN becomes Gemm(X, B', c') with B' = B·s (columns) and c' = c·s + t.
+"""
+
+from __future__ import annotations
+
+from bnfold.fold import math as fold_math
+from bnfold.fold.graph import GraphView, node_label
+from bnfold.fold.rules.common import (
+    ConstantUpdate,
+    Match,
+    apply_plan,
+    batchnorm_affine,
+    plan_problem,
+)
+from bnfold.fold.rules.into_producer import constant_or_reason, per_channel_vector
+
+
+class MatMulBnRule:
+    name = "matmul-bn"
+
+    def match(self, view: GraphView, index: int) -> Match | None:
+        node = view.nodes[index]
+        if node.op_type != "BatchNormalization":
+            return None
+        found = view.producer_of(node.input[0])
+        add_index = None
+        if found is not None and found[1].op_type == "Add":
+            add_index = found[0]
+            operands = [view.producer_of(name) for name in found[1].input]
+            matmuls = [p for p in operands if p is not None and p[1].op_type == "MatMul"]
+            found = matmuls[0] if len(matmuls) == 1 else None
+        if found is None or found[1].op_type != "MatMul":
+            return None
+        return Match(node_index=index, target_index=found[0], extra={"add": add_index})
+
+    def check(self, view: GraphView, match: Match) -> str | None:
+        matmul = view.nodes[match.target_index]
+        add_index = match.extra["add"]
+        chain = [match.target_index] + ([add_index] if add_index is not None else [])
+        for current, following in zip(chain, chain[1:] + [match.node_index]):
+            problem = view.sole_consumer_problem(view.nodes[current].output[0], following)
+            if problem:
+                return f"{node_label(view.nodes[current])} output {problem}"
+        b = constant_or_reason(view, matmul.input[1], "MatMul B")
+        if isinstance(b, str):
+            return b
+        if b.ndim != 2:
+            return f"MatMul B has rank {b.ndim}; only a 2-D B folds"
+        known = view.types.lookup(matmul.input[0])
+        if known is None or known[1] is None:
+            return "rank of the MatMul input is unknown (add shapes or run shape inference)"
+        if known[1] != 2:
+            return (
+                f"MatMul output has rank {known[1]}: BN's channel axis 1 is not the MatMul's "
+                f"last axis"
+            )
+        affine = batchnorm_affine(view, match.node_index)
+        if isinstance(affine, str):
+            return affine
+        channels = b.shape[1]
+        if affine.scale.shape[0] != channels:
+            return f"MatMul has {channels} output columns but the BN has {affine.scale.shape[0]}"
+        bias = None
+        if add_index is not None:
+            add = view.nodes[add_index]
+            const_name = next((n for n in add.input if n != matmul.output[0]), "")
+            values = view.constant_array(const_name) if const_name in view.constants else None
+            bias = None if values is None else per_channel_vector(values, channels, 2)
+            if bias is None:
+                return f"{node_label(add)} does not add a per-column constant"
+            affine.dead_inputs += (const_name,)
+        match.affine = affine
+        new_b, new_c = fold_math.matmul_output_fold(b, bias, affine.scale, affine.shift)
+        elem = view.constant_dtype(matmul.input[1])
+        match.updates = [
+            ConstantUpdate(match.target_index, 1, new_b, elem, matmul.input[1]),
+            ConstantUpdate(match.target_index, 2, new_c, elem, f"{matmul.input[1]}_bias"),
+        ]
+        return plan_problem(match, view)
+
+    def rewrite(self, view: GraphView, match: Match) -> list[str]:
+        matmul = view.nodes[match.target_index]
+        dead = [matmul.input[1], *match.affine.dead_inputs]
+        apply_plan(view, match)
+        matmul.op_type = "Gemm"  # Gemm(X, B', c') with α = β = 1, no transposes
+        if match.extra["add"] is not None:
+            view.bypass(match.extra["add"], match.target_index)
+        view.bypass(match.node_index, match.target_index)
+        return dead

@@ -1,0 +1,211 @@
+"""Safe loading and atomic saving of ONNX models.
+
+Model files are untrusted: external data may only be read from inside the model's own folder
+(no absolute paths, no `..`, no symlink leading out), offsets and lengths must lie inside the
+data file, and every failure is a BnfoldError that says what to do. Saving writes to a temporary
+folder beside the destination and renames into place, so a failed save leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from bnfold.errors import BnfoldError
+
+# Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load `path` with its external data, refusing anything that reads outside its folder."""
+    return load_model_info(path)[0]
+
+
+def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """Like load_model, also telling whether the file kept tensors in external data."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise BnfoldError(f"{path!r} does not exist: check the path")
+    if os.path.isdir(path):
+        raise BnfoldError(f"{path!r} is a folder: give the .onnx file inside it")
+    if os.path.getsize(path) == 0:
+        raise BnfoldError(f"{path!r} is empty: re-export the model")
+    try:
+        with open(path, "rb") as handle:
+            model = onnx.load_model_from_string(handle.read())
+    except PermissionError:
+        raise BnfoldError(f"cannot read {path!r}: permission denied") from None
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise BnfoldError(
+            f"{path!r} is not a valid ONNX model ({type(exc).__name__}): re-export it or check "
+            f"that the file is complete"
+        ) from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise BnfoldError(f"{path!r} is not an ONNX model (no graph or IR version): re-export it")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    external = _load_external_data(model, base_dir, path)
+    return model, external > 0
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) -> int:
+    """Read every external tensor into memory; returns how many there were."""
+    real_base = os.path.realpath(base_dir)
+    loaded = 0
+    for tensor in iter_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        data_path = _confined_path(real_base, location, tensor.name, model_path)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise BnfoldError(
+                f"tensor {tensor.name!r} in {model_path!r} has a non-numeric external data "
+                f"offset/length: re-export the model"
+            ) from None
+        size = os.path.getsize(data_path)
+        end = offset + (length if length is not None else size - offset)
+        if offset < 0 or end > size or (length is not None and length < 0):
+            raise BnfoldError(
+                f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which has "
+                f"{size}: the data file is truncated or does not belong to this model"
+            )
+        with open(data_path, "rb") as handle:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(end - offset)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        loaded += 1
+    return loaded
+
+
+def _confined_path(real_base: str, location: str, tensor_name: str, model_path: str) -> str:
+    """The real path of an external data file, which must lie inside the model's folder."""
+    if not location:
+        raise BnfoldError(
+            f"tensor {tensor_name!r} in {model_path!r} is external but names no file: "
+            f"re-export the model"
+        )
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise BnfoldError(
+            f"tensor {tensor_name!r} points at absolute path {location!r}; bnfold only reads "
+            f"external data from the model's own folder: move the data file beside the model"
+        )
+    normal = os.path.normpath(location)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise BnfoldError(
+            f"tensor {tensor_name!r} points at {location!r}, outside the model's folder: "
+            f"move the data file beside the model"
+        )
+    real = os.path.realpath(os.path.join(real_base, normal))
+    if os.path.commonpath([real, real_base]) != real_base:
+        raise BnfoldError(
+            f"tensor {tensor_name!r} data {location!r} resolves (through a symlink) outside the "
+            f"model's folder: copy the data file beside the model"
+        )
+    if not os.path.isfile(real):
+        raise BnfoldError(
+            f"external data file {location!r} for tensor {tensor_name!r} is missing: keep it "
+            f"beside {os.path.basename(model_path)!r}"
+        )
+    return real
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Size the model would have serialised (cheap: protobuf computes it without copying)."""
+    return model.ByteSize()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    accept: Callable[[str], bool] | None = None,
+) -> bool:
+    """Write `model` to `path` atomically; returns whether it was written.
+
+    External data (one `<name>.data` file beside the model) is used when asked, or by default
+    when the model would not fit in one protobuf (2 GiB). `accept(staged_path)` can inspect the
+    fully written file before it is moved into place (e.g. to verify it) and veto the write.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise BnfoldError(f"output {path!r} is a folder: give a file name ending in .onnx")
+    if not os.path.isdir(folder):
+        raise BnfoldError(f"output folder {folder!r} does not exist: create it first")
+    if not os.access(folder, os.W_OK):
+        raise BnfoldError(f"cannot write to {folder!r}: permission denied; choose another -o")
+    if external_data is None:
+        external_data = model_bytes(model) > _PROTOBUF_LIMIT
+    name = os.path.basename(path)
+    data_name = name + ".data"
+    staging = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
+    try:
+        staged = os.path.join(staging, name)
+        if external_data:
+            _write_with_external_data(model, staged, os.path.join(staging, data_name), data_name)
+        else:
+            with open(staged, "wb") as handle:
+                handle.write(model.SerializeToString())
+        if accept is not None and not accept(staged):
+            return False
+        if external_data:
+            os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
+        os.replace(staged, path)
+        return True
+    except OSError as exc:
+        raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_with_external_data(
+    model: onnx.ModelProto, model_path: str, data_path: str, location: str
+) -> None:
+    """Move tensors of 1 KiB or more into one data file, serialise, then restore them in memory.
+
+    Restoring (instead of onnx.save_model's convert-in-place) keeps the caller's model intact
+    without reading the data back from disk.
+    """
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    offset = 0
+    try:
+        with open(data_path, "wb") as data:
+            for tensor in iter_tensors(model):
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+                    continue
+                raw = tensor.raw_data
+                pad = -offset % 4096  # page-aligned, as onnx and ORT's mmap prefer
+                data.write(b"\0" * pad)
+                offset += pad
+                data.write(raw)
+                moved.append((tensor, raw))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                offset += len(raw)
+        with open(model_path, "wb") as handle:
+            handle.write(model.SerializeToString())
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
