@@ -58,5 +58,9 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dic
         names = [o.name for o in model.graph.output]
         values = evaluator.run(names, wide_feed)
     except Exception as exc:  # the reference evaluator raises anything from numpy
-        raise BnfoldError(f"float64 reference evaluation unavailable ({type(exc).__name__})") from None
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise BnfoldError(
+            f"onnx.reference could not evaluate the model in float64 ({type(exc).__name__}: "
+            f"{detail})"
+        ) from None
     return dict(zip(names, values))

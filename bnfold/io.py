@@ -209,3 +209,21 @@ def _write_with_external_data(
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (a report) atomically."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise BnfoldError(f"folder {folder!r} does not exist: create it first")
+    staged = None
+    try:
+        handle, staged = tempfile.mkstemp(prefix=".bnfold-", dir=folder)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staged, path)
+    except OSError as exc:
+        if staged and os.path.exists(staged):
+            os.unlink(staged)
+        raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None

@@ -1,0 +1,132 @@
+"""The `bnfold` command: parse options, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from bnfold import __version__
+from bnfold.cli_common import BnfoldGroup, console, parse_shapes
+from bnfold.errors import BnfoldError
+
+
+@click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+def cli() -> None:
+    """Fold BatchNormalization into neighbouring weights in ONNX models, verifiably."""
+
+
+def _verify_options(f):
+    f = click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")(f)
+    f = click.option("--runs", default=1, show_default=True, help="Random input sets to try.")(f)
+    f = click.option("--atol", type=float, help="Absolute tolerance (default by dtype).")(f)
+    f = click.option(
+        "--rtol", type=float, help="Tolerance relative to max|output| (fp32 default 1e-5)."
+    )(f)
+    f = click.option(
+        "--shape",
+        "shapes",
+        multiple=True,
+        metavar="NAME=DxD..",
+        help="Concrete shape for an input with symbolic dims (batch defaults to 2).",
+    )(f)
+    f = click.option(
+        "--inputs",
+        "inputs_path",
+        type=click.Path(dir_okay=False),
+        help="A .npz file with one array per model input.",
+    )(f)
+    return f
+
+
+def _write_json(path: str, data: dict) -> None:
+    from bnfold.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+@cli.command("fold")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.folded.onnx].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
+@click.option(
+    "--lower-standalone", is_flag=True, help="Turn a BN with nothing to fold into into Mul+Add."
+)
+@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@_verify_options
+def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, seed, runs,
+                 atol, rtol, shapes, inputs_path):
+    """Fold every foldable BatchNormalization in MODEL and write the result."""
+    from bnfold.fold.api import fold_file
+    from bnfold.report_view import render_fold_report, render_verification
+
+    options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
+                   inputs=inputs_path)
+    result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
+                       in_place=in_place, verify_options=options)
+    render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(model)}")
+    if result.report.verification is not None:
+        render_verification(result.report.verification, console)
+    if report_path:
+        _write_json(report_path, result.report.to_dict())
+    if result.output_path is None:
+        console.print("[red]verification failed: nothing was written[/] (inspect with "
+                      "`bnfold verify`, or write anyway with --no-verify)")
+        raise SystemExit(1)
+    console.print(f"wrote {result.output_path}")
+
+
+@cli.command("verify")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--ground-truth/--no-ground-truth", default=None,
+              help="Compare with a float64 evaluation [auto: small models only].")
+@_verify_options
+def verify_command(reference, candidate, json_path, ground_truth, seed, runs, atol, rtol, shapes,
+                   inputs_path):
+    """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not)."""
+    from bnfold.report_view import render_verification
+    from bnfold.verify import verify
+
+    result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
+                    rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth)
+    render_verification(result.to_dict(), console)
+    if json_path:
+        _write_json(json_path, result.to_dict())
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+def inspect_command(model, json_path):
+    """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
+    from bnfold.fold.api import fold
+    from bnfold.report_view import render_fold_report
+
+    result = fold(model)
+    render_fold_report(result.report, console, title=f"bnfold inspect {os.path.basename(model)}")
+    if json_path:
+        _write_json(json_path, result.report.to_dict())
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+def demo_command(out_dir):
+    """Run the whole job on a built-in sample model: build, fold, verify, report, bench."""
+    from bnfold.demo import run_demo
+
+    run_demo(out_dir, console)
+
+
+def main() -> None:
+    cli(prog_name="bnfold")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Rich rendering of fold reports and verification results (display only, no logic)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bnfold.fold.report import FOLDED, LOWERED, FoldReport
+
+_STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
+
+
+def render_fold_report(report: FoldReport, console: Console, title: str = "bnfold") -> None:
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("node")
+    table.add_column("op")
+    table.add_column("status")
+    table.add_column("into / why kept", overflow="fold")
+    table.add_column("graph", style="dim")
+    for entry in report.entries:
+        style = _STATUS_STYLE.get(entry.status, "red")
+        detail = f"{entry.into} ({entry.rule})" if entry.into else "; ".join(entry.reasons)
+        table.add_row(entry.node, entry.op_type, f"[{style}]{entry.status}[/]", detail, entry.graph)
+    if not report.entries:
+        table.add_row("-", "-", "-", "no BatchNormalization or foldable Mul/Add found", "")
+    console.print(table)
+    summary = report.to_dict()["summary"]
+    console.print(
+        f"BatchNormalization: {summary['batchnorm']}  folded: {summary['folded']}  "
+        f"lowered: {summary['lowered']}  kept: {summary['kept']}   "
+        f"nodes: {report.nodes_before} → {report.nodes_after}   "
+        f"parameters: {report.params_before:,} → {report.params_after:,}"
+    )
+
+
+def render_verification(result: dict, console: Console) -> None:
+    """`result` is VerifyResult.to_dict() (what reports carry)."""
+    table = Table(title="verification (ONNX Runtime, graph optimisation off)", title_justify="left")
+    for column in ("output", "max abs err", "max rel err", "cosine", "tolerance", "ok"):
+        table.add_column(column, justify="right" if column != "output" else "left")
+    for out in result["outputs"]:
+        ok = "[green]yes[/]" if out["ok"] else "[red]NO[/]"
+        table.add_row(
+            out["name"],
+            f"{out['max_abs_error']:.3g}",
+            f"{out['max_rel_error']:.3g}",
+            f"{out['cosine']:.9f}",
+            f"{out['tolerance']:.3g}",
+            ok,
+        )
+    console.print(table)
+    truth = result.get("ground_truth")
+    if truth:
+        for name, errors in truth.items():
+            console.print(
+                f"float64 ground truth, {name}: original {errors['reference_rel_error']:.3g}, "
+                f"folded {errors['candidate_rel_error']:.3g} (scale-relative error)"
+            )
+    elif result.get("ground_truth_skipped"):
+        console.print(f"[dim]float64 ground truth skipped: {result['ground_truth_skipped']}[/]")
+    verdict = "[green]equivalent[/]" if result["ok"] else "[red]NOT equivalent[/]"
+    console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")
