@@ -1,0 +1,342 @@
+"""Every pattern that must fold: count, no BN left, checker, ORT numerics vs the unfolded model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from golden import (
+    assert_same_outputs,
+    bn_node,
+    bn_params,
+    count_ops,
+    model,
+    rng,
+    tensor,
+)
+from onnx import helper
+
+import bnfold
+
+
+def fold_and_check(m: onnx.ModelProto, feed, expected_folded: int, rtol: float = 1e-5):
+    before = m.SerializeToString()
+    result = bnfold.fold(m)
+    assert m.SerializeToString() == before, "fold modified its input model"
+    assert result.report.folded_count == expected_folded, result.report.to_dict()
+    onnx.checker.check_model(result.model)
+    assert_same_outputs(m, result.model, feed, rtol)
+    return result
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("group", [1, 2, "depthwise"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bn(dims, group, bias):
+    c_in, c_out = 4, 4
+    groups = c_in if group == "depthwise" else group
+    r = rng(dims * 10 + groups)
+    k = (3,) * dims
+    inits = [tensor("W", r.standard_normal((c_out, c_in // groups) + k)), *bn_params("bn", c_out)]
+    inputs = ["x", "W"] + (["B"] if bias else [])
+    if bias:
+        inits.append(tensor("B", r.standard_normal(c_out)))
+    conv = helper.make_node("Conv", inputs, ["c"], group=groups, pads=[1] * 2 * dims,
+                            strides=[2] * dims, dilations=[1] + [2] * (dims - 1), name="conv")
+    m = model([conv, bn_node("c", "y")], [("x", [2, c_in] + [9] * dims)], [("y", None)], inits)
+    feed = {"x": r.standard_normal((2, c_in) + (9,) * dims).astype(np.float32)}
+    result = fold_and_check(m, feed, 1)
+    assert count_ops(result.model, "BatchNormalization") == 0
+    assert count_ops(result.model, "Conv") == 1
+    assert result.report.folded[0].into == "conv"
+
+
+@pytest.mark.parametrize("group,c_in,c_out", [(1, 4, 6), (2, 4, 6), (4, 4, 4), (3, 6, 9)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convtranspose_bn(group, c_in, c_out, bias, dims):
+    """Weight [Cin, Cout/g, k…]: the scale applies on axis 1 within each group."""
+    r = rng(group + c_out)
+    k = (3,) * dims
+    inits = [tensor("W", r.standard_normal((c_in, c_out // group) + k)), *bn_params("bn", c_out)]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(tensor("B", r.standard_normal(c_out)))
+        inputs.append("B")
+    node = helper.make_node("ConvTranspose", inputs, ["c"], group=group, strides=[2] * dims)
+    m = model([node, bn_node("c", "y")], [("x", [2, c_in] + [5] * dims)], [("y", None)], inits)
+    feed = {"x": r.standard_normal((2, c_in) + (5,) * dims).astype(np.float32)}
+    fold_and_check(m, feed, 1)
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("c_kind", [None, "vector", "row", "matrix", "scalar"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+def test_gemm_bn(trans_a, trans_b, c_kind, alpha, beta):
+    m_rows, k, n = 3, 5, 6
+    r = rng(trans_a * 2 + trans_b)
+    b_shape = (n, k) if trans_b else (k, n)
+    inits = [tensor("Bm", r.standard_normal(b_shape)), *bn_params("bn", n)]
+    inputs = ["a", "Bm"]
+    c_shapes = {"vector": (n,), "row": (1, n), "matrix": (m_rows, n), "scalar": ()}
+    if c_kind:
+        inits.append(tensor("C", r.standard_normal(c_shapes[c_kind])))
+        inputs.append("C")
+    gemm = helper.make_node("Gemm", inputs, ["g"], transA=trans_a, transB=trans_b, alpha=alpha,
+                            beta=beta, name="gemm")
+    a_shape = [k, m_rows] if trans_a else [m_rows, k]
+    m = model([gemm, bn_node("g", "y")], [("a", a_shape)], [("y", [m_rows, n])], inits)
+    feed = {"a": r.standard_normal(a_shape).astype(np.float32)}
+    fold_and_check(m, feed, 1)
+
+
+@pytest.mark.parametrize("with_add", [False, True])
+def test_matmul_bn_becomes_gemm(with_add):
+    r = rng(3)
+    inits = [tensor("Bm", r.standard_normal((5, 6))), *bn_params("bn", 6)]
+    nodes = [helper.make_node("MatMul", ["a", "Bm"], ["mm"])]
+    bn_input = "mm"
+    if with_add:
+        inits.append(tensor("bias", r.standard_normal(6)))
+        nodes.append(helper.make_node("Add", ["mm", "bias"], ["mm_b"]))
+        bn_input = "mm_b"
+    nodes.append(bn_node(bn_input, "y"))
+    m = model(nodes, [("a", [4, 5])], [("y", [4, 6])], inits)
+    result = fold_and_check(m, {"a": r.standard_normal((4, 5)).astype(np.float32)}, 1)
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+
+
+def test_bn_before_unpadded_conv_folds_forward():
+    r = rng(4)
+    inits = [*bn_params("bn", 4), tensor("W", r.standard_normal((6, 2, 3, 3))),
+             tensor("B", r.standard_normal(6))]
+    nodes = [bn_node("x", "n"), helper.make_node("Conv", ["n", "W", "B"], ["y"], group=2,
+                                                  strides=[2, 2], name="conv")]
+    m = model(nodes, [("x", [2, 4, 9, 9])], [("y", None)], inits)
+    result = fold_and_check(m, {"x": r.standard_normal((2, 4, 9, 9)).astype(np.float32)}, 1)
+    assert result.report.folded[0].rule == "bn-conv"
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("beta", [1.0, 0.0])
+def test_bn_before_gemm_folds_forward(trans_b, beta):
+    r = rng(5)
+    k, n = 5, 3
+    inits = [*bn_params("bn", k), tensor("Bm", r.standard_normal((n, k) if trans_b else (k, n))),
+             tensor("C", r.standard_normal(n))]
+    nodes = [bn_node("x", "n"), helper.make_node("Gemm", ["n", "Bm", "C"], ["y"], transB=trans_b,
+                                                  alpha=0.7, beta=beta)]
+    m = model(nodes, [("x", [4, k])], [("y", [4, n])], inits)
+    result = fold_and_check(m, {"x": r.standard_normal((4, k)).astype(np.float32)}, 1)
+    assert result.report.folded[0].rule == "bn-gemm"
+
+
+@pytest.mark.parametrize("producer", ["Conv", "Gemm"])
+def test_frozen_bn_as_mul_add_folds(producer):
+    r = rng(6)
+    if producer == "Conv":
+        inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), tensor("s", r.uniform(0.5, 2, (4, 1, 1))),
+                 tensor("t", r.standard_normal((1, 4, 1, 1)))]
+        shape, out = [2, 3, 8, 8], None
+    else:
+        inits = [tensor("W", r.standard_normal((4, 3))), tensor("s", r.uniform(0.5, 2, 4)),
+                 tensor("t", r.standard_normal((1, 4)))]
+        shape, out = [2, 3], [2, 4]
+    nodes = [helper.make_node(producer, ["x", "W"], ["p"], **({"transB": 1} if producer == "Gemm" else {})),
+             helper.make_node("Mul", ["s", "p"], ["q"]),  # constant first: order must not matter
+             helper.make_node("Add", ["q", "t"], ["y"])]
+    m = model(nodes, [("x", shape)], [("y", out)], inits)
+    result = fold_and_check(m, {"x": r.standard_normal(shape).astype(np.float32)}, 0)
+    assert [n.op_type for n in result.model.graph.node] == [producer]
+    assert [e.op_type for e in result.report.folded] == ["Mul", "Add"]
+
+
+def test_mul_with_spatial_constant_is_not_folded():
+    r = rng(7)
+    inits = [tensor("W", r.standard_normal((4, 3, 1, 1))), tensor("s", r.standard_normal((1, 1, 5, 5)))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["p"]), helper.make_node("Mul", ["p", "s"], ["y"])]
+    m = model(nodes, [("x", [1, 3, 5, 5])], [("y", None)], inits)
+    result = bnfold.fold(m)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Mul"]
+
+
+def test_chain_conv_bn_bn():
+    r = rng(8)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn1", 4, 1), *bn_params("bn2", 4, 2)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "m", "bn1", "bn1"),
+             bn_node("m", "y", "bn2", "bn2")]
+    m = model(nodes, [("x", [2, 3, 7, 7])], [("y", None)], inits)
+    result = fold_and_check(m, {"x": r.standard_normal((2, 3, 7, 7)).astype(np.float32)}, 2)
+    assert count_ops(result.model, "BatchNormalization") == 0
+    # The BN parameters are gone from the file, not just unused.
+    assert {t.name for t in result.model.graph.initializer} == {"W", "W_bias_bnfold"}
+
+
+def test_bn_parameters_from_constant_nodes():
+    r = rng(9)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in bn_params("bn", 4)]
+    nodes = [*consts, helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], [tensor("W", r.standard_normal((4, 3, 3, 3)))])
+    result = fold_and_check(m, {"x": r.standard_normal((1, 3, 6, 6)).astype(np.float32)}, 1)
+    assert count_ops(result.model, "Constant") == 0
+
+
+def test_shared_weight_gets_its_own_folded_copy():
+    r = rng(10)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c1"], name="conv1"),
+             helper.make_node("Conv", ["x", "W"], ["c2"], name="conv2"),
+             bn_node("c1", "y1")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y1", None), ("c2", None)], inits)
+    result = fold_and_check(m, {"x": r.standard_normal((1, 3, 6, 6)).astype(np.float32)}, 1)
+    conv1, conv2 = result.model.graph.node
+    assert conv2.input[1] == "W" and conv1.input[1] != "W"
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(weights["W"], onnx.numpy_helper.to_array(inits[0]))
+
+
+def test_two_convs_sharing_a_weight_both_fold():
+    r = rng(11)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bna", 4, 1), *bn_params("bnb", 4, 2)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c1"]), helper.make_node("Conv", ["x", "W"], ["c2"]),
+             bn_node("c1", "y1", "bna", "bna"), bn_node("c2", "y2", "bnb", "bnb")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y1", None), ("y2", None)], inits)
+    result = fold_and_check(m, {"x": r.standard_normal((1, 3, 6, 6)).astype(np.float32)}, 2)
+    w1, w2 = (n.input[1] for n in result.model.graph.node)
+    assert w1 != w2
+
+
+def _if_model():
+    r = rng(12)
+    outer = [tensor("W", r.standard_normal((3, 3, 3, 3))), *bn_params("bn", 3)]
+    shape = [1, 3, 4, 4]
+
+    def value(name, elem=onnx.TensorProto.FLOAT, dims=shape):
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    then_graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "y_then")],
+        "then", [], [value("y_then")])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                                   [value("y_else")])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    graph = helper.make_graph([node], "g", [value("x"), value("cond", onnx.TensorProto.BOOL, [])],
+                              [value("y")], outer)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), r
+
+
+def test_bn_inside_if_branch_with_outer_scope_weights():
+    m, r = _if_model()
+    x = r.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    result = fold_and_check(m, {"x": x, "cond": np.array(True)}, 1)
+    assert result.report.folded[0].graph.startswith("main/")
+    assert count_ops(result.model, "BatchNormalization") == 0
+    # The outer BN parameters were only read by the branch: they are removed.
+    assert not {"bn_scale", "bn_var"} & {t.name for t in result.model.graph.initializer}
+
+
+def test_bn_inside_loop_body():
+    r = rng(13)
+    inits = [tensor("W", r.standard_normal((3, 3, 1, 1))), *bn_params("bn", 3)]
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["state_in", "W"], ["c"]), bn_node("c", "state_out"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_in", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state_out", onnx.TensorProto.FLOAT, [1, 3, 4, 4])])
+    loop = helper.make_node("Loop", ["trip", "", "x"], ["y"], body=body)
+    graph = helper.make_graph(
+        [loop], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+         helper.make_tensor_value_info("trip", onnx.TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feed = {"x": r.standard_normal((1, 3, 4, 4)).astype(np.float32), "trip": np.array(3)}
+    fold_and_check(m, feed, 1)
+
+
+@pytest.mark.parametrize("opset,attrs", [
+    (7, {"spatial": 1}),
+    (9, {}),
+    (14, {"training_mode": 0}),
+    (15, {}),
+    (15, {"epsilon": 1e-2}),
+])
+def test_batchnorm_opsets(opset, attrs):
+    r = rng(opset)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y", **attrs)]
+    m = model(nodes, [("x", [2, 3, 6, 6])], [("y", None)], inits, opset=opset)
+    fold_and_check(m, {"x": r.standard_normal((2, 3, 6, 6)).astype(np.float32)}, 1)
+
+
+def test_batchnorm_opset6_is_test():
+    """Opset 6 has no ORT kernel; check the fold with onnx's reference evaluator instead."""
+    from onnx.reference import ReferenceEvaluator
+
+    r = rng(6)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y", is_test=1, epsilon=1e-3)]
+    m = model(nodes, [("x", [2, 3, 6, 6])], [("y", [2, 4, 4, 4])], inits, opset=6, ir_version=4)
+    result = bnfold.fold(m)
+    assert result.report.folded_count == 1
+    x = r.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = onnx.numpy_helper.to_array(inits[0]).astype(np.float64)
+    gamma, beta, mean, var = (onnx.numpy_helper.to_array(t).astype(np.float64) for t in inits[1:])
+    conv = ReferenceEvaluator(model([helper.make_node("Conv", ["x", "W"], ["c"])], [("x", [2, 3, 6, 6])],
+                                    [("c", [2, 4, 4, 4])], [tensor("W", w, np.float64)],
+                                    elem=onnx.TensorProto.DOUBLE))
+    c = conv.run(None, {"x": x.astype(np.float64)})[0]
+    expected = (c - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-3) * gamma[:, None, None] + beta[:, None, None]
+    folded = ReferenceEvaluator(result.model).run(None, {"x": x})[0]
+    assert np.abs(folded - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_float16_model_folds_within_half_precision():
+    r = rng(14)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3)) * 0.3, np.float16), *bn_params("bn", 4, dtype=np.float16)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], inits, elem=onnx.TensorProto.FLOAT16)
+    result = fold_and_check(m, {"x": r.standard_normal((1, 3, 6, 6)).astype(np.float16)}, 1, rtol=4e-3)
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in result.model.graph.initializer)
+
+
+def test_lower_standalone_bn_to_mul_add():
+    r = rng(15)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("r", "y")]
+    m = model(nodes, [("x", [2, 4, 5, 5])], [("y", [2, 4, 5, 5])], bn_params("bn", 4))
+    kept = bnfold.fold(m)
+    assert kept.report.kept and count_ops(kept.model, "BatchNormalization") == 1
+    result = bnfold.fold(m, lower_standalone=True)
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Mul", "Add"]
+    assert result.report.lowered[0].node == "bn"
+    onnx.checker.check_model(result.model)
+    assert_same_outputs(m, result.model, {"x": r.standard_normal((2, 4, 5, 5)).astype(np.float32)})
+
+
+def test_folding_a_folded_model_changes_nothing():
+    from bnfold.sample_model import build_sample_model
+
+    once = bnfold.fold(build_sample_model()).model
+    twice = bnfold.fold(once)
+    assert twice.model.SerializeToString() == once.SerializeToString()
+    assert twice.report.folded_count == 0
+
+
+def test_sample_model_report():
+    from bnfold.sample_model import build_sample_model
+
+    m = build_sample_model()
+    result = bnfold.fold(m)
+    summary = result.report.to_dict()["summary"]
+    assert summary == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1}
+    rules = {e.node: e.rule for e in result.report.folded}
+    assert rules["up_bn"] == "convtranspose-bn" and rules["pre_bn"] == "bn-conv"
+    assert rules["head_bn"] == "gemm-bn"
+    assert "post_relu" in result.report.kept[0].reasons[0]
+    feed = {"input": rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    assert_same_outputs(m, result.model, feed)
