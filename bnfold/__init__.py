@@ -4,20 +4,21 @@
     >>> result = bnfold.fold("model.onnx")          # FoldResult(model, report)
     >>> bnfold.verify("model.onnx", result.model).ok
 
-Heavy modules load on first use, so `import bnfold` stays cheap and never imports torch.
+onnxruntime loads on first use of `verify`; torch and tensorrt never load from here.
 """
 
 from __future__ import annotations
 
 from bnfold.errors import BnfoldError
 
+# Bound eagerly: `bnfold.fold` is also the name of the subpackage, and importing any of its
+# modules (bnfold.fold.math, ...) would otherwise replace the lazy function with the package.
+from bnfold.fold.api import FoldResult, fold, fold_file  # noqa: E402  (onnx + numpy only)
+
 __version__ = "0.1.0"
 __all__ = ["BnfoldError", "FoldResult", "FoldReport", "VerifyResult", "fold", "fold_file", "verify"]
 
 _LAZY = {
-    "fold": ("bnfold.fold.api", "fold"),
-    "fold_file": ("bnfold.fold.api", "fold_file"),
-    "FoldResult": ("bnfold.fold.api", "FoldResult"),
     "FoldReport": ("bnfold.fold.report", "FoldReport"),
     "verify": ("bnfold.verify", "verify"),
     "VerifyResult": ("bnfold.verify", "VerifyResult"),

@@ -340,3 +340,11 @@ def test_sample_model_report():
     assert "post_relu" in result.report.kept[0].reasons[0]
     feed = {"input": rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
     assert_same_outputs(m, result.model, feed)
+
+
+def test_fold_function_is_not_shadowed_by_the_fold_subpackage():
+    import importlib
+
+    importlib.import_module("bnfold.fold.math")
+    importlib.import_module("bnfold.fold.report")
+    assert callable(bnfold.fold) and bnfold.fold.__name__ == "fold"
