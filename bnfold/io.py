@@ -8,11 +8,13 @@ folder beside the destination and renames into place, so a failed save leaves no
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -21,6 +23,12 @@ from bnfold.errors import BnfoldError
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
+_ITEM_SIZE = {
+    onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.BOOL: 1, onnx.TensorProto.FLOAT: 4, onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4,
+}
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -38,10 +46,11 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     if os.path.getsize(path) == 0:
         raise BnfoldError(f"{path!r} is empty: re-export the model")
     try:
-        with open(path, "rb") as handle:
-            model = onnx.load_model_from_string(handle.read())
+        model = _parse_file(path)
     except PermissionError:
         raise BnfoldError(f"cannot read {path!r}: permission denied") from None
+    except OSError as exc:
+        raise BnfoldError(f"cannot read {path!r}: {exc.strerror or exc}") from None
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise BnfoldError(
             f"{path!r} is not a valid ONNX model ({type(exc).__name__}): re-export it or check "
@@ -52,6 +61,18 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     base_dir = os.path.dirname(os.path.abspath(path))
     external = _load_external_data(model, base_dir, path)
     return model, external > 0
+
+
+def _parse_file(path: str) -> onnx.ModelProto:
+    """Parse straight from a read-only memory map: no second in-memory copy of the file.
+
+    upb copies what it parses, so the map can close right after.
+    """
+    model = onnx.ModelProto()
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with memoryview(mapped) as view:
+            model.ParseFromString(view)
+    return model
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -125,9 +146,14 @@ def _confined_path(real_base: str, location: str, tensor_name: str, model_path: 
     return real
 
 
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Size the model would have serialised (cheap: protobuf computes it without copying)."""
-    return model.ByteSize()
+def estimated_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the tensors, from their dims (protobuf's ByteSize encodes the whole
+    model to answer, which costs more than saving it)."""
+    total = 0
+    for tensor in iter_tensors(model):
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+        total += count * _ITEM_SIZE.get(tensor.data_type, 8)
+    return total
 
 
 def save_model(
@@ -152,7 +178,7 @@ def save_model(
     if not os.access(folder, os.W_OK):
         raise BnfoldError(f"cannot write to {folder!r}: permission denied; choose another -o")
     if external_data is None:
-        external_data = model_bytes(model) > _PROTOBUF_LIMIT
+        external_data = estimated_bytes(model) > _PROTOBUF_LIMIT
     name = os.path.basename(path)
     data_name = name + ".data"
     staging = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)

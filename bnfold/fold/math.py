@@ -13,6 +13,9 @@ sums over a full window of BN-ed inputs (no zero padding):
 
     W'[…, i, …] = W[…, i, …]·s[i],   b' = b + Σ_i W[…, i, …]·t[i]
 
+Weights come back in `dtype` (float64 by default): the product is computed in float64 and
+rounded once into `dtype` chunk by chunk, without a float64 copy of the whole weight.
+
 Axis conventions (ONNX):
 - Conv weight      [Cout, Cin/g, k…]: output channel axis 0; input channel j of group gi is
                    gi·(Cin/g) + j, and output o belongs to group o // (Cout/g).
@@ -24,6 +27,13 @@ Axis conventions (ONNX):
 from __future__ import annotations
 
 import numpy as np
+
+
+def scaled(weight: np.ndarray, factors: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """weight·factors (broadcast) computed in float64, rounded once into `dtype`."""
+    out = np.empty(np.broadcast_shapes(weight.shape, factors.shape), dtype)
+    np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
+    return out
 
 
 def bn_scale_shift(
@@ -40,25 +50,25 @@ def bn_scale_shift(
 
 
 def conv_output_fold(
-    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Conv (weight [Cout, Cin/g, k…]) followed by y = s·x + t over Cout."""
-    w = np.asarray(weight, dtype=np.float64)
-    s = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-    return w * s, b * scale + shift
+    s = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    b = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return scaled(weight, s, dtype), b * scale + shift
 
 
 def conv_transpose_output_fold(
-    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """ConvTranspose (weight [Cin, Cout/g, k…]) followed by y = s·x + t over Cout = g·(Cout/g)."""
-    w = np.asarray(weight, dtype=np.float64)
-    c_in, c_out_per_group = w.shape[0], w.shape[1]
-    kernel = w.shape[2:]
-    grouped = w.reshape((group, c_in // group, c_out_per_group) + kernel)
+    c_in, c_out_per_group = weight.shape[0], weight.shape[1]
+    kernel = weight.shape[2:]
+    grouped = weight.reshape((group, c_in // group, c_out_per_group) + kernel)
     s = scale.reshape((group, 1, c_out_per_group) + (1,) * len(kernel))
-    folded = (grouped * s).reshape(w.shape)
+    folded = scaled(grouped, s, dtype).reshape(weight.shape)
     b = np.zeros(group * c_out_per_group) if bias is None else np.asarray(bias, np.float64)
     return folded, b * scale + shift
 
@@ -70,13 +80,13 @@ def gemm_output_fold(
     shift: np.ndarray,
     trans_b: bool,
     beta: float,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Gemm  Y = α·A·op(B) + β·C  followed by y = s·x + t over the N output columns.
 
     Returns (B', C', β'). When β is 0 (C ignored) or C is absent, C' = t and β' = 1.
     """
-    b = np.asarray(b_matrix, dtype=np.float64)
-    folded_b = b * (scale[:, None] if trans_b else scale[None, :])
+    folded_b = scaled(b_matrix, scale[:, None] if trans_b else scale[None, :], dtype)
     if c is None or beta == 0.0:
         return folded_b, shift.copy(), 1.0
     c64 = np.asarray(c, dtype=np.float64)
@@ -84,36 +94,29 @@ def gemm_output_fold(
 
 
 def matmul_output_fold(
-    b_matrix: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray
+    b_matrix: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """X·B (+ bias) followed by y = s·x + t over B's columns (the MatMul's last axis)."""
-    folded_b = np.asarray(b_matrix, dtype=np.float64) * scale[None, :]
+    folded_b = scaled(b_matrix, scale[None, :], dtype)
     bias64 = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
     return folded_b, bias64 * scale + shift
 
 
-def matmul_rows_fold(
-    a_matrix: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """A·X (+ bias [C, 1]) with constant A [C, K] followed by y = s·x + t over A's rows."""
-    folded_a = np.asarray(a_matrix, dtype=np.float64) * scale[:, None]
-    bias64 = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
-    return folded_a, bias64 * scale[:, None] + shift[:, None]
-
-
 def conv_input_fold(
-    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """y = s·x + t over Cin followed by an unpadded Conv (weight [Cout, Cin/g, k…])."""
-    w = np.asarray(weight, dtype=np.float64)
-    c_out, c_in_per_group = w.shape[0], w.shape[1]
+    c_out, c_in_per_group = weight.shape[0], weight.shape[1]
     out_group = np.arange(c_out) // (c_out // group)
     input_channel = out_group[:, None] * c_in_per_group + np.arange(c_in_per_group)[None, :]
-    s = scale[input_channel].reshape((c_out, c_in_per_group) + (1,) * (w.ndim - 2))
-    t = shift[input_channel].reshape(s.shape)
+    s = scale[input_channel].reshape((c_out, c_in_per_group) + (1,) * (weight.ndim - 2))
     b = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
-    extra = (w * t).reshape(c_out, -1).sum(axis=1)
-    return w * s, b + extra
+    # Σ_{j,k} W[o, j, k]·t[i(o, j)]: sum the kernel taps first (in float64), then weight by t.
+    taps = weight.reshape(c_out, c_in_per_group, -1).sum(axis=2, dtype=np.float64)
+    extra = (taps * shift[input_channel]).sum(axis=1)
+    return scaled(weight, s, dtype), b + extra
 
 
 def gemm_input_fold(
@@ -124,10 +127,11 @@ def gemm_input_fold(
     trans_b: bool,
     alpha: float,
     beta: float,
+    dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """y = s·x + t over A's K columns followed by Gemm (transA=0). Returns (B', C', β')."""
     b = np.asarray(b_matrix, dtype=np.float64)
-    folded_b = b * (scale[None, :] if trans_b else scale[:, None])
+    folded_b = scaled(b_matrix, scale[None, :] if trans_b else scale[:, None], dtype)
     extra = alpha * (shift @ (b.T if trans_b else b))
     if c is None or beta == 0.0:
         return folded_b, extra, 1.0

@@ -15,6 +15,7 @@ from bnfold.fold.rules.common import (
     apply_plan,
     attribute,
     batchnorm_affine,
+    compute_dtype,
     plan_problem,
 )
 from bnfold.fold.rules.into_producer import constant_or_reason
@@ -70,10 +71,10 @@ class BnConvRule:
             if isinstance(bias, str):
                 return bias
         match.affine = affine
-        new_weight, new_bias = fold_math.conv_input_fold(
-            weight, bias, affine.scale, affine.shift, group
-        )
         elem = view.constant_dtype(conv.input[1])
+        new_weight, new_bias = fold_math.conv_input_fold(
+            weight, bias, affine.scale, affine.shift, group, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_weight, elem, conv.input[1]),
             ConstantUpdate(match.target_index, 2, new_bias, elem, f"{conv.input[1]}_bias"),

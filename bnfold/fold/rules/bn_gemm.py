@@ -9,7 +9,14 @@ from __future__ import annotations
 from bnfold.fold import math as fold_math
 from bnfold.fold.graph import GraphView, node_label
 from bnfold.fold.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
-from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, batchnorm_affine, plan_problem
+from bnfold.fold.rules.common import (
+    ConstantUpdate,
+    Match,
+    attribute,
+    batchnorm_affine,
+    compute_dtype,
+    plan_problem,
+)
 from bnfold.fold.rules.into_producer import constant_or_reason
 
 
@@ -46,10 +53,10 @@ class BnGemmRule:
         alpha = float(attribute(gemm, "alpha", 1.0))
         beta = float(attribute(gemm, "beta", 1.0))
         match.affine = affine
-        new_b, new_c, new_beta = fold_math.gemm_input_fold(
-            b, c, affine.scale, affine.shift, trans_b, alpha, beta
-        )
         elem = view.constant_dtype(gemm.input[1])
+        new_b, new_c, new_beta = fold_math.gemm_input_fold(
+            b, c, affine.scale, affine.shift, trans_b, alpha, beta, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
             ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),

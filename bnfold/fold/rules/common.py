@@ -114,11 +114,17 @@ def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
     return ChannelAffine(scale, shift, tuple(node.input[1:5]))
 
 
+def compute_dtype(elem_type: int):
+    """The dtype fold math should round into directly: the weight's own for float32/float64;
+    float64 for float16/bfloat16, whose range is checked before rounding."""
+    return np.float32 if elem_type == onnx.TensorProto.FLOAT else np.float64
+
+
 def round_into(values: np.ndarray, elem_type: int) -> np.ndarray:
-    """float64 values rounded once into the storage dtype of `elem_type` (bf16 as uint16 bits)."""
+    """Values rounded once into the storage dtype of `elem_type` (bf16 as uint16 bits)."""
     if elem_type == onnx.TensorProto.BFLOAT16:
         return float32_to_bfloat16_bits(values.astype(np.float32))
-    return values.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    return values.astype(onnx.helper.tensor_dtype_to_np_dtype(elem_type), copy=False)
 
 
 def plan_problem(match: Match, view: GraphView) -> str | None:

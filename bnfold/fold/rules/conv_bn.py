@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bnfold.fold import math as fold_math
 from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match
+from bnfold.fold.rules.common import ConstantUpdate, Match, compute_dtype
 from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
@@ -39,8 +39,10 @@ class ConvBnRule(IntoProducerRule):
             if bias.shape != (weight.shape[0],):
                 return f"Conv bias has shape {list(bias.shape)}, expected [{weight.shape[0]}]"
         affine = match.affine
-        new_weight, new_bias = fold_math.conv_output_fold(weight, bias, affine.scale, affine.shift)
         elem = view.constant_dtype(conv.input[1])
+        new_weight, new_bias = fold_math.conv_output_fold(
+            weight, bias, affine.scale, affine.shift, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_weight, elem, f"{conv.input[1]}"),
             ConstantUpdate(match.target_index, 2, new_bias, elem, f"{conv.input[1]}_bias"),

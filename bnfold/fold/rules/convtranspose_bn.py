@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bnfold.fold import math as fold_math
 from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match, attribute
+from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, compute_dtype
 from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
@@ -42,10 +42,10 @@ class ConvTransposeBnRule(IntoProducerRule):
             if bias.shape != (channels,):
                 return f"ConvTranspose bias has shape {list(bias.shape)}, expected [{channels}]"
         affine = match.affine
-        new_weight, new_bias = fold_math.conv_transpose_output_fold(
-            weight, bias, affine.scale, affine.shift, group
-        )
         elem = view.constant_dtype(node.input[1])
+        new_weight, new_bias = fold_math.conv_transpose_output_fold(
+            weight, bias, affine.scale, affine.shift, group, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_weight, elem, node.input[1]),
             ConstantUpdate(match.target_index, 2, new_bias, elem, f"{node.input[1]}_bias"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bnfold.fold import math as fold_math
 from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match, attribute
+from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, compute_dtype
 from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
@@ -40,10 +40,10 @@ class GemmBnRule(IntoProducerRule):
                 return f"Gemm C has rank {c.ndim}"
         beta = float(attribute(gemm, "beta", 1.0))
         affine = match.affine
-        new_b, new_c, new_beta = fold_math.gemm_output_fold(
-            b, c, affine.scale, affine.shift, trans_b, beta
-        )
         elem = view.constant_dtype(gemm.input[1])
+        new_b, new_c, new_beta = fold_math.gemm_output_fold(
+            b, c, affine.scale, affine.shift, trans_b, beta, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
             ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),

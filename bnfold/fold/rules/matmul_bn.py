@@ -14,6 +14,7 @@ from bnfold.fold.rules.common import (
     Match,
     apply_plan,
     batchnorm_affine,
+    compute_dtype,
     plan_problem,
 )
 from bnfold.fold.rules.into_producer import constant_or_reason, per_channel_vector
@@ -74,8 +75,10 @@ class MatMulBnRule:
                 return f"{node_label(add)} does not add a per-column constant"
             affine.dead_inputs += (const_name,)
         match.affine = affine
-        new_b, new_c = fold_math.matmul_output_fold(b, bias, affine.scale, affine.shift)
         elem = view.constant_dtype(matmul.input[1])
+        new_b, new_c = fold_math.matmul_output_fold(
+            b, bias, affine.scale, affine.shift, compute_dtype(elem)
+        )
         match.updates = [
             ConstantUpdate(match.target_index, 1, new_b, elem, matmul.input[1]),
             ConstantUpdate(match.target_index, 2, new_c, elem, f"{matmul.input[1]}_bias"),
