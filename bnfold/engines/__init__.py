@@ -1,0 +1,99 @@
+"""Backends that run a model for benchmarking, behind one small protocol.
+
+An engine opens one `Session` per model; the harness in `bnfold.bench` calls `session.run()`
+and times it on the host. GPU sessions also return a `Timing` with the device time measured by
+CUDA events and the time the host spent enqueueing the work.
+
+Adding a backend = one module with a class that has `name`, `open(label, model, feed)` and
+`environment()`, plus one line in `ENGINES`. Modules are imported only when chosen, and each
+imports its library inside its own functions, so `import bnfold` never loads torch or tensorrt.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bnfold.errors import BnfoldError
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What a GPU session measured for one run, in milliseconds (None: not measured)."""
+
+    gpu_ms: float | None = None
+    enqueue_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    threads: int | None = None  # CPU intra-op threads; None = the library's default
+    include_transfers: bool = False  # GPU: copy inputs in and outputs out on every run
+    cuda_graphs: bool = False
+    torch_compile: bool = False
+
+
+class Session(Protocol):
+    label: str
+
+    def run(self) -> Timing | None:
+        """Run the model once on the feed given to `open`; block until it has finished."""
+
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    name: str
+    # Shown with the results, e.g. "ONNX Runtime graph optimisation: ORT_ENABLE_ALL".
+    notes: list[str]
+
+    def open(self, label: str, model: Any, feed: dict) -> Session: ...
+
+    def environment(self) -> dict[str, Any]: ...
+
+
+# name -> (module, class, one-line description). Explicit: no registration by import.
+ENGINES: dict[str, tuple[str, str, str]] = {
+    "ort-cpu": ("bnfold.engines.ort", "OrtCpuEngine", "ONNX Runtime, CPU execution provider"),
+    "ort-cuda": ("bnfold.engines.ort", "OrtCudaEngine", "ONNX Runtime, CUDA execution provider"),
+    "trt": ("bnfold.engines.trt", "TrtEngine", "TensorRT engines built from the ONNX models"),
+    "torch": ("bnfold.engines.torch_engine", "TorchEngine", "PyTorch eager (or torch.compile)"),
+}
+
+INSTALL_HINTS = {
+    "tensorrt": "pip install bnfold[trt]",
+    "onnxruntime-gpu": "pip uninstall onnxruntime && pip install bnfold[gpu] "
+    "(onnxruntime-gpu replaces onnxruntime; both provide the same module)",
+    "torch": "pip install bnfold[torch]",
+}
+
+
+def get_engine(name: str, options: EngineOptions | None = None) -> Engine:
+    """The engine called `name`, ready to open sessions (raises BnfoldError if unusable)."""
+    if name not in ENGINES:
+        raise BnfoldError(
+            f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}"
+        )
+    module_name, class_name, _ = ENGINES[name]
+    engine_class = getattr(importlib.import_module(module_name), class_name)
+    return engine_class(options or EngineOptions())
+
+
+def best_available() -> tuple[str, str]:
+    """(engine name, why it was chosen): trt, else ort-cuda, else ort-cpu."""
+    from bnfold.engines import ort as ort_engine
+    from bnfold.engines import trt as trt_engine
+
+    trt_reason = trt_engine.unavailable_reason()
+    if trt_reason is None:
+        return "trt", "TensorRT imports and a CUDA GPU is present"
+    if ort_engine.cuda_provider_available():
+        return "ort-cuda", f"CUDAExecutionProvider is available ({trt_reason})"
+    return "ort-cpu", f"no GPU engine available ({trt_reason}; no CUDAExecutionProvider)"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message, for one-line BnfoldErrors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -1,0 +1,250 @@
+"""ONNX Runtime engines: `ort-cpu` and `ort-cuda`.
+
+Benchmark sessions use full graph optimisation (ORT_ENABLE_ALL), because that is what users
+deploy. ORT then folds BatchNormalization into Conv on its own, which is exactly why we compare:
+the numbers show what folding in the file still buys once the runtime has done its part.
+(`bnfold verify` does the opposite and turns optimisation off, to test the fold itself.)
+
+On CUDA the inputs stay on the device (IO binding with OrtValues on cuda) unless
+`include_transfers` is set, and runs go on our own stream so CUDA events can time them.
+Unverified on hardware so far: the CUDA path is written against the ORT Python API docs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from bnfold.engines import INSTALL_HINTS, EngineOptions, Timing, first_line
+from bnfold.errors import BnfoldError
+
+OPTIMISATION_NOTE = (
+    "ONNX Runtime sessions use full graph optimisation (ORT_ENABLE_ALL), as deployed; ORT also "
+    "folds BatchNormalization on its own, which is what this comparison measures against"
+)
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads is not None:
+        if threads < 1:
+            raise BnfoldError("--threads must be at least 1")
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _payload(model):
+    """What InferenceSession takes: a path as is (ORT reads external data), else bytes."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return model.SerializeToString()
+
+
+def _create_session(model, options, providers, label: str):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(_payload(model), options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types per failure kind
+        raise BnfoldError(
+            f"ONNX Runtime cannot load {label}: {first_line(exc)}; check the model with "
+            f"onnx.checker or re-export it"
+        ) from None
+
+
+def _checked_run(session, feed: dict, label: str) -> list[np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # bad shape or dtype: ORT's errors share no base class
+        raise BnfoldError(
+            f"ONNX Runtime cannot run {label}: {first_line(exc)}; check the input shapes "
+            f"(--shape name=DxD...) or pass real inputs with --inputs"
+        ) from None
+
+
+def _environment(threads_requested: int | None) -> dict:
+    import onnxruntime as ort
+
+    return {
+        "onnxruntime": ort.__version__,
+        "providers_available": ort.get_available_providers(),
+        "graph_optimization": "ORT_ENABLE_ALL",
+        "intra_op_num_threads": threads_requested
+        if threads_requested is not None
+        else f"default (ORT picks; {os.cpu_count()} logical CPUs)",
+    }
+
+
+class OrtCpuSession:
+    def __init__(self, label: str, session, feed: dict):
+        self.label = label
+        self._session = session
+        self._feed = feed
+        self._outputs = [o.name for o in session.get_outputs()]
+
+    def run(self) -> None:
+        self._session.run(self._outputs, self._feed)
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OrtCpuEngine:
+    name = "ort-cpu"
+
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        self.notes = [OPTIMISATION_NOTE]
+        if options.cuda_graphs or options.include_transfers:
+            self.notes.append("--cuda-graphs/--include-transfers do nothing on ort-cpu")
+
+    def open(self, label: str, model, feed: dict) -> OrtCpuSession:
+        options = session_options(self.options.threads)
+        session = _create_session(model, options, ["CPUExecutionProvider"], label)
+        _checked_run(session, feed, label)
+        return OrtCpuSession(label, session, feed)
+
+    def environment(self) -> dict:
+        return _environment(self.options.threads)
+
+
+class OrtCudaSession:
+    """One model on the CUDA EP; inputs resident on the device unless include_transfers."""
+
+    def __init__(self, label, session, feed, timer, include_transfers, output_shapes):
+        import onnxruntime as ort
+
+        self.label = label
+        self._session = session
+        self._feed = feed
+        self._timer = timer
+        self._include_transfers = include_transfers
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._run_options = ort.RunOptions()
+        self._binding = None
+        self._keep = []  # OrtValues must outlive the binding
+        if include_transfers:
+            return
+        self._binding = session.io_binding()
+        for name, array in feed.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            self._binding.bind_ortvalue_input(name, value)
+            self._keep.append(value)
+        for name in self._outputs:
+            if output_shapes is not None:
+                # CUDA graphs replay fixed addresses: outputs must be allocated up front.
+                shape, dtype = output_shapes[name]
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+                self._binding.bind_ortvalue_output(name, value)
+                self._keep.append(value)
+            else:
+                self._binding.bind_output(name, "cuda", 0)
+        if timer is not None:
+            # Return from Run after enqueueing, so enqueue and device time can be told apart;
+            # the timer's end event is what we wait on.
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+    def run(self) -> Timing:
+        timer = self._timer
+        if timer is not None:
+            timer.start()
+        start = time.perf_counter()
+        if self._binding is None:
+            self._session.run(self._outputs, self._feed, self._run_options)
+        else:
+            self._session.run_with_iobinding(self._binding, self._run_options)
+        enqueue_ms = (time.perf_counter() - start) * 1e3
+        if timer is None:
+            if self._binding is not None:
+                self._binding.synchronize_outputs()
+            return Timing(None, enqueue_ms)
+        return Timing(timer.stop(), enqueue_ms)
+
+    def close(self) -> None:
+        self._binding = None
+        self._keep = []
+        self._session = None
+
+
+class OrtCudaEngine:
+    name = "ort-cuda"
+
+    def __init__(self, options: EngineOptions):
+        from bnfold.engines._cuda import cuda_timer
+
+        if not cuda_provider_available():
+            raise BnfoldError(
+                "ONNX Runtime has no CUDAExecutionProvider here: "
+                + INSTALL_HINTS["onnxruntime-gpu"]
+            )
+        if options.cuda_graphs and options.include_transfers:
+            raise BnfoldError(
+                "--cuda-graphs needs inputs resident on the device: drop --include-transfers"
+            )
+        self.options = options
+        self._timer = cuda_timer()
+        self.notes = [OPTIMISATION_NOTE]
+        self.notes.append(
+            "inputs copied host→device and outputs back on every run (--include-transfers)"
+            if options.include_transfers
+            else "inputs and outputs resident on the GPU (IO binding); no transfers timed"
+        )
+        if self._timer is None:
+            self.notes.append(
+                "GPU time not measured: CUDA events come from torch with CUDA "
+                "(pip install torch with CUDA); host time only"
+            )
+
+    def open(self, label: str, model, feed: dict) -> OrtCudaSession:
+        provider_options = {"device_id": "0"}
+        if self.options.cuda_graphs:
+            provider_options["enable_cuda_graph"] = "1"
+        if self._timer is not None:
+            provider_options["user_compute_stream"] = str(self._timer.stream_handle)
+        options = session_options(self.options.threads)
+        session = _create_session(
+            model, options, [("CUDAExecutionProvider", provider_options), "CPUExecutionProvider"],
+            label,
+        )
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BnfoldError(
+                f"ONNX Runtime fell back to CPU for {label} (CUDA or cuDNN libraries did not "
+                f"load): install the CUDA/cuDNN versions your onnxruntime-gpu needs"
+            )
+        output_shapes = None
+        if self.options.cuda_graphs:
+            output_shapes = self._output_shapes(label, model, feed)
+        else:
+            _checked_run(session, feed, label)
+        return OrtCudaSession(
+            label, session, feed, self._timer, self.options.include_transfers, output_shapes
+        )
+
+    def _output_shapes(self, label, model, feed) -> dict:
+        """Output shapes and dtypes from one CPU run (a graph-capturing session needs
+        device-resident inputs even for its first run)."""
+        cpu = _create_session(model, session_options(None), ["CPUExecutionProvider"], label)
+        values = _checked_run(cpu, feed, label)
+        names = [o.name for o in cpu.get_outputs()]
+        return {name: (v.shape, v.dtype) for name, v in zip(names, values)}
+
+    def environment(self) -> dict:
+        from bnfold.engines._cuda import device_name
+
+        env = _environment(self.options.threads)
+        env["device"] = device_name() or "CUDA device 0 (name needs torch with CUDA)"
+        env["cuda_graphs"] = self.options.cuda_graphs
+        return env
