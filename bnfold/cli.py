@@ -8,7 +8,10 @@ import os
 import click
 
 from bnfold import __version__
+from rich.markup import escape
+
 from bnfold.cli_common import BnfoldGroup, console, parse_shapes
+from bnfold.cli_engines import bench_command, build_command
 from bnfold.errors import BnfoldError
 
 
@@ -76,7 +79,7 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
         console.print("[red]verification failed: nothing was written[/] (inspect with "
                       "`bnfold verify`, or write anyway with --no-verify)")
         raise SystemExit(1)
-    console.print(f"wrote {result.output_path}")
+    console.print(f"wrote {escape(result.output_path)}")
 
 
 @cli.command("verify")
@@ -122,6 +125,11 @@ def demo_command(out_dir):
     from bnfold.demo import run_demo
 
     run_demo(out_dir, console)
+
+
+# Command modules of their own; each imports its heavy library only inside its commands.
+cli.add_command(build_command, "build")
+cli.add_command(bench_command, "bench")
 
 
 def main() -> None:

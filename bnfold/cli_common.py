@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from bnfold.errors import BnfoldError
 
@@ -22,7 +23,8 @@ class BnfoldGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BnfoldError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            # Escaped: messages hold text like `pip install bnfold[trt]` that is not markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
+from rich.markup import escape
 
 from bnfold.errors import BnfoldError
 
@@ -19,7 +20,7 @@ def run_demo(out_dir: str, console: Console) -> None:
     original = os.path.join(out_dir, "sample.onnx")
     folded = os.path.join(out_dir, "sample.folded.onnx")
     save_model(build_sample_model(), original)
-    console.print(f"[bold]1. built[/] the sample BN network → {original}")
+    console.print(f"[bold]1. built[/] the sample BN network → {escape(original)}")
     result = fold_file(original, folded, verify=True, verify_options={"runs": 3})
     console.print("[bold]2. folded[/] and [bold]3. verified[/] it:")
     render_fold_report(result.report, console, title="bnfold fold sample.onnx")
@@ -32,4 +33,26 @@ def run_demo(out_dir: str, console: Console) -> None:
     )
     if result.output_path is None:
         raise BnfoldError("the folded sample did not verify: this is a bnfold bug, please report it")
-    console.print(f"wrote {folded} and {os.path.join(out_dir, 'report.json')}")
+    console.print(f"wrote {escape(folded)} and {escape(os.path.join(out_dir, 'report.json'))}")
+    _bench(original, folded, out_dir, console)
+
+
+def _bench(original: str, folded: str, out_dir: str, console: Console) -> None:
+    """4. Original vs folded, side by side, on the best engine present."""
+    import json
+
+    from bnfold.bench import bench_models
+    from bnfold.bench_view import render
+    from bnfold.engines import best_available
+    from bnfold.io import write_text_atomic
+
+    engine, why = best_available()
+    console.print(f"[bold]4. bench[/] on [bold]{engine}[/]: {escape(why)}")
+    result = bench_models(
+        [("original", original), ("folded", folded)], engine,
+        shapes={"input": (8, 3, 32, 32)}, runs=200, min_time=1.0,
+    )
+    render(result, console)
+    write_text_atomic(
+        os.path.join(out_dir, "bench.json"), json.dumps(result.to_dict(), indent=2, default=float) + "\n"
+    )

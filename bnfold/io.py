@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.io_stream import write_model
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -36,8 +37,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return load_model_info(path)[0]
 
 
-def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """Like load_model, also telling whether the file kept tensors in external data."""
+def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]:
+    """Like load_model, also giving the real paths of the external data files it read."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BnfoldError(f"{path!r} does not exist: check the path")
@@ -59,8 +60,7 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError(f"{path!r} is not an ONNX model (no graph or IR version): re-export it")
     base_dir = os.path.dirname(os.path.abspath(path))
-    external = _load_external_data(model, base_dir, path)
-    return model, external > 0
+    return model, _load_external_data(model, base_dir, path)
 
 
 def _parse_file(path: str) -> onnx.ModelProto:
@@ -80,10 +80,10 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from external_data_helper._get_all_tensors(model)
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) -> int:
-    """Read every external tensor into memory; returns how many there were."""
+def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) -> set[str]:
+    """Read every external tensor into memory; returns the data files read (real paths)."""
     real_base = os.path.realpath(base_dir)
-    loaded = 0
+    data_files: set[str] = set()
     for tensor in iter_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -110,8 +110,8 @@ def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) 
             tensor.raw_data = handle.read(end - offset)
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
-        loaded += 1
-    return loaded
+        data_files.add(data_path)
+    return data_files
 
 
 def _confined_path(real_base: str, location: str, tensor_name: str, model_path: str) -> str:
@@ -156,18 +156,26 @@ def estimated_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def external_data_name(model_path: str | os.PathLike) -> str:
+    """The data file save_model writes beside `model_path` when it uses external data."""
+    return os.path.basename(os.fspath(model_path)) + ".data"
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
     *,
     external_data: bool | None = None,
     accept: Callable[[str], bool] | None = None,
+    overrides=None,
 ) -> bool:
     """Write `model` to `path` atomically; returns whether it was written.
 
     External data (one `<name>.data` file beside the model) is used when asked, or by default
     when the model would not fit in one protobuf (2 GiB). `accept(staged_path)` can inspect the
     fully written file before it is moved into place (e.g. to verify it) and veto the write.
+    `overrides` (bnfold.fold.graph.PendingTensors) are new initializer values to write in place
+    of the model's own.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -180,15 +188,18 @@ def save_model(
     if external_data is None:
         external_data = estimated_bytes(model) > _PROTOBUF_LIMIT
     name = os.path.basename(path)
-    data_name = name + ".data"
-    staging = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
+    data_name = external_data_name(path)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
         staged = os.path.join(staging, name)
         if external_data:
+            if overrides:
+                overrides.apply(model.graph)
             _write_with_external_data(model, staged, os.path.join(staging, data_name), data_name)
         else:
             with open(staged, "wb") as handle:
-                handle.write(model.SerializeToString())
+                write_model(model, handle, overrides)
         if accept is not None and not accept(staged):
             return False
         if external_data:
@@ -198,7 +209,8 @@ def save_model(
     except OSError as exc:
         raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_with_external_data(
@@ -209,7 +221,7 @@ def _write_with_external_data(
     Restoring (instead of onnx.save_model's convert-in-place) keeps the caller's model intact
     without reading the data back from disk.
     """
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
     offset = 0
     try:
         with open(data_path, "wb") as data:
@@ -221,7 +233,7 @@ def _write_with_external_data(
                 data.write(b"\0" * pad)
                 offset += pad
                 data.write(raw)
-                moved.append((tensor, raw))
+                moved.append((tensor, raw, tensor.HasField("data_location")))
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
@@ -231,9 +243,12 @@ def _write_with_external_data(
         with open(model_path, "wb") as handle:
             handle.write(model.SerializeToString())
     finally:
-        for tensor, raw in moved:
+        for tensor, raw, had_location in moved:
             del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
             tensor.raw_data = raw
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnfold.fold.report import FOLDED, LOWERED, FoldReport
@@ -11,7 +12,7 @@ _STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
 
 
 def render_fold_report(report: FoldReport, console: Console, title: str = "bnfold") -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=escape(title), title_justify="left", show_lines=False)
     table.add_column("node")
     table.add_column("op")
     table.add_column("status")
@@ -20,7 +21,9 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
     for entry in report.entries:
         style = _STATUS_STYLE.get(entry.status, "red")
         detail = f"{entry.into} ({entry.rule})" if entry.into else "; ".join(entry.reasons)
-        table.add_row(entry.node, entry.op_type, f"[{style}]{entry.status}[/]", detail, entry.graph)
+        # Node names and reasons are the model's text, not markup.
+        table.add_row(escape(entry.node), entry.op_type, f"[{style}]{entry.status}[/]",
+                      escape(detail), escape(entry.graph))
     if not report.entries:
         table.add_row("-", "-", "-", "no BatchNormalization or foldable Mul/Add found", "")
     console.print(table)
@@ -41,7 +44,7 @@ def render_verification(result: dict, console: Console) -> None:
     for out in result["outputs"]:
         ok = "[green]yes[/]" if out["ok"] else "[red]NO[/]"
         table.add_row(
-            out["name"],
+            escape(out["name"]),
             f"{out['max_abs_error']:.3g}",
             f"{out['max_rel_error']:.3g}",
             f"{out['cosine']:.9f}",
@@ -53,10 +56,10 @@ def render_verification(result: dict, console: Console) -> None:
     if truth:
         for name, errors in truth.items():
             console.print(
-                f"float64 ground truth, {name}: original {errors['reference_rel_error']:.3g}, "
+                f"float64 ground truth, {escape(name)}: original {errors['reference_rel_error']:.3g}, "
                 f"folded {errors['candidate_rel_error']:.3g} (scale-relative error)"
             )
     elif result.get("ground_truth_skipped"):
-        console.print(f"[dim]float64 ground truth skipped: {result['ground_truth_skipped']}[/]")
+        console.print(f"[dim]float64 ground truth skipped: {escape(result['ground_truth_skipped'])}[/]")
     verdict = "[green]equivalent[/]" if result["ok"] else "[red]NOT equivalent[/]"
     console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")

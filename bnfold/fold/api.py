@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.fold.engine import fold_model
+from bnfold.fold.graph import PendingTensors
 from bnfold.fold.report import FoldReport
-from bnfold.io import load_model, load_model_info, save_model
+from bnfold.io import external_data_name, load_model, load_model_info, save_model
 
 
-@dataclass
 class FoldResult:
-    model: onnx.ModelProto
-    report: FoldReport
-    output_path: str | None = None  # where fold_file wrote it (None when not written)
+    """The folded model, the report, and where fold_file wrote it (None when not written)."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        report: FoldReport,
+        output_path: str | None = None,
+        pending: PendingTensors | None = None,
+    ):
+        self._model = model
+        self._pending = pending
+        self.report = report
+        self.output_path = output_path
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        # fold_file leaves folded weights outside the proto while writing; put them in on demand.
+        if self._pending:
+            self._pending.apply(self._model.graph)
+        return self._model
+
+    def __repr__(self) -> str:
+        summary = self.report.to_dict()["summary"]
+        return f"FoldResult({summary}, output_path={self.output_path!r})"
 
 
 def fold(
@@ -64,8 +83,18 @@ def fold_file(
         raise BnfoldError(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
-    model, source_has_external = load_model_info(input_path)
-    result = FoldResult(model, fold_model(model, lower_standalone=lower_standalone))
+    model, source_data_files = load_model_info(input_path)
+    output_data = os.path.realpath(
+        os.path.join(os.path.dirname(os.path.abspath(output_path)), external_data_name(output_path))
+    )
+    if output_data in source_data_files and not in_place:
+        raise BnfoldError(
+            f"writing {output_path!r} would replace {os.path.basename(output_data)!r}, which holds "
+            f"the input's own weights: choose another -o (or --in-place to replace the input)"
+        )
+    pending = PendingTensors()
+    report = fold_model(model, lower_standalone=lower_standalone, pending=pending)
+    result = FoldResult(model, report, pending=pending)
 
     def accept(staged_path: str) -> bool:
         if not verify:
@@ -77,14 +106,15 @@ def fold_file(
         return outcome.ok
 
     written = save_model(
-        result.model, output_path, external_data=source_has_external or None, accept=accept
+        model, output_path, external_data=bool(source_data_files) or None, accept=accept,
+        overrides=pending,
     )
     result.output_path = output_path if written else None
     return result
 
 
 def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(b):
+    if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)
 

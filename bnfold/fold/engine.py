@@ -10,6 +10,7 @@ from bnfold.fold.graph import (
     Constant,
     GraphView,
     NameAllocator,
+    PendingTensors,
     TypeTable,
     node_label,
     subgraphs,
@@ -23,10 +24,20 @@ _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
 _MAX_PASSES = 16  # each pass folds at least one node; real graphs settle in two
 
 
-def fold_model(model: onnx.ModelProto, *, lower_standalone: bool = False) -> FoldReport:
-    """Fold `model` in place and return what happened."""
+def fold_model(
+    model: onnx.ModelProto,
+    *,
+    lower_standalone: bool = False,
+    pending: PendingTensors | None = None,
+) -> FoldReport:
+    """Fold `model` in place and return what happened.
+
+    With `pending`, new values of main-graph initializers are left there instead of being
+    copied into the model (save_model writes them straight from numpy; `pending.apply`
+    puts them in the model).
+    """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
-    folder = _ModelFolder(model, lower_standalone, report)
+    folder = _ModelFolder(model, lower_standalone, report, pending)
     folder.fold_graph(model.graph, {}, "main")
     remove_unused(model, folder.dead)
     report.nodes_after = count_nodes(model.graph)
@@ -35,7 +46,15 @@ def fold_model(model: onnx.ModelProto, *, lower_standalone: bool = False) -> Fol
 
 
 class _ModelFolder:
-    def __init__(self, model: onnx.ModelProto, lower_standalone: bool, report: FoldReport):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        lower_standalone: bool,
+        report: FoldReport,
+        pending: PendingTensors | None,
+    ):
+        self.main_graph = model.graph
+        self.pending = pending
         self.names = NameAllocator(model)
         self.types = TypeTable(model)
         self.lower_standalone = lower_standalone
@@ -43,7 +62,8 @@ class _ModelFolder:
         self.dead: list[str] = []
 
     def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
-        return GraphView(graph, self.names, self.types, outer, path)
+        pending = self.pending if graph is self.main_graph else None
+        return GraphView(graph, self.names, self.types, outer, path, pending)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
         scope = self.view(graph, outer, path)

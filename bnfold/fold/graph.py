@@ -135,10 +135,14 @@ class GraphView:
         types: TypeTable,
         outer_constants: dict[str, Constant] | None = None,
         path: str = "main",
+        pending: PendingTensors | None = None,
     ):
         self.graph = graph
         self.names = names
         self.types = types
+        # New values of this graph's own initializers, written by save_model without copying
+        # them into the protobuf first (None: edit the tensors right away).
+        self.pending = pending
         self.path = path
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.removed: set[int] = set()
@@ -200,6 +204,8 @@ class GraphView:
         return None
 
     def constant_array(self, name: str) -> np.ndarray | None:
+        if self.pending is not None and name in self.pending and name in self.initializers:
+            return self.pending.values(name)
         constant = self.constants.get(name)
         return None if constant is None else tensor_to_array(constant.tensor)
 
@@ -235,7 +241,10 @@ class GraphView:
         node = self.nodes[node_index]
         old = node.input[input_slot] if input_slot < len(node.input) else ""
         if old and self.owns_exclusively(old, node_index):
-            fill_tensor(self.initializers[old], values, elem_type)
+            if self.pending is not None:
+                self.pending.put(old, values, elem_type)
+            else:
+                fill_tensor(self.initializers[old], values, elem_type)
             return old
         tensor = onnx.TensorProto(name=self.names.fresh(f"{hint}_bnfold"))
         fill_tensor(tensor, values, elem_type)
@@ -314,6 +323,39 @@ class GraphView:
             # Deleting by index keeps the remaining wrappers valid and copies nothing.
             for index in sorted(self.removed, reverse=True):
                 del self.graph.node[index]
+
+
+class PendingTensors:
+    """Replacement values for initializers, by name, applied at save time or on demand."""
+
+    def __init__(self):
+        self._items: dict[str, tuple[np.ndarray, int]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, name: str, stored: np.ndarray, elem_type: int) -> None:
+        self._items[name] = (np.ascontiguousarray(stored), elem_type)
+
+    def get(self, name: str) -> tuple[np.ndarray, int] | None:
+        return self._items.get(name)
+
+    def values(self, name: str) -> np.ndarray:
+        stored, elem_type = self._items[name]
+        if elem_type == onnx.TensorProto.BFLOAT16:
+            return bfloat16_bits_to_float32(stored)
+        return stored
+
+    def apply(self, graph: onnx.GraphProto) -> None:
+        """Write every pending value into `graph`'s initializers and forget them."""
+        for tensor in graph.initializer:
+            item = self._items.pop(tensor.name, None)
+            if item is not None:
+                fill_tensor(tensor, item[0], item[1])
+        self._items.clear()  # entries for initializers the fold removed
 
 
 def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

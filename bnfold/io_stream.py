@@ -1,0 +1,118 @@
+"""Write a ModelProto to a file without building its whole serialization in memory.
+
+`SerializeToString()` holds a second full copy of the model (and protobuf's `ByteSize()`
+encodes everything to answer). This writer emits the main graph's initializers one at a time
+and computes every length exactly from their headers and data sizes, so peak memory grows by
+the largest tensor only. Fields go out in field-number order, as protobuf writes them, so the
+file is byte-identical to `SerializeToString()`.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import onnx
+
+_MESSAGE_TYPE = 11
+_GRAPH_TAG = b"\x3a"  # ModelProto.graph: field 7, length-delimited
+_INITIALIZER_TAG = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
+_RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
+_TYPED_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _serialized_fields(source, below: int | None = None, above: int | None = None) -> bytes:
+    """`source`'s fields numbered below `below` or above `above`, serialised in order."""
+    target = type(source)()
+    for field, value in source.ListFields():
+        if below is not None and field.number >= below:
+            continue
+        if above is not None and field.number <= above:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == _MESSAGE_TYPE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return target.SerializeToString()
+
+
+def _tensor_header(tensor: onnx.TensorProto, override=None) -> bytes | None:
+    """The tensor serialised without raw_data, or None when it is not a plain raw tensor.
+
+    `override` (array, elem_type) replaces the tensor's dims, type and data.
+    """
+    if override is None and (
+        not tensor.HasField("raw_data") or any(len(getattr(tensor, f)) for f in _TYPED_DATA)
+    ):
+        return None
+    header = onnx.TensorProto()
+    if override is None:
+        header.dims.extend(tensor.dims)
+        header.data_type = tensor.data_type
+    else:
+        header.dims.extend(override[0].shape)
+        header.data_type = override[1]
+    for name in ("name", "doc_string", "data_location"):
+        if tensor.HasField(name):
+            setattr(header, name, getattr(tensor, name))
+    if tensor.HasField("segment"):
+        header.segment.CopyFrom(tensor.segment)
+    header.external_data.extend(tensor.external_data)
+    header.metadata_props.extend(tensor.metadata_props)
+    return header.SerializeToString()
+
+
+def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> None:
+    """Serialise `model` into `handle` (a file opened for binary writing).
+
+    `overrides.get(name)` may give (array, elem_type) to write instead of a main-graph
+    initializer's own data, straight from the array's buffer.
+    """
+    if not model.HasField("graph"):
+        handle.write(model.SerializeToString())
+        return
+    graph = model.graph
+    graph_number = model.DESCRIPTOR.fields_by_name["graph"].number
+    initializer_number = graph.DESCRIPTOR.fields_by_name["initializer"].number
+    before = _serialized_fields(graph, below=initializer_number)
+    after = _serialized_fields(graph, above=initializer_number)
+    # First pass: exact sizes (each raw_data read is a transient copy of one tensor).
+    plan: list[tuple[onnx.TensorProto, bytes | None, int, memoryview | None]] = []
+    graph_size = len(before) + len(after)
+    for tensor in graph.initializer:
+        override = overrides.get(tensor.name) if overrides else None
+        header = _tensor_header(tensor, override)
+        data = None if override is None else memoryview(override[0]).cast("B")
+        if header is None:
+            size = len(tensor.SerializeToString())
+        else:
+            raw_size = len(tensor.raw_data) if data is None else data.nbytes
+            size = len(header) + len(_RAW_DATA_TAG) + len(varint(raw_size)) + raw_size
+        plan.append((tensor, header, size, data))
+        graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
+    handle.write(_serialized_fields(model, below=graph_number))
+    handle.write(_GRAPH_TAG + varint(graph_size))
+    handle.write(before)
+    for tensor, header, size, data in plan:
+        handle.write(_INITIALIZER_TAG + varint(size))
+        if header is None:
+            handle.write(tensor.SerializeToString())
+            continue
+        raw = tensor.raw_data if data is None else data
+        handle.write(header + _RAW_DATA_TAG + varint(len(raw) if data is None else data.nbytes))
+        handle.write(raw)
+    handle.write(after)
+    handle.write(_serialized_fields(model, above=graph_number))
