@@ -1,0 +1,92 @@
+"""`import bnfold` and `bnfold --help` stay light: no torch, tensorrt, onnxruntime, graphsurgeon or
+matplotlib, whatever command modules get registered. Each check runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+HEAVY = ("torch", "tensorrt", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
+
+# Prints the heavy top-level packages in sys.modules as JSON, after running `body`.
+PROBE = textwrap.dedent("""
+    import json, sys
+    {body}
+    heavy = {heavy!r}
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+    print("HEAVY=" + json.dumps(loaded))
+""")
+
+
+def loaded_heavy(body: str) -> list[str]:
+    code = PROBE.format(body=textwrap.dedent(body).strip(), heavy=HEAVY)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")]
+    return json.loads(line[len("HEAVY="):])
+
+
+HELP_ALL = """
+import bnfold, bnfold.cli
+from click.testing import CliRunner
+runner = CliRunner()
+for args in [["--help"]] + [[name, "--help"] for name in bnfold.cli.cli.commands]:
+    result = runner.invoke(bnfold.cli.cli, args)
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    assert "Usage:" in result.output, (args, result.output)
+"""
+
+# What the console script does: bnfold.__main__ → cli.main(), including anything main() registers.
+MAIN_HELP = """
+import runpy
+sys.argv = ["bnfold", "--help"]
+try:
+    runpy.run_module("bnfold", run_name="__main__")
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+"""
+
+
+def test_import_bnfold_is_light():
+    loaded = loaded_heavy("import bnfold, bnfold.cli")
+    assert loaded == [], f"`import bnfold, bnfold.cli` imported {loaded}"
+
+
+def test_help_of_every_command_is_light():
+    loaded = loaded_heavy(HELP_ALL)
+    assert loaded == [], f"`bnfold [COMMAND] --help` imported {loaded}"
+
+
+def test_console_entry_help_is_light():
+    loaded = loaded_heavy(MAIN_HELP)
+    assert loaded == [], f"`python -m bnfold --help` imported {loaded}"
+
+
+def test_probe_sees_a_heavy_import():
+    # Control: the probe must notice a heavy module, or the tests above prove nothing.
+    assert "onnxruntime" in loaded_heavy("import bnfold\nimport onnxruntime")
+
+
+def test_verify_loads_onnxruntime_only_when_run():
+    body = """
+    import bnfold
+    from bnfold.sample_model import build_sample_model
+    m = build_sample_model()
+    assert "onnxruntime" not in sys.modules
+    assert bnfold.verify(m, m).ok
+    """
+    assert "onnxruntime" in loaded_heavy(body)
+
+
+def test_bnfold_verify_stays_the_function_after_its_module_is_imported():
+    # fold_file imports bnfold.verify (the module) lazily; that must not replace bnfold.verify
+    # (the function) on the package, as happened once with bnfold.fold.
+    body = """
+    import bnfold
+    import bnfold.verify
+    assert callable(bnfold.verify), bnfold.verify
+    """
+    assert loaded_heavy(body) == []
