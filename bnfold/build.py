@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.io import write_bytes_atomic
 
 _DIMS = r"\d+(?:x\d+)*"
 _PROFILE_RE = re.compile(rf"^([^:]+):({_DIMS})(?:/({_DIMS})/({_DIMS}))?$")
@@ -168,23 +168,6 @@ def build(model_path: str, output: str, options: BuildOptions) -> BuildReport:
     write_bytes_atomic(output, plan)
     report.output = output
     return report
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise BnfoldError(f"folder {folder!r} does not exist: create it first")
-    staged = None
-    try:
-        handle, staged = tempfile.mkstemp(prefix=".bnfold-", dir=folder)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(staged, path)
-    except OSError as exc:
-        if staged and os.path.exists(staged):
-            os.unlink(staged)
-        raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
 def _declared_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:

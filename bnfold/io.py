@@ -254,6 +254,11 @@ def _write_with_external_data(
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (a report) atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
@@ -261,8 +266,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     staged = None
     try:
         handle, staged = tempfile.mkstemp(prefix=".bnfold-", dir=folder)
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
         os.replace(staged, path)
     except OSError as exc:
         if staged and os.path.exists(staged):
