@@ -1,0 +1,202 @@
+"""Sample BatchNorm networks and model specs, for export, training and tests.
+
+    >>> import bnfold.zoo
+    >>> model = bnfold.zoo.create("resnet18")                     # a sample, eval mode
+    >>> model = bnfold.zoo.create("mypkg.nets:build", "ckpt.pt")  # your factory + checkpoint
+    >>> bnfold.zoo.default_input_shape("resnet18")
+    (1, 3, 32, 32)
+
+A spec is a sample name (SAMPLE_NAMES), `module:factory` (the module is imported and
+`factory()` must return a torch.nn.Module) or `torchvision:NAME` (only where torchvision is
+installed; bnfold never depends on it). torch itself is imported on first use only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from bnfold.errors import BnfoldError
+
+SAMPLE_NAMES = (
+    "paper-mlp",
+    "resnet18",
+    "mobilenetv2",
+    "convtranspose-decoder",
+    "conv1d",
+    "preact",
+)
+TORCHVISION_PREFIX = "torchvision:"
+TORCHVISION_INPUT_SHAPE = (1, 3, 224, 224)
+
+
+def require_torch():
+    """The torch module, or a BnfoldError that says how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise BnfoldError(
+            "this needs PyTorch, which is not installed: pip install 'bnfold[torch]'"
+        ) from None
+    return torch
+
+
+def create(spec: str, checkpoint: str | None = None):
+    """Build the model named by `spec`, load `checkpoint` into it if given, and return it in eval mode."""
+    torch = require_torch()
+    if spec in SAMPLE_NAMES:
+        model = _create_sample(spec, checkpoint)
+    elif spec.startswith(TORCHVISION_PREFIX):
+        model = _create_torchvision(spec[len(TORCHVISION_PREFIX):])
+    elif ":" in spec:
+        model = _create_from_factory(spec)
+    else:
+        raise BnfoldError(
+            f"unknown model {spec!r}: use a sample ({', '.join(SAMPLE_NAMES)}), "
+            "module:factory, or torchvision:NAME"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise BnfoldError(
+            f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module: "
+            "make the factory return the model"
+        )
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def default_input_shape(spec: str) -> tuple[int, ...]:
+    """The input shape (batch 1) a sample or torchvision model expects; factories must say theirs."""
+    if spec in SAMPLE_NAMES:
+        from bnfold.zoo.nets import SAMPLES
+
+        return SAMPLES[spec][1]
+    if spec.startswith(TORCHVISION_PREFIX):
+        return TORCHVISION_INPUT_SHAPE
+    raise BnfoldError(
+        f"no default input shape for {spec!r}: pass one with --input-shape, e.g. 1x3x224x224"
+    )
+
+
+def model_input_shape(spec: str, model) -> tuple[int, ...]:
+    """Like default_input_shape, but sized to a built model (paper-mlp's input width varies)."""
+    in_features = getattr(model, "in_features", None)
+    if spec == "paper-mlp" and isinstance(in_features, int):
+        return (1, in_features)
+    return default_input_shape(spec)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """The state_dict saved at `path` (plain, or under a "state_dict" key), loaded weights-only."""
+    torch = require_torch()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BnfoldError(f"checkpoint {path!r} does not exist: check the path")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BnfoldError(
+            f"cannot read checkpoint {path!r} ({first_line[:160]}): save it with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise BnfoldError(
+            f"checkpoint {path!r} is not a state_dict of tensors: save it with "
+            "torch.save(model.state_dict(), path)"
+        )
+    return data
+
+
+def load_checkpoint(model, path: str | os.PathLike) -> None:
+    """Load a checkpoint strictly: every key present, no extras, every shape equal."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise BnfoldError(
+            f"checkpoint {os.fspath(path)!r} does not fit the model ({'; '.join(parts)}): "
+            "use the checkpoint saved from this model"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise BnfoldError(
+            f"checkpoint {os.fspath(path)!r} has wrong shapes ({_few(wrong)}; checkpoint vs model): "
+            "use the checkpoint saved from this model"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _create_sample(name: str, checkpoint: str | None):
+    from bnfold.zoo.nets import SAMPLES, PaperMLP
+
+    factory = SAMPLES[name][0]
+    if name == "paper-mlp" and checkpoint is not None:
+        # The paper net's input width (64 for digits, 784 for MNIST) and arm come from the checkpoint.
+        state = read_state_dict(checkpoint)
+        weight = state.get("hidden.0.linear.weight")
+        if weight is not None and weight.dim() == 2:
+            batchnorm = any(k.startswith("hidden.0.bn.") for k in state)
+            return PaperMLP(in_features=int(weight.shape[1]), batchnorm=batchnorm)
+    return factory()
+
+
+def _create_torchvision(name: str):
+    try:
+        import torchvision
+    except ImportError:
+        raise BnfoldError(
+            f"torchvision:{name} needs torchvision, which is not installed: install it, "
+            "or use a sample or module:factory"
+        ) from None
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        raise BnfoldError(
+            f"torchvision has no model {name!r}: see torchvision.models.list_models()"
+        ) from None
+
+
+def _create_from_factory(spec: str):
+    module_name, _, factory_name = spec.rpartition(":")
+    if not module_name or not factory_name:
+        raise BnfoldError(f"cannot read model spec {spec!r}: write module:factory, e.g. mypkg.nets:build")
+    # Like `python -m`, look in the working folder too: `bnfold export --model mynet:build`.
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BnfoldError(
+            f"cannot import {module_name!r} ({exc}): check the name and that it is on PYTHONPATH"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise BnfoldError(
+            f"{module_name!r} has no callable {factory_name!r}: name a function that returns the model"
+        )
+    return factory()
