@@ -1,0 +1,115 @@
+"""A small generic training loop for the sample networks (SGD with momentum, fixed step budget).
+
+Integer y → cross-entropy on class scores; float y shaped like the output → mean squared error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from bnfold.errors import BnfoldError
+from bnfold.train.data import load_dataset
+
+DEFAULT_STEPS = 200
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 0.05
+MOMENTUM = 0.9
+
+
+@dataclass
+class TrainResult:
+    model_name: str
+    checkpoint: str
+    steps: int
+    final_loss: float
+    metric_name: str  # "test_accuracy" or "test_mse"
+    metric: float
+
+
+def train_sample(
+    name: str,
+    data: str,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train the sample network `name` on the .npz `data`; writes OUT_DIR/NAME.pt (state_dict)."""
+    from bnfold.train.files import save_state_dict
+    from bnfold.zoo import SAMPLE_NAMES, create, require_torch
+
+    torch = require_torch()
+    if name not in SAMPLE_NAMES:
+        raise BnfoldError(f"unknown sample {name!r}: choose one of paper, {', '.join(SAMPLE_NAMES)}")
+    if steps < 1 or batch_size < 2 or not lr > 0:
+        raise BnfoldError("use --steps ≥ 1, --batch-size ≥ 2 and a positive --lr")
+    dataset = load_dataset(data)
+    torch.manual_seed(seed)
+    model = create(name)
+    if name == "paper-mlp" and dataset.x_train[0].size != model.in_features:
+        from bnfold.zoo.nets import PaperMLP
+
+        model = PaperMLP(in_features=int(dataset.x_train[0].size))
+    x_train, y_train = torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)
+    x_test, y_test = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
+    loss_fn = _loss_for(torch, model, dataset, x_train[:2], y_train[:2])
+    if batch_size > len(x_train):
+        raise BnfoldError(f"--batch-size {batch_size} exceeds the {len(x_train)} training samples")
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    order = torch.Generator().manual_seed(seed + 1)
+    loss = torch.tensor(float("nan"))
+    for step in range(1, steps + 1):
+        model.train()
+        index = torch.randint(0, len(x_train), (batch_size,), generator=order)
+        loss = loss_fn(model(x_train[index]), y_train[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step)
+    model.eval()
+    if not torch.isfinite(loss):
+        raise BnfoldError(f"training diverged (loss {loss.item()}): lower --lr")
+    with torch.no_grad():
+        output = model(x_test)
+        if dataset.is_classification:
+            metric_name, metric = "test_accuracy", (output.argmax(1) == y_test).double().mean().item()
+        else:
+            metric_name, metric = "test_mse", torch.nn.functional.mse_loss(output, y_test).item()
+    os.makedirs(out_dir, exist_ok=True)
+    path = save_state_dict(model, os.path.join(out_dir, f"{name}.pt"))
+    return TrainResult(name, path, steps, float(loss.item()), metric_name, float(metric))
+
+
+def _loss_for(torch, model, dataset, x, y):
+    """Pick the loss and check the data fits the model, with a message that says how it does not."""
+    model.train()
+    try:
+        with torch.no_grad():
+            output = model(x)
+    except RuntimeError as exc:
+        first = (str(exc).splitlines() or ["error"])[0][:160]
+        raise BnfoldError(
+            f"{dataset.name}: samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): "
+            "reshape x_train/x_test to the model's input"
+        ) from None
+    if dataset.is_classification:
+        classes = output.shape[1] if output.dim() == 2 else 0
+        if output.dim() != 2 or int(dataset.y_train.max()) >= classes or int(dataset.y_train.min()) < 0:
+            raise BnfoldError(
+                f"{dataset.name}: labels must lie in 0..{classes - 1} for this model's output "
+                f"{tuple(output.shape[1:])}: check y_train"
+            )
+        return torch.nn.functional.cross_entropy
+    if tuple(y.shape[1:]) != tuple(output.shape[1:]):
+        raise BnfoldError(
+            f"{dataset.name}: float targets of shape {tuple(y.shape[1:])} do not match the model "
+            f"output {tuple(output.shape[1:])}: give integer labels or targets shaped like the output"
+        )
+    return torch.nn.functional.mse_loss
