@@ -1,0 +1,171 @@
+"""The PyTorch-side commands: export, train, recalibrate. Parse, call the library, print.
+
+torch is imported inside the command bodies only (through the library), so importing this
+module and `bnfold --help` stay torch-free. bnfold/cli.py registers these on the main group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from bnfold.cli_common import console
+from bnfold.errors import BnfoldError
+
+PAPER_TARGET = "paper"
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224)."""
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write dims joined by x, e.g. 1x3x224x224") from None
+    if not dims or any(d < 1 for d in dims):
+        raise click.BadParameter(f"{text!r}: every dim must be at least 1, e.g. 1x3x224x224")
+    return dims
+
+
+def _input_shape_option(ctx, param, value):
+    return None if value is None else parse_input_shape(value)
+
+
+@click.command("export")
+@click.option("--model", "spec", required=True, metavar="NAME|module:factory",
+              help="A sample (bnfold.zoo), module:factory, or torchvision:NAME.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="A state_dict .pt to load.")
+@click.option("--input-shape", callback=_input_shape_option, metavar="DxDx..",
+              help="Input shape with batch, e.g. 1x3x224x224 [the sample's default].")
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch dim symbolic.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.onnx")
+def export_command(spec, checkpoint, input_shape, dynamic_batch, opset, output):
+    """Export a PyTorch model to ONNX with every BatchNorm kept, and check it against torch."""
+    from bnfold.export import export_onnx
+    from bnfold.zoo import create, model_input_shape
+
+    model = create(spec, checkpoint)
+    shape = input_shape or model_input_shape(spec, model)
+    result = export_onnx(model, shape, output, opset=opset, dynamic_batch=dynamic_batch)
+    console.print(
+        f"BatchNorm: {result.bn_modules} modules → {result.bn_nodes} ONNX BatchNormalization nodes "
+        f"(all kept, inference mode)"
+    )
+    console.print(
+        f"parity torch vs ONNX Runtime (optimisation off): max abs error {result.max_abs_error:.3g} "
+        f"({result.max_rel_error:.2g} of output scale), input {'x'.join(map(str, result.input_shape))}"
+        + (" (dynamic batch)" if dynamic_batch else "")
+    )
+    console.print(f"wrote {result.path}")
+
+
+@click.command("train")
+@click.argument("target", metavar="paper|NAME")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--data", default=None, help="'digits' (sklearn 8×8, paper only) or a .npz file "
+              "with x_train, y_train, x_test, y_test.  [paper: digits]")
+@click.option("--steps", type=int, help="Training steps.  [paper: 5000, others: 200]")
+@click.option("--batch-size", type=int, help="Mini-batch size.  [paper: 60, others: 32]")
+@click.option("--lr", type=float, help="Learning rate.  [paper: 0.5 plain SGD, others: 0.05 SGD+momentum]")
+@click.option("--seed", default=0, show_default=True, type=int)
+def train_command(target, out_dir, data, steps, batch_size, lr, seed):
+    """Train a sample network. `paper` reproduces Ioffe & Szegedy 2015 §4.1 (BN vs no BN)."""
+    if target == PAPER_TARGET:
+        _train_paper(out_dir, data or "digits", steps, batch_size, lr, seed)
+    else:
+        _train_sample(target, out_dir, data, steps, batch_size, lr, seed)
+
+
+def _train_paper(out_dir, data, steps, batch_size, lr, seed):
+    from bnfold.train import paper
+
+    steps = paper.DEFAULT_STEPS if steps is None else steps
+    batch_size = paper.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    lr = paper.DEFAULT_LR if lr is None else lr
+    console.print(
+        f"paper-mlp (3×100 sigmoid, BN before each sigmoid) vs the same net without BN: "
+        f"{paper.OPTIMIZER}, lr {lr:g}, batch {batch_size}, {steps} steps, seed {seed}, "
+        f"N(0, {paper.INIT_STD:g}²) init shared by both arms"
+    )
+    with _progress() as bar:
+        tasks = {arm: bar.add_task(f"train {arm}", total=steps, start=False) for arm in paper.ARMS}
+
+        def advance(arm: str, done: int) -> None:
+            bar.start_task(tasks[arm])  # a no-op once started: each arm times its own run
+            bar.update(tasks[arm], completed=done)
+
+        result = paper.run_paper_experiment(
+            out_dir, steps=steps, batch_size=batch_size, data=data, seed=seed, lr=lr,
+            progress=advance,
+        )
+    console.print(f"data: {result.data}")
+    for arm in paper.ARMS:
+        reached = ", ".join(
+            f"{int(t * 100)}% at step {s}" if s is not None else f"{int(t * 100)}% not reached"
+            for t, s in result.steps_to[arm].items()
+        )
+        console.print(f"  {arm:>5}: {reached}; final test accuracy {result.final_accuracy[arm]:.4f}")
+    console.print(f"wrote {result.curve_csv}, {result.curve_png}, {result.checkpoint} "
+                  f"({result.wall_s:.1f} s)")
+
+
+def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
+    from bnfold.train import loop
+
+    if data is None or (data == "digits" and name != "paper-mlp"):
+        raise BnfoldError(f"training {name} needs --data file.npz (x_train, y_train, x_test, y_test)")
+    steps = loop.DEFAULT_STEPS if steps is None else steps
+    with _progress() as bar:
+        task = bar.add_task(f"train {name}", total=steps)
+        result = loop.train_sample(
+            name, data, out_dir, steps=steps,
+            batch_size=loop.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+            lr=loop.DEFAULT_LR if lr is None else lr, seed=seed,
+            progress=lambda done: bar.update(task, completed=done),
+        )
+    console.print(f"{name}: {result.steps} steps, final loss {result.final_loss:.4g}, "
+                  f"{result.metric_name} {result.metric:.4g}")
+    console.print(f"wrote {result.checkpoint}")
+
+
+@click.command("recalibrate")
+@click.option("--model", "spec", required=True, metavar="NAME|module:factory")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A state_dict .pt.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="A .npz with x_train (or x): samples shaped like the model input.")
+@click.option("--batches", default=100, show_default=True, type=int, help="Mini-batches to average.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch sampling.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.pt")
+def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, output):
+    """Re-estimate BatchNorm population statistics (BN paper, Algorithm 2) before folding."""
+    from bnfold.train.data import load_inputs
+    from bnfold.train.files import save_state_dict
+    from bnfold.train.recalibrate import recalibrate_batchnorm, sample_batches
+    from bnfold.zoo import create
+
+    if os.path.abspath(output) == os.path.abspath(checkpoint):
+        raise BnfoldError(f"output {output!r} is the input checkpoint: choose another -o")
+    model = create(spec, checkpoint)
+    x = load_inputs(data)
+    try:
+        result = recalibrate_batchnorm(model, sample_batches(x, batches, batch_size, seed))
+    except RuntimeError as exc:
+        first = (str(exc).splitlines() or ["error"])[0][:160]
+        raise BnfoldError(
+            f"samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): reshape the data"
+        ) from None
+    console.print(f"recalibrated {result.bn_modules} BatchNorm layers over {result.batches} "
+                  f"batches of {result.batch_size} (mean, unbiased variance)")
+    largest = sorted(result.changes.items(), key=lambda kv: -kv[1][0])[:3]
+    for name, (d_mean, d_var) in largest:
+        console.print(f"  {name}: mean |Δ running_mean| {d_mean:.4g}, |Δ running_var| {d_var:.4g}")
+    console.print(f"wrote {save_state_dict(model, output)}")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
