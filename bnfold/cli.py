@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from bnfold.cli_common import BnfoldGroup, console, parse_shapes
 from bnfold.cli_engines import bench_command, build_command
+from bnfold.cli_torch import export_command, recalibrate_command, train_command
 from bnfold.errors import BnfoldError
 
 
@@ -128,6 +129,9 @@ def demo_command(out_dir):
 
 
 # Command modules of their own; each imports its heavy library only inside its commands.
+cli.add_command(export_command, "export")
+cli.add_command(train_command, "train")
+cli.add_command(recalibrate_command, "recalibrate")
 cli.add_command(build_command, "build")
 cli.add_command(bench_command, "bench")
 
