@@ -200,3 +200,25 @@ def _create_from_factory(spec: str):
             f"{module_name!r} has no callable {factory_name!r}: name a function that returns the model"
         )
     return factory()
+
+
+def randomize_batchnorm(model, seed: int = 0):
+    """Give every BN non-trivial statistics and affine terms (seeded), in place; returns `model`.
+
+    A freshly built BN is the identity (mean 0, var 1, γ 1, β 0), so folding it proves little:
+    tests and demos use this to make each fold change the weights.
+    """
+    torch = require_torch()
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _BatchNorm) and module.running_mean is not None:
+                n = module.num_features
+                module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+                if module.affine:
+                    module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                    module.bias.copy_(0.3 * torch.randn(n, generator=generator))
+    return model
