@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from bnfold.errors import BnfoldError
 from bnfold.train.data import load_dataset
 
@@ -101,10 +103,11 @@ def _loss_for(torch, model, dataset, x, y):
         ) from None
     if dataset.is_classification:
         classes = output.shape[1] if output.dim() == 2 else 0
-        if output.dim() != 2 or int(dataset.y_train.max()) >= classes or int(dataset.y_train.min()) < 0:
+        labels = np.concatenate([dataset.y_train.ravel(), dataset.y_test.ravel()])
+        if output.dim() != 2 or dataset.y_train.ndim != 1 or labels.max() >= classes or labels.min() < 0:
             raise BnfoldError(
-                f"{dataset.name}: labels must lie in 0..{classes - 1} for this model's output "
-                f"{tuple(output.shape[1:])}: check y_train"
+                f"{dataset.name}: labels must be 1-D in 0..{classes - 1} for this model's output "
+                f"{tuple(output.shape[1:])}: check y_train and y_test"
             )
         return torch.nn.functional.cross_entropy
     if tuple(y.shape[1:]) != tuple(output.shape[1:]):
