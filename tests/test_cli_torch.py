@@ -1,0 +1,136 @@
+"""export / train / recalibrate through click, on a throwaway BnfoldGroup (error translation included)."""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from bnfold import zoo  # noqa: E402
+from bnfold.cli_common import BnfoldGroup  # noqa: E402
+from bnfold.cli_torch import export_command, recalibrate_command, train_command  # noqa: E402
+
+
+@pytest.fixture
+def cli():
+    @click.group(cls=BnfoldGroup)
+    def group():
+        pass
+
+    for command in (export_command, train_command, recalibrate_command):
+        group.add_command(command)
+    return group
+
+
+def invoke(cli, *args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, fragment: str):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith("error:") and fragment in message
+    assert len(message.splitlines()) == 1, message
+
+
+def test_export_happy_path(cli, tmp_path):
+    out = tmp_path / "r.onnx"
+    result = invoke(cli, "export", "--model", "resnet18", "-o", out, "--dynamic-batch")
+    assert result.exit_code == 0, result.output
+    assert "20 modules → 20 ONNX BatchNormalization nodes" in result.output
+    assert "max abs error" in result.output
+    model = onnx.load(str(out))
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 20
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_export_with_checkpoint_and_shape(cli, tmp_path):
+    checkpoint = tmp_path / "c.pt"
+    torch.save(zoo.randomize_batchnorm(zoo.create("resnet18")).state_dict(), checkpoint)
+    out = tmp_path / "r.onnx"
+    result = invoke(cli, "export", "--model", "resnet18", "--checkpoint", checkpoint,
+                    "--input-shape", "2x3x24x24", "--opset", "13", "-o", out)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 24, 24]
+    assert model.opset_import[0].version == 13
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "resnet18", "--checkpoint", "missing.pt"], "does not exist"),
+        (["--model", "no_such_mod_q:build"], "cannot import 'no_such_mod_q'"),
+        (["--model", "bnfold.errors:BnfoldError"], "not a torch.nn.Module"),
+        (["--model", "resnet18", "--input-shape", "1x7x32x32"], "check --input-shape"),
+        (["--model", "bnfold.zoo.nets:ResNet18"], "pass one with --input-shape"),
+    ],
+)
+def test_export_user_errors_are_one_line(cli, tmp_path, args, fragment):
+    assert_user_error(invoke(cli, "export", *args, "-o", tmp_path / "x.onnx"), fragment)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_wrong_checkpoint_lists_keys(cli, tmp_path):
+    checkpoint = tmp_path / "c.pt"
+    torch.save(zoo.create("conv1d").state_dict(), checkpoint)
+    result = invoke(cli, "export", "--model", "resnet18", "--checkpoint", checkpoint, "-o", tmp_path / "x.onnx")
+    assert_user_error(result, "missing stem.0.weight")
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "--model", "resnet18"],  # no -o
+    ["export", "--model", "resnet18", "--input-shape", "1xax3", "-o", "x.onnx"],
+    ["train"],
+])
+def test_usage_errors_exit_2(cli, args):
+    assert invoke(cli, *args).exit_code == 2
+
+
+def test_train_paper_tiny(cli, tmp_path):
+    result = invoke(cli, "train", "paper", "--steps", "20", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert "lr 0.5" in result.output and "plain SGD" in result.output
+    assert "final test accuracy" in result.output
+    for name in ("curve.csv", "curve.png", "paper-mlp-bn.pt"):
+        assert (tmp_path / "p" / name).is_file()
+
+
+def test_train_sample_needs_npz(cli, tmp_path):
+    assert_user_error(invoke(cli, "train", "conv1d", "--out", tmp_path), "needs --data file.npz")
+    assert_user_error(invoke(cli, "train", "alexnet", "--data", "x.npz", "--out", tmp_path),
+                      "unknown sample 'alexnet'")
+    assert_user_error(invoke(cli, "train", "conv1d", "--data", tmp_path / "x.npz", "--out", tmp_path),
+                      "does not exist")
+
+
+def test_train_sample_and_recalibrate(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=3 + rng.standard_normal((64, 4, 64)), y_train=rng.integers(0, 10, 64),
+             x_test=rng.standard_normal((8, 4, 64)), y_test=rng.integers(0, 10, 8))
+    result = invoke(cli, "train", "conv1d", "--data", data, "--out", tmp_path, "--steps", "3",
+                    "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    checkpoint = tmp_path / "conv1d.pt"
+    assert checkpoint.is_file()
+
+    out = tmp_path / "recal.pt"
+    result = invoke(cli, "recalibrate", "--model", "conv1d", "--checkpoint", checkpoint,
+                    "--data", data, "--batches", "4", "--batch-size", "16", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "recalibrated 3 BatchNorm layers over 4 batches of 16" in result.output
+    before = zoo.create("conv1d", str(checkpoint)).features[1].running_mean
+    after = zoo.create("conv1d", str(out)).features[1].running_mean
+    assert not torch.allclose(before, after)
+
+    assert_user_error(invoke(cli, "recalibrate", "--model", "conv1d", "--checkpoint", checkpoint,
+                             "--data", data, "-o", checkpoint), "is the input checkpoint")
+    assert_user_error(invoke(cli, "recalibrate", "--model", "resnet18", "--checkpoint", out,
+                             "--data", data, "-o", tmp_path / "y.pt"), "does not fit the model")
