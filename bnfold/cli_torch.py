@@ -70,7 +70,11 @@ def export_command(spec, checkpoint, input_shape, dynamic_batch, opset, output):
 @click.option("--lr", type=float, help="Learning rate.  [paper: 0.5 plain SGD, others: 0.05 SGD+momentum]")
 @click.option("--seed", default=0, show_default=True, type=int)
 def train_command(target, out_dir, data, steps, batch_size, lr, seed):
-    """Train a sample network. `paper` reproduces Ioffe & Szegedy 2015 §4.1 (BN vs no BN)."""
+    """Train a sample network; `paper` reproduces the BN paper §4.1 (BN vs no BN).
+
+    `bnfold train paper --out DIR` trains Ioffe & Szegedy 2015's sigmoid MLP with and without
+    BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample and writes DIR/NAME.pt.
+    """
     if target == PAPER_TARGET:
         _train_paper(out_dir, data or "digits", steps, batch_size, lr, seed)
     else:
