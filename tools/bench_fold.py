@@ -361,6 +361,18 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _source_revision() -> str:
+    """The checkout this bench (and an editable bnfold) ran from, as bnfold keeps changing."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = subprocess.run(["git", "-C", repo, "log", "-1", "--format=%h %cI"],
+                           capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "-uno", "--", "bnfold"],
+                           capture_output=True, text=True).stdout.strip()
+    if found.returncode != 0:
+        return "not a git checkout"
+    return f"checkout {found.stdout.strip()}" + (" (bnfold/ has local edits)" if dirty else "")
+
+
 def available_tools(names: list[str] | None) -> tuple[list[Tool], dict[str, str]]:
     chosen = [t for t in TOOLS if names is None or t.kind == "floor" or t.name.split()[0] in names]
     ready, missing = [], {}
@@ -397,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no .onnx files in {args.models}")
     tools, missing = available_tools(args.tools)
     print(f"python {sys.executable} ({sys.version.split()[0]}), {os.cpu_count()} CPUs, "
-          f"repeat {args.repeat}, warmup {args.warmup}", flush=True)
+          f"repeat {args.repeat}, warmup {args.warmup}, {_source_revision()}", flush=True)
     for name, why in missing.items():
         print(f"{name}: {why}", flush=True)
 
