@@ -196,7 +196,7 @@ def comparison_models(path: str, compare: tuple[str, ...] = ()) -> list[tuple[st
         return models
     if not any(node.op_type == "BatchNormalization" for node in model.graph.node):
         return [(os.path.basename(path), model)]
-    from bnfold.fold.api import fold
+    from bnfold.folding.api import fold
 
     folded = fold(model).model
     return [("original", model), ("folded", folded)]

@@ -64,7 +64,7 @@ def _write_json(path: str, data: dict) -> None:
 def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, seed, runs,
                  atol, rtol, shapes, inputs_path):
     """Fold every foldable BatchNormalization in MODEL and write the result."""
-    from bnfold.fold.api import fold_file
+    from bnfold.folding.api import fold_file
     from bnfold.report_view import render_fold_report, render_verification
 
     options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
@@ -94,7 +94,7 @@ def verify_command(reference, candidate, json_path, ground_truth, seed, runs, at
                    inputs_path):
     """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not)."""
     from bnfold.report_view import render_verification
-    from bnfold.verify import verify
+    from bnfold.verification import verify
 
     result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
                     rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth)
@@ -110,7 +110,7 @@ def verify_command(reference, candidate, json_path, ground_truth, seed, runs, at
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 def inspect_command(model, json_path):
     """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
-    from bnfold.fold.api import fold
+    from bnfold.folding.api import fold
     from bnfold.report_view import render_fold_report
 
     result = fold(model)

@@ -11,7 +11,7 @@ from bnfold.errors import BnfoldError
 
 
 def run_demo(out_dir: str, console: Console) -> None:
-    from bnfold.fold.api import fold_file
+    from bnfold.folding.api import fold_file
     from bnfold.io import save_model, write_text_atomic
     from bnfold.report_view import render_fold_report, render_verification
     from bnfold.sample_model import build_sample_model

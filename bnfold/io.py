@@ -174,7 +174,7 @@ def save_model(
     External data (one `<name>.data` file beside the model) is used when asked, or by default
     when the model would not fit in one protobuf (2 GiB). `accept(staged_path)` can inspect the
     fully written file before it is moved into place (e.g. to verify it) and veto the write.
-    `overrides` (bnfold.fold.graph.PendingTensors) are new initializer values to write in place
+    `overrides` (bnfold.folding.graph.PendingTensors) are new initializer values to write in place
     of the model's own.
     """
     path = os.path.abspath(os.fspath(path))

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bnfold.fold.report import FOLDED, LOWERED, FoldReport
+from bnfold.folding.report import FOLDED, LOWERED, FoldReport
 
 _STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
 

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.fold import math as fold_math
+from bnfold.folding import math as fold_math
 from bnfold.precision import bfloat16_bits_to_float32, float32_to_bfloat16_bits, range_problem
 
 SETTINGS = settings(max_examples=60, deadline=None)

@@ -342,9 +342,12 @@ def test_sample_model_report():
     assert_same_outputs(m, result.model, feed)
 
 
-def test_fold_function_is_not_shadowed_by_the_fold_subpackage():
+def test_fold_function_and_its_modules_are_both_reachable():
     import importlib
 
-    importlib.import_module("bnfold.fold.math")
-    importlib.import_module("bnfold.fold.report")
+    math_module = importlib.import_module("bnfold.folding.math")
+    import bnfold.folding.report as report_module  # `import a.b.c as x` walks attributes
+
     assert callable(bnfold.fold) and bnfold.fold.__name__ == "fold"
+    assert callable(bnfold.verify) and bnfold.verify.__name__ == "verify"
+    assert hasattr(math_module, "bn_scale_shift") and hasattr(report_module, "FoldReport")

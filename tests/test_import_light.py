@@ -82,11 +82,11 @@ def test_verify_loads_onnxruntime_only_when_run():
 
 
 def test_bnfold_verify_stays_the_function_after_its_module_is_imported():
-    # fold_file imports bnfold.verify (the module) lazily; that must not replace bnfold.verify
-    # (the function) on the package, as happened once with bnfold.fold.
+    # fold_file imports bnfold.verification lazily; that must never replace bnfold.verify (the
+    # function) on the package, as happened once when the module shared the function's name.
     body = """
     import bnfold
-    import bnfold.verify
+    import bnfold.verification
     assert callable(bnfold.verify), bnfold.verify
     """
     assert loaded_heavy(body) == []

@@ -370,7 +370,7 @@ def test_fold_file_keeps_external_data_and_leaves_input_untouched(external_model
     assert data_files
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
     onnx.checker.check_model(folded)
-    assert bnfold.verify(external_model, out).ok  # fold_file imported the bnfold.verify module
+    assert bnfold.verify(external_model, out).ok  # fold_file imported the bnfold.verification module
     assert {p: sha256(p) for p in hashes} == hashes
 
 

@@ -6,9 +6,9 @@ import os
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.fold.engine import fold_model
-from bnfold.fold.graph import PendingTensors
-from bnfold.fold.report import FoldReport
+from bnfold.folding.engine import fold_model
+from bnfold.folding.graph import PendingTensors
+from bnfold.folding.report import FoldReport
 from bnfold.io import external_data_name, load_model, load_model_info, save_model
 
 
@@ -99,7 +99,7 @@ def fold_file(
     def accept(staged_path: str) -> bool:
         if not verify:
             return True
-        from bnfold.verify import verify as run_verify
+        from bnfold.verification import verify as run_verify
 
         outcome = run_verify(input_path, staged_path, **(verify_options or {}))
         result.report.verification = outcome.to_dict()

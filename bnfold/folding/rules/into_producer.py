@@ -10,8 +10,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import (
+from bnfold.folding.graph import GraphView
+from bnfold.folding.rules.common import (
     ChannelAffine,
     Match,
     apply_plan,

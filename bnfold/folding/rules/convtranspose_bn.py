@@ -7,10 +7,10 @@ W'[gi, :, j] = W[gi, :, j]·s[gi·(Cout/g) + j],  b' = b·s + t.
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, compute_dtype
-from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView
+from bnfold.folding.rules.common import ConstantUpdate, Match, attribute, compute_dtype
+from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
 class ConvTransposeBnRule(IntoProducerRule):

@@ -6,10 +6,10 @@ with op(B') = diag(s)·op(B). With transA=1 the BN channels are Gemm's output ro
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView, node_label
-from bnfold.fold.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
-from bnfold.fold.rules.common import (
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
+from bnfold.folding.rules.common import (
     ConstantUpdate,
     Match,
     attribute,
@@ -17,7 +17,7 @@ from bnfold.fold.rules.common import (
     compute_dtype,
     plan_problem,
 )
-from bnfold.fold.rules.into_producer import constant_or_reason
+from bnfold.folding.rules.into_producer import constant_or_reason
 
 
 class BnGemmRule:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView, node_label
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView, node_label
 from bnfold.precision import ONNX_DTYPE_NAME, float32_to_bfloat16_bits, range_problem
 
 DEFAULT_EPSILON = 1e-5

@@ -7,9 +7,9 @@ Then X·B (+ c) → BN becomes Gemm(X, B', c') with B' = B·s (columns) and c' =
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView, node_label
-from bnfold.fold.rules.common import (
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.rules.common import (
     ConstantUpdate,
     Match,
     apply_plan,
@@ -17,7 +17,7 @@ from bnfold.fold.rules.common import (
     compute_dtype,
     plan_problem,
 )
-from bnfold.fold.rules.into_producer import constant_or_reason, per_channel_vector
+from bnfold.folding.rules.into_producer import constant_or_reason, per_channel_vector
 
 
 class MatMulBnRule:

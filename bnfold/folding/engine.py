@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.fold.graph import (
+from bnfold.folding.graph import (
     Constant,
     GraphView,
     NameAllocator,
@@ -15,9 +15,9 @@ from bnfold.fold.graph import (
     node_label,
     subgraphs,
 )
-from bnfold.fold.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
-from bnfold.fold.rules import FOLD_RULES, LOWER_RULES
-from bnfold.fold.rules.common import batchnorm_affine
+from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
+from bnfold.folding.rules import FOLD_RULES, LOWER_RULES
+from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")

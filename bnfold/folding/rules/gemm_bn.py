@@ -7,10 +7,10 @@ B' = B·s over its N axis (columns when transB=0, rows when transB=1), C' = C·s
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match, attribute, compute_dtype
-from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView
+from bnfold.folding.rules.common import ConstantUpdate, Match, attribute, compute_dtype
+from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
 class GemmBnRule(IntoProducerRule):

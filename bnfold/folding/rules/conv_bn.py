@@ -6,10 +6,10 @@ bias:  W'[o] = W[o]·s[o],  b'[o] = b[o]·s[o] + t[o]  with s = γ/√(σ²+ε),
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView
-from bnfold.fold.rules.common import ConstantUpdate, Match, compute_dtype
-from bnfold.fold.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView
+from bnfold.folding.rules.common import ConstantUpdate, Match, compute_dtype
+from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
 
 
 class ConvBnRule(IntoProducerRule):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.fold.graph import GraphView, fill_tensor
-from bnfold.fold.rules.common import (
+from bnfold.folding.graph import GraphView, fill_tensor
+from bnfold.folding.rules.common import (
     ConstantUpdate,
     Match,
     batchnorm_affine,

@@ -7,9 +7,9 @@ A zero-padded Conv is not exact: the padding zeros would skip the shift t.
 
 from __future__ import annotations
 
-from bnfold.fold import math as fold_math
-from bnfold.fold.graph import GraphView, node_label
-from bnfold.fold.rules.common import (
+from bnfold.folding import math as fold_math
+from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.rules.common import (
     ConstantUpdate,
     Match,
     apply_plan,
@@ -18,7 +18,7 @@ from bnfold.fold.rules.common import (
     compute_dtype,
     plan_problem,
 )
-from bnfold.fold.rules.into_producer import constant_or_reason
+from bnfold.folding.rules.into_producer import constant_or_reason
 
 
 def consumer_match(view: GraphView, index: int, op_type: str) -> Match | None:
