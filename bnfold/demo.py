@@ -1,7 +1,13 @@
-"""`bnfold demo`: the main job on a built-in model — build, fold, verify, report, bench."""
+"""`bnfold demo`: the main job on built-in models — export, fold, verify, report, bench.
+
+1. the built-in ONNX sample, which exercises every fold direction and one BN that cannot fold;
+2. with torch installed, a ResNet-18-style PyTorch network exported with its BNs kept;
+3. original vs folded latency, side by side, on the best engine present.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 from rich.console import Console
@@ -11,48 +17,79 @@ from bnfold.errors import BnfoldError
 
 
 def run_demo(out_dir: str, console: Console) -> None:
-    from bnfold.folding.api import fold_file
-    from bnfold.io import save_model, write_text_atomic
-    from bnfold.report_view import render_fold_report, render_verification
+    from bnfold.io import save_model
     from bnfold.sample_model import build_sample_model
 
     os.makedirs(out_dir, exist_ok=True)
-    original = os.path.join(out_dir, "sample.onnx")
-    folded = os.path.join(out_dir, "sample.folded.onnx")
-    save_model(build_sample_model(), original)
-    console.print(f"[bold]1. built[/] the sample BN network → {escape(original)}")
-    result = fold_file(original, folded, verify=True, verify_options={"runs": 3})
-    console.print("[bold]2. folded[/] and [bold]3. verified[/] it:")
-    render_fold_report(result.report, console, title="bnfold fold sample.onnx")
+    sample = os.path.join(out_dir, "sample.onnx")
+    save_model(build_sample_model(), sample)
+    console.rule("[bold]1. the built-in sample: every fold pattern, and one BN that cannot fold")
+    console.print(f"built {escape(sample)}")
+    sample_folded = _fold_and_verify(sample, out_dir, console)
+
+    console.rule("[bold]2. a PyTorch network, exported with every BatchNorm kept")
+    exported = _export_torch_sample(out_dir, console)
+    if exported is not None:
+        bench_pair = (exported, _fold_and_verify(exported, out_dir, console))
+        shape = (8, 3, 64, 64)
+    else:
+        bench_pair, shape = (sample, sample_folded), (8, 3, 32, 32)
+
+    console.rule("[bold]3. latency, original vs folded, side by side")
+    _bench(*bench_pair, shape, out_dir, console)
+
+
+def _fold_and_verify(path: str, out_dir: str, console: Console) -> str:
+    from bnfold.folding.api import default_output_path, fold_file
+    from bnfold.io import write_text_atomic
+    from bnfold.report_view import render_fold_report, render_verification
+
+    folded = default_output_path(path)
+    result = fold_file(path, folded, verify=True, verify_options={"runs": 3})
+    render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(path)}")
     render_verification(result.report.verification, console)
-    import json
-
-    write_text_atomic(
-        os.path.join(out_dir, "report.json"),
-        json.dumps(result.report.to_dict(), indent=2, default=float) + "\n",
-    )
+    report_path = os.path.splitext(folded)[0] + ".report.json"
+    write_text_atomic(report_path, json.dumps(result.report.to_dict(), indent=2, default=float) + "\n")
     if result.output_path is None:
-        raise BnfoldError("the folded sample did not verify: this is a bnfold bug, please report it")
-    console.print(f"wrote {escape(folded)} and {escape(os.path.join(out_dir, 'report.json'))}")
-    _bench(original, folded, out_dir, console)
+        raise BnfoldError(f"the folded {path} did not verify: this is a bnfold bug, please report it")
+    console.print(f"wrote {escape(folded)} and {escape(report_path)}")
+    return folded
 
 
-def _bench(original: str, folded: str, out_dir: str, console: Console) -> None:
-    """4. Original vs folded, side by side, on the best engine present."""
-    import json
+def _export_torch_sample(out_dir: str, console: Console) -> str | None:
+    """Export zoo resnet18 (with seeded, non-trivial BN statistics); None without torch."""
+    try:
+        import torch  # noqa: F401  (only probing whether the extra is installed)
+    except ImportError:
+        console.print("[dim]torch is not installed (pip install 'bnfold[torch]'): skipped[/]")
+        return None
+    from bnfold.export import export_onnx
+    from bnfold.zoo import create, randomize_batchnorm
 
+    model = randomize_batchnorm(create("resnet18"), seed=0)
+    path = os.path.join(out_dir, "resnet18.onnx")
+    exported = export_onnx(model, (1, 3, 64, 64), path, dynamic_batch=True)
+    console.print(
+        f"exported {escape(path)}: {exported.bn_nodes} BatchNormalization nodes kept for "
+        f"{exported.bn_modules} BatchNorm modules; torch vs ONNX Runtime max relative error "
+        f"{exported.max_rel_error:.2g}"
+    )
+    return path
+
+
+def _bench(original: str, folded: str, shape, out_dir: str, console: Console) -> None:
     from bnfold.bench import bench_models
     from bnfold.bench_view import render
     from bnfold.engines import best_available
     from bnfold.io import write_text_atomic
 
     engine, why = best_available()
-    console.print(f"[bold]4. bench[/] on [bold]{engine}[/]: {escape(why)}")
+    console.print(f"engine [bold]{engine}[/]: {escape(why)}")
     result = bench_models(
         [("original", original), ("folded", folded)], engine,
-        shapes={"input": (8, 3, 32, 32)}, runs=200, min_time=1.0,
+        shapes={"input": shape}, runs=200, min_time=1.0,
     )
     render(result, console)
-    write_text_atomic(
-        os.path.join(out_dir, "bench.json"), json.dumps(result.to_dict(), indent=2, default=float) + "\n"
-    )
+    bench_path = os.path.join(out_dir, "bench.json")
+    write_text_atomic(bench_path, json.dumps(result.to_dict(), indent=2, default=float) + "\n")
+    console.print(f"wrote {escape(bench_path)}")
