@@ -45,6 +45,32 @@ def _widen_graph(graph: onnx.GraphProto) -> None:
                     _widen_graph(sub)
 
 
+def _grouped_conv_transpose():
+    """onnx.reference's ConvTranspose slices grouped weights along the wrong axis (weights are
+    [Cin, Cout/g, k…]) and adds the whole bias to every group; run each group on its own."""
+    from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
+
+    class ConvTranspose(ReferenceConvTranspose):
+        op_domain = ""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None,
+                 kernel_shape=None, output_padding=None, output_shape=None, pads=None,
+                 strides=None):
+            attrs = dict(auto_pad=auto_pad, dilations=dilations, kernel_shape=kernel_shape,
+                         output_padding=output_padding, output_shape=output_shape, pads=pads,
+                         strides=strides)
+            group = group or 1
+            per_in, per_out = X.shape[1] // group, W.shape[1]
+            outputs = []
+            for g in range(group):
+                bias = None if B is None else B[g * per_out:(g + 1) * per_out]
+                rows = slice(g * per_in, (g + 1) * per_in)
+                outputs.append(super()._run(X[:, rows], W[rows], bias, group=1, **attrs)[0])
+            return (np.concatenate(outputs, axis=1),)
+
+    return ConvTranspose
+
+
 def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of `model` computed in float64 on `feed` (float32 inputs are widened)."""
     from onnx.reference import ReferenceEvaluator
@@ -54,7 +80,7 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dic
         for name, value in feed.items()
     }
     try:
-        evaluator = ReferenceEvaluator(to_float64(model))
+        evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_grouped_conv_transpose()])
         names = [o.name for o in model.graph.output]
         values = evaluator.run(names, wide_feed)
     except Exception as exc:  # the reference evaluator raises anything from numpy
