@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.io_stream import write_model
+from bnfold.io_stream import WireError, read_model, write_model
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -64,15 +64,27 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]
 
 
 def _parse_file(path: str) -> onnx.ModelProto:
-    """Parse straight from a read-only memory map: no second in-memory copy of the file.
+    """Parse straight from a read-only memory map, dropping pages as they are consumed.
 
-    upb copies what it parses, so the map can close right after.
+    upb copies what it parses, so consumed pages can go (MADV_DONTNEED) and the file and the
+    parsed model are never resident in full at the same time.
     """
-    model = onnx.ModelProto()
+    page = mmap.PAGESIZE
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        released = 0
+
+        def release(end: int) -> None:
+            nonlocal released
+            upto = end - end % page
+            if upto - released >= 16 * 2**20 and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                released = upto
+
         with memoryview(mapped) as view:
-            model.ParseFromString(view)
-    return model
+            try:
+                return read_model(view, release)
+            except WireError as exc:
+                raise DecodeError(str(exc)) from None
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -116,3 +116,85 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> Non
         handle.write(raw)
     handle.write(after)
     handle.write(_serialized_fields(model, above=graph_number))
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise WireError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: memoryview, start: int, end: int):
+    """(field number, start of the field's tag, start of its payload, end) for each field."""
+    pos = start
+    while pos < end:
+        tag_start = pos
+        key, pos = _read_varint(data, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(data, pos, end)
+            payload = pos
+        elif wire == 1:
+            payload, pos = pos, pos + 8
+        elif wire == 2:
+            length, payload = _read_varint(data, pos, end)
+            pos = payload + length
+        elif wire == 5:
+            payload, pos = pos, pos + 4
+        else:
+            raise WireError(f"unsupported wire type {wire}")
+        if pos > end or number == 0:
+            raise WireError("field runs past the end of its message")
+        yield number, tag_start, payload, pos
+
+
+def read_model(data: memoryview, release=None) -> onnx.ModelProto:
+    """Parse a ModelProto from `data`, the main graph's initializers one at a time.
+
+    `release(end)` is called as parsing moves past byte `end`, so the caller can drop the
+    source pages already consumed (a memory map's) and never hold the file and the parsed
+    model in full at once. Equal to `ModelProto.FromString(data)`.
+    """
+    model = onnx.ModelProto()
+    graph_number = model.DESCRIPTOR.fields_by_name["graph"].number
+    initializer_number = model.graph.DESCRIPTOR.fields_by_name["initializer"].number
+    pending_start = None  # start of a run of fields merged into `model` in one call
+    end = len(data)
+    for number, tag_start, payload, field_end in _fields(data, 0, end):
+        if number != graph_number:
+            pending_start = tag_start if pending_start is None else pending_start
+            continue
+        if pending_start is not None:
+            model.MergeFromString(data[pending_start:tag_start])
+            pending_start = None
+        graph = model.graph
+        run_start = None
+        for inner, inner_tag, inner_payload, inner_end in _fields(data, payload, field_end):
+            if inner != initializer_number:
+                run_start = inner_tag if run_start is None else run_start
+                continue
+            if run_start is not None:
+                graph.MergeFromString(data[run_start:inner_tag])
+                run_start = None
+            graph.initializer.add().ParseFromString(data[inner_payload:inner_end])
+            if release is not None:
+                release(inner_end)
+        if run_start is not None:
+            graph.MergeFromString(data[run_start:field_end])
+    if pending_start is not None:
+        model.MergeFromString(data[pending_start:end])
+    return model
