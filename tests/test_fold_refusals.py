@@ -206,3 +206,18 @@ def test_lowering_refused_when_rank_is_unknown():
     m.graph.output[0].type.tensor_type.ClearField("shape")
     result = bnfold.fold(m, lower_standalone=True)
     assert result.report.kept and "not lowered" in result.report.kept[0].reasons[-1]
+
+
+@pytest.mark.parametrize("bn_first", [False, True])
+def test_conv_bias_computed_at_run_time_is_refused(bn_first):
+    r = rng(0)
+    weight = tensor("W", r.standard_normal((4, 3, 1, 1)))
+    if bn_first:
+        nodes = [bn_node("x", "n"), helper.make_node("Conv", ["n", "W", "b_in"], ["y"], name="conv")]
+        params = bn_params("bn", 3)
+    else:
+        nodes = [helper.make_node("Conv", ["x", "W", "b_in"], ["c"], name="conv"), bn_node("c", "y")]
+        params = bn_params("bn", 4)
+    m = model(nodes, [("x", [2, 3, 6, 6]), ("b_in", [4])], [("y", None)], [weight, *params])
+    feed = dict(FEED, b_in=r.standard_normal(4).astype(np.float32))
+    fold_refused(m, feed, "Conv bias 'b_in' is a graph input")

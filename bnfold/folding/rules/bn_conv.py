@@ -18,7 +18,7 @@ from bnfold.folding.rules.common import (
     compute_dtype,
     plan_problem,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason
+from bnfold.folding.rules.into_producer import constant_or_reason, optional_constant
 
 
 def consumer_match(view: GraphView, index: int, op_type: str) -> Match | None:
@@ -65,11 +65,9 @@ class BnConvRule:
                 f"{label} takes {weight.shape[1] * group} input channels but the BN has "
                 f"{affine.scale.shape[0]}"
             )
-        bias = None
-        if len(conv.input) > 2 and conv.input[2]:
-            bias = constant_or_reason(view, conv.input[2], "Conv bias")
-            if isinstance(bias, str):
-                return bias
+        bias = optional_constant(view, conv, 2, "Conv bias", shape=(weight.shape[0],))
+        if isinstance(bias, str):
+            return bias
         match.affine = affine
         elem = view.constant_dtype(conv.input[1])
         new_weight, new_bias = fold_math.conv_input_fold(

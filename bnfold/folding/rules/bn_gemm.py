@@ -17,7 +17,7 @@ from bnfold.folding.rules.common import (
     compute_dtype,
     plan_problem,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason
+from bnfold.folding.rules.into_producer import constant_or_reason, optional_constant
 
 
 class BnGemmRule:
@@ -45,11 +45,9 @@ class BnGemmRule:
         k = b.shape[1] if trans_b else b.shape[0]
         if k != affine.scale.shape[0]:
             return f"{label} takes {k} input features but the BN has {affine.scale.shape[0]}"
-        c = None
-        if len(gemm.input) > 2 and gemm.input[2]:
-            c = constant_or_reason(view, gemm.input[2], "Gemm C")
-            if isinstance(c, str):
-                return c
+        c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
+        if isinstance(c, str):
+            return c
         alpha = float(attribute(gemm, "alpha", 1.0))
         beta = float(attribute(gemm, "beta", 1.0))
         match.affine = affine

@@ -9,7 +9,11 @@ from __future__ import annotations
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import ConstantUpdate, Match, compute_dtype
-from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding.rules.into_producer import (
+    IntoProducerRule,
+    constant_or_reason,
+    optional_constant,
+)
 
 
 class ConvBnRule(IntoProducerRule):
@@ -31,13 +35,9 @@ class ConvBnRule(IntoProducerRule):
     def plan(self, view: GraphView, match: Match) -> str | None:
         conv = view.nodes[match.target_index]
         weight = match.extra["weight"]
-        bias = None
-        if len(conv.input) > 2 and conv.input[2]:
-            bias = constant_or_reason(view, conv.input[2], "Conv bias")
-            if isinstance(bias, str):
-                return bias
-            if bias.shape != (weight.shape[0],):
-                return f"Conv bias has shape {list(bias.shape)}, expected [{weight.shape[0]}]"
+        bias = optional_constant(view, conv, 2, "Conv bias", shape=(weight.shape[0],))
+        if isinstance(bias, str):
+            return bias
         affine = match.affine
         elem = view.constant_dtype(conv.input[1])
         new_weight, new_bias = fold_math.conv_output_fold(

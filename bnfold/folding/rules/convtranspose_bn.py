@@ -10,7 +10,11 @@ from __future__ import annotations
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import ConstantUpdate, Match, attribute, compute_dtype
-from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding.rules.into_producer import (
+    IntoProducerRule,
+    constant_or_reason,
+    optional_constant,
+)
 
 
 class ConvTransposeBnRule(IntoProducerRule):
@@ -34,13 +38,9 @@ class ConvTransposeBnRule(IntoProducerRule):
         node = view.nodes[match.target_index]
         weight, group = match.extra["weight"], match.extra["group"]
         channels = group * weight.shape[1]
-        bias = None
-        if len(node.input) > 2 and node.input[2]:
-            bias = constant_or_reason(view, node.input[2], "ConvTranspose bias")
-            if isinstance(bias, str):
-                return bias
-            if bias.shape != (channels,):
-                return f"ConvTranspose bias has shape {list(bias.shape)}, expected [{channels}]"
+        bias = optional_constant(view, node, 2, "ConvTranspose bias", shape=(channels,))
+        if isinstance(bias, str):
+            return bias
         affine = match.affine
         elem = view.constant_dtype(node.input[1])
         new_weight, new_bias = fold_math.conv_transpose_output_fold(

@@ -10,7 +10,11 @@ from __future__ import annotations
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import ConstantUpdate, Match, attribute, compute_dtype
-from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding.rules.into_producer import (
+    IntoProducerRule,
+    constant_or_reason,
+    optional_constant,
+)
 
 
 class GemmBnRule(IntoProducerRule):
@@ -31,13 +35,9 @@ class GemmBnRule(IntoProducerRule):
     def plan(self, view: GraphView, match: Match) -> str | None:
         gemm = view.nodes[match.target_index]
         b, trans_b = match.extra["b"], match.extra["trans_b"]
-        c = None
-        if len(gemm.input) > 2 and gemm.input[2]:
-            c = constant_or_reason(view, gemm.input[2], "Gemm C")
-            if isinstance(c, str):
-                return c
-            if c.ndim > 2:
-                return f"Gemm C has rank {c.ndim}"
+        c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
+        if isinstance(c, str):
+            return c
         beta = float(attribute(gemm, "beta", 1.0))
         affine = match.affine
         elem = view.constant_dtype(gemm.input[1])

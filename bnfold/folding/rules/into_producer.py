@@ -120,3 +120,25 @@ def per_channel_vector(values: np.ndarray, channels: int, rank: int) -> np.ndarr
 def constant_or_reason(view: GraphView, name: str, role: str) -> np.ndarray | str:
     reason = view.non_constant_reason(name, role)
     return reason if reason else view.constant_array(name)
+
+
+def optional_constant(
+    view: GraphView,
+    node,
+    slot: int,
+    role: str,
+    shape: tuple[int, ...] | None = None,
+    max_rank: int | None = None,
+) -> np.ndarray | str | None:
+    """Optional input `slot` (a bias, Gemm's C): None when absent, else its constant value,
+    or why it cannot be used (computed at run time, wrong shape or rank)."""
+    if len(node.input) <= slot or not node.input[slot]:
+        return None
+    value = constant_or_reason(view, node.input[slot], role)
+    if isinstance(value, str):
+        return value
+    if shape is not None and value.shape != shape:
+        return f"{role} has shape {list(value.shape)}, expected {list(shape)}"
+    if max_rank is not None and value.ndim > max_rank:
+        return f"{role} has rank {value.ndim}"
+    return value
