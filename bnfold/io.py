@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io_stream import WireError, read_model, write_model
@@ -88,8 +87,35 @@ def _parse_file(path: str) -> onnx.ModelProto:
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
-    yield from external_data_helper._get_all_tensors(model)
+    """Every tensor of the model: initializers (sparse ones too), tensor attributes,
+    subgraphs and functions included — everything that can point at external data."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+        for sparse in attr.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) -> set[str]:
@@ -214,8 +240,9 @@ def save_model(
                 write_model(model, handle, overrides)
         if accept is not None and not accept(staged):
             return False
-        if external_data:
-            os.replace(os.path.join(staging, data_name), os.path.join(folder, data_name))
+        staged_data = os.path.join(staging, data_name)
+        if external_data and os.path.getsize(staged_data) > 0:
+            os.replace(staged_data, os.path.join(folder, data_name))
         os.replace(staged, path)
         return True
     except OSError as exc:

@@ -49,30 +49,27 @@ def _serialized_fields(source, below: int | None = None, above: int | None = Non
     return target.SerializeToString()
 
 
-def _tensor_header(tensor: onnx.TensorProto, override=None) -> bytes | None:
-    """The tensor serialised without raw_data, or None when it is not a plain raw tensor.
-
-    `override` (array, elem_type) replaces the tensor's dims, type and data.
-    """
+def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, bytes] | None:
+    """The tensor's fields before and after raw_data (field 9), serialised, or None when it is
+    not a plain raw tensor. `override` (array, elem_type) replaces dims, type and data."""
     if override is None and (
         not tensor.HasField("raw_data") or any(len(getattr(tensor, f)) for f in _TYPED_DATA)
     ):
         return None
-    header = onnx.TensorProto()
-    if override is None:
-        header.dims.extend(tensor.dims)
-        header.data_type = tensor.data_type
-    else:
-        header.dims.extend(override[0].shape)
-        header.data_type = override[1]
-    for name in ("name", "doc_string", "data_location"):
-        if tensor.HasField(name):
-            setattr(header, name, getattr(tensor, name))
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    before.dims.extend(tensor.dims if override is None else override[0].shape)
+    before.data_type = tensor.data_type if override is None else override[1]
     if tensor.HasField("segment"):
-        header.segment.CopyFrom(tensor.segment)
-    header.external_data.extend(tensor.external_data)
-    header.metadata_props.extend(tensor.metadata_props)
-    return header.SerializeToString()
+        before.segment.CopyFrom(tensor.segment)
+    if tensor.HasField("name"):
+        before.name = tensor.name
+    if tensor.HasField("doc_string"):
+        after.doc_string = tensor.doc_string
+    after.external_data.extend(tensor.external_data)
+    if tensor.HasField("data_location"):
+        after.data_location = tensor.data_location
+    after.metadata_props.extend(tensor.metadata_props)
+    return before.SerializeToString(), after.SerializeToString()
 
 
 def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> None:
@@ -90,7 +87,7 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> Non
     before = _serialized_fields(graph, below=initializer_number)
     after = _serialized_fields(graph, above=initializer_number)
     # First pass: exact sizes (each raw_data read is a transient copy of one tensor).
-    plan: list[tuple[onnx.TensorProto, bytes | None, int, memoryview | None]] = []
+    plan: list[tuple[onnx.TensorProto, tuple[bytes, bytes] | None, int, memoryview | None]] = []
     graph_size = len(before) + len(after)
     for tensor in graph.initializer:
         override = overrides.get(tensor.name) if overrides else None
@@ -100,7 +97,8 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> Non
             size = len(tensor.SerializeToString())
         else:
             raw_size = len(tensor.raw_data) if data is None else data.nbytes
-            size = len(header) + len(_RAW_DATA_TAG) + len(varint(raw_size)) + raw_size
+            size = len(header[0]) + len(_RAW_DATA_TAG) + len(varint(raw_size)) + raw_size
+            size += len(header[1])
         plan.append((tensor, header, size, data))
         graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
     handle.write(_serialized_fields(model, below=graph_number))
@@ -112,8 +110,9 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> Non
             handle.write(tensor.SerializeToString())
             continue
         raw = tensor.raw_data if data is None else data
-        handle.write(header + _RAW_DATA_TAG + varint(len(raw) if data is None else data.nbytes))
+        handle.write(header[0] + _RAW_DATA_TAG + varint(len(raw) if data is None else data.nbytes))
         handle.write(raw)
+        handle.write(header[1])
     handle.write(after)
     handle.write(_serialized_fields(model, above=graph_number))
 

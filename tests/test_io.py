@@ -401,3 +401,16 @@ def test_fold_file_never_overwrites_the_inputs_data_file(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx.data"]
     assert sha256(tmp_path / "b.onnx.data") == data_hash
     load_model(path)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_output_onto_the_inputs_own_data_file_is_refused(tmp_path, in_place):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(build_sample_model(), os.fspath(model_path), save_as_external_data=True,
+              location="weights.bin", size_threshold=0)
+    data_hash = sha256(tmp_path / "weights.bin")
+    with pytest.raises(BnfoldError, match="external data file"):
+        bnfold.fold_file(model_path, tmp_path / "weights.bin", verify=False, in_place=in_place)
+    assert sha256(tmp_path / "weights.bin") == data_hash
+    assert not (tmp_path / "weights.bin.data").exists()
+    load_model(model_path)

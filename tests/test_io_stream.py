@@ -24,6 +24,11 @@ def _model_with_everything() -> onnx.ModelProto:
     m.graph.node.append(helper.make_node("If", ["c"], ["u"], then_branch=then, else_branch=then))
     m.graph.initializer.append(numpy_helper.from_array(np.arange(5, dtype=np.int64), "ints"))
     m.graph.initializer.append(onnx.helper.make_tensor("floats", onnx.TensorProto.FLOAT, [2], [1.0, 2.0]))
+    # Fields on both sides of raw_data (9): doc_string 12, data_location 14, metadata_props 16.
+    tensor = m.graph.initializer[0]
+    tensor.doc_string = "weights"
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.metadata_props.add(key="origin", value="test")
     return m
 
 

@@ -84,6 +84,10 @@ def fold_file(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
     model, source_data_files = load_model_info(input_path)
+    if os.path.realpath(output_path) in source_data_files:
+        raise BnfoldError(
+            f"output {output_path!r} is the input's external data file: choose another -o"
+        )
     output_data = os.path.realpath(
         os.path.join(os.path.dirname(os.path.abspath(output_path)), external_data_name(output_path))
     )
