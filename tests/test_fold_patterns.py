@@ -351,3 +351,19 @@ def test_fold_function_and_its_modules_are_both_reachable():
     assert callable(bnfold.fold) and bnfold.fold.__name__ == "fold"
     assert callable(bnfold.verify) and bnfold.verify.__name__ == "verify"
     assert hasattr(math_module, "bn_scale_shift") and hasattr(report_module, "FoldReport")
+
+
+def test_matmul_bn_at_opset6_gets_a_broadcasting_gemm():
+    from onnx.reference import ReferenceEvaluator
+
+    r = rng(16)
+    inits = [tensor("Bm", r.standard_normal((5, 6))), *bn_params("bn", 6)]
+    nodes = [helper.make_node("MatMul", ["a", "Bm"], ["mm"]), bn_node("mm", "y", is_test=1)]
+    m = model(nodes, [("a", [4, 5])], [("y", [4, 6])], inits, opset=6, ir_version=4)
+    result = bnfold.fold(m)
+    (gemm,) = result.model.graph.node
+    assert gemm.op_type == "Gemm" and helper.get_attribute_value(gemm.attribute[0]) == 1
+    a = r.standard_normal((4, 5)).astype(np.float32)
+    expected = ReferenceEvaluator(m).run(None, {"a": a})[0]
+    folded = ReferenceEvaluator(result.model).run(None, {"a": a})[0]
+    assert np.abs(folded - expected).max() <= 1e-5 * np.abs(expected).max()

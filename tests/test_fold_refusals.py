@@ -186,8 +186,35 @@ def test_bn_with_missing_inputs_is_a_user_error():
     m = conv_bn_model()
     bn = m.graph.node[1]
     del bn.input[3:]
-    with pytest.raises(BnfoldError, match="has 3 of its 5 inputs"):
+    with pytest.raises(BnfoldError, match=r"'bn' has 3 inputs .*X, scale, B, mean, var"):
         bnfold.fold(m)
+
+
+@pytest.mark.parametrize("op_type,inputs", [("Conv", ["c0"]), ("Gemm", ["c0"]), ("MatMul", ["c0"]),
+                                            ("Add", ["c0"]), ("Mul", ["c0", "c0", "c0"])])
+def test_malformed_neighbour_is_a_user_error(op_type, inputs):
+    m = conv_bn_model()
+    m.graph.node[0].output[0] = "c0"
+    m.graph.node.insert(1, helper.make_node(op_type, inputs, ["c"], name="broken"))
+    with pytest.raises(BnfoldError, match=f"{op_type} 'broken' has {len(inputs)} inputs.*malformed"):
+        bnfold.fold(m)
+
+
+def test_long_bn_chain_before_a_conv_folds_completely():
+    """Each pass folds the BN next to the Conv; the engine loops until nothing changes."""
+    r = rng(0)
+    chain = 20
+    inits = [tensor("W", r.standard_normal((4, 3, 1, 1)))]
+    nodes, name = [], "x"
+    for i in range(chain):
+        inits += bn_params(f"bn{i}", 3, seed=i)
+        nodes.append(bn_node(name, f"n{i}", f"bn{i}", f"bn{i}"))
+        name = f"n{i}"
+    nodes.append(helper.make_node("Conv", [name, "W"], ["y"], name="conv"))
+    m = model(nodes, [("x", [2, 3, 6, 6])], [("y", None)], inits)
+    result = bnfold.fold(m)
+    assert result.report.folded_count == chain and not result.report.kept
+    assert_same_outputs(m, result.model, FEED)
 
 
 def test_lying_tensor_dims_are_a_user_error():
@@ -221,3 +248,13 @@ def test_conv_bias_computed_at_run_time_is_refused(bn_first):
     m = model(nodes, [("x", [2, 3, 6, 6]), ("b_in", [4])], [("y", None)], [weight, *params])
     feed = dict(FEED, b_in=r.standard_normal(4).astype(np.float32))
     fold_refused(m, feed, "Conv bias 'b_in' is a graph input")
+
+
+def test_opset6_training_mode_is_refused():
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]  # is_test defaults to 0
+    m = model(nodes, [("x", [2, 3, 6, 6])], [("y", [2, 4, 4, 4])], inits, opset=6, ir_version=4)
+    result = bnfold.fold(m)
+    assert result.report.folded_count == 0
+    assert "is_test=0" in result.report.kept[0].reasons[0]

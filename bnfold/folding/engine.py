@@ -21,7 +21,6 @@ from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
-_MAX_PASSES = 16  # each pass folds at least one node; real graphs settle in two
 
 
 def fold_model(
@@ -55,6 +54,9 @@ class _ModelFolder:
     ):
         self.main_graph = model.graph
         self.pending = pending
+        self.opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
+        )
         self.names = NameAllocator(model)
         self.types = TypeTable(model)
         self.lower_standalone = lower_standalone
@@ -63,20 +65,19 @@ class _ModelFolder:
 
     def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
         pending = self.pending if graph is self.main_graph else None
-        return GraphView(graph, self.names, self.types, outer, path, pending)
+        return GraphView(graph, self.names, self.types, outer, path, pending, self.opset)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
         scope = self.view(graph, outer, path)
-        _check_batchnorm_arity(scope)
+        _check_arity(scope)
         for _, node in scope.live_nodes():
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, scope.constants, f"{path}/{node_label(node)}/{attr_name}")
-        for _ in range(_MAX_PASSES):
+        changed = True
+        while changed:  # each pass that changes something removes a node, so this ends
             view = self.view(graph, outer, path)
             changed = self.fold_pass(view)
             view.commit()
-            if not changed:
-                break
         view = self.view(graph, outer, path)
         self.settle_kept(view)
         view.commit()
@@ -154,13 +155,30 @@ def _neighbourhood(view: GraphView, index: int) -> str:
     )
 
 
-def _check_batchnorm_arity(view: GraphView) -> None:
-    for _, node in view.live_nodes("BatchNormalization"):
-        present = [name for name in node.input[:5] if name]
-        if len(present) < 5 or not node.output or not node.output[0]:
+# Inputs each op the rules read must have (at least, at most), so a malformed node is a user
+# error with a message rather than an IndexError inside a rule.
+_ARITY = {
+    "BatchNormalization": (5, 5, "X, scale, B, mean, var"),
+    "Conv": (2, 3, "X, W, optional B"),
+    "ConvTranspose": (2, 3, "X, W, optional B"),
+    "Gemm": (2, 3, "A, B, optional C"),
+    "MatMul": (2, 2, "A, B"),
+    "Mul": (2, 2, "A, B"),
+    "Add": (2, 2, "A, B"),
+}
+
+
+def _check_arity(view: GraphView) -> None:
+    for _, node in view.live_nodes():
+        if node.op_type not in _ARITY or node.domain not in ("", "ai.onnx"):
+            continue
+        least, most, names = _ARITY[node.op_type]
+        required = [name for name in node.input[:least] if name]
+        if len(required) < least or len(node.input) > most or not node.output or not node.output[0]:
             raise BnfoldError(
-                f"BatchNormalization {node_label(node)!r} has {len(present)} of its 5 inputs "
-                f"(X, scale, B, mean, var) or no output: the model is malformed; re-export it"
+                f"{node.op_type} {node_label(node)!r} has {len(node.input)} inputs and "
+                f"{len(node.output)} outputs; it needs {names} and an output: the model is "
+                f"malformed; re-export it"
             )
 
 

@@ -55,6 +55,14 @@ def node_label(node: onnx.NodeProto) -> str:
     return f"{node.op_type}({node.output[0] if node.output else '?'})"
 
 
+# Little-endian storage, as ONNX requires for raw_data.
+_RAW_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+}
+
+
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """A tensor's values, refusing data whose size does not match its dims."""
     count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
@@ -65,11 +73,12 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
             bits = np.asarray(tensor.int32_data, dtype=np.uint16)
         _check_count(tensor, bits.size, count)
         return bfloat16_bits_to_float32(bits).reshape(tuple(tensor.dims))
-    if tensor.HasField("raw_data"):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        itemsize = np.dtype(dtype).itemsize
-        if len(tensor.raw_data) != count * itemsize:
-            _check_count(tensor, len(tensor.raw_data) // max(itemsize, 1), count)
+    if tensor.HasField("raw_data") and tensor.data_type in _RAW_FLOAT_TYPES:
+        # One read of raw_data: each access copies the bytes out of the protobuf.
+        raw = tensor.raw_data
+        dtype = _RAW_FLOAT_TYPES[tensor.data_type]
+        _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
     try:
         array = numpy_helper.to_array(tensor)
     except (ValueError, TypeError) as exc:
@@ -80,8 +89,8 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return array
 
 
-def _check_count(tensor: onnx.TensorProto, have: int, want: int) -> None:
-    if have != want:
+def _check_count(tensor: onnx.TensorProto, have: int, want: int, stray_bytes: int = 0) -> None:
+    if have != want or stray_bytes:
         raise BnfoldError(
             f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({want} values) but holds "
             f"{have}: the file is corrupt; re-export the model"
@@ -136,8 +145,10 @@ class GraphView:
         outer_constants: dict[str, Constant] | None = None,
         path: str = "main",
         pending: PendingTensors | None = None,
+        opset: int = 17,
     ):
         self.graph = graph
+        self.opset = opset  # the model's default-domain opset: op semantics differ by version
         self.names = names
         self.types = types
         # New values of this graph's own initializers, written by save_model without copying

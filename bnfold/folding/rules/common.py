@@ -82,6 +82,8 @@ def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
         )
     if attribute(node, "training_mode", 0):
         return "training_mode=1 (batch statistics are used, not the running averages)"
+    if view.opset < 7 and not attribute(node, "is_test", 0):
+        return "is_test=0 (opset-6 BatchNormalization in training mode)"
     if attribute(node, "spatial", 1) == 0:
         return "spatial=0 (per-activation statistics, not per-channel)"
     used_extra = [

@@ -7,6 +7,8 @@ Then X·B (+ c) → BN becomes Gemm(X, B', c') with B' = B·s (columns) and c' =
 
 from __future__ import annotations
 
+import onnx
+
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.common import (
@@ -90,6 +92,9 @@ class MatMulBnRule:
         dead = [matmul.input[1], *match.affine.dead_inputs]
         apply_plan(view, match)
         matmul.op_type = "Gemm"  # Gemm(X, B', c') with α = β = 1, no transposes
+        if view.opset < 7:
+            # Gemm-6 broadcasts C only when asked to.
+            matmul.attribute.append(onnx.helper.make_attribute("broadcast", 1))
         if match.extra["add"] is not None:
             view.bypass(match.extra["add"], match.target_index)
         view.bypass(match.node_index, match.target_index)
