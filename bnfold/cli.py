@@ -45,6 +45,12 @@ def _verify_options(f):
     return f
 
 
+def _require_folder_of(path: str | None, option: str) -> None:
+    """Check an output option's folder before any work, so nothing is half done."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise BnfoldError(f"{option} {path!r}: its folder does not exist; create it first")
+
+
 def _write_json(path: str, data: dict) -> None:
     from bnfold.io import write_text_atomic
 
@@ -67,6 +73,7 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     from bnfold.folding.api import fold_file
     from bnfold.report_view import render_fold_report, render_verification
 
+    _require_folder_of(report_path, "--report")
     options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
                    inputs=inputs_path)
     result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
@@ -96,6 +103,7 @@ def verify_command(reference, candidate, json_path, ground_truth, seed, runs, at
     from bnfold.report_view import render_verification
     from bnfold.verification import verify
 
+    _require_folder_of(json_path, "--json")
     result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
                     rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth)
     render_verification(result.to_dict(), console)
@@ -113,6 +121,7 @@ def inspect_command(model, json_path):
     from bnfold.folding.api import fold
     from bnfold.report_view import render_fold_report
 
+    _require_folder_of(json_path, "--json")
     result = fold(model)
     render_fold_report(result.report, console, title=f"bnfold inspect {os.path.basename(model)}")
     if json_path:

@@ -114,7 +114,11 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
             raise BnfoldError("--engine torch needs --model SPEC (e.g. resnet18 or module:factory)")
         from bnfold.engines.torch_engine import torch_models
 
-        shape = next(iter(shape_map.values()), None)
+        unknown = sorted(set(shape_map) - {"input"})
+        if unknown:
+            raise BnfoldError(f"--engine torch feeds one tensor named 'input', not {unknown[0]!r}: "
+                              f"give --shape input=DxD...")
+        shape = shape_map.get("input")
         models, feed = torch_models(torch_spec, checkpoint, shape, seed)
         inputs = feed
     else:

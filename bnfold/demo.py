@@ -14,13 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnfold.errors import BnfoldError
+from bnfold.io import ensure_folder
 
 
 def run_demo(out_dir: str, console: Console) -> None:
     from bnfold.io import save_model
     from bnfold.sample_model import build_sample_model
 
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_folder(out_dir)
     sample = os.path.join(out_dir, "sample.onnx")
     save_model(build_sample_model(), sample)
     console.rule("[bold]1. the built-in sample: every fold pattern, and one BN that cannot fold")

@@ -312,3 +312,15 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         if staged and os.path.exists(staged):
             os.unlink(staged)
         raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+def ensure_folder(path: str | os.PathLike) -> str:
+    """Create output folder `path` (and parents) if needed; a BnfoldError when it cannot be."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise BnfoldError(
+            f"cannot create output folder {path!r}: {exc.strerror or exc}; choose another --out"
+        ) from None
+    return path

@@ -72,6 +72,8 @@ def count_ops(m: onnx.ModelProto, op_type: str) -> int:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
 
     walk(m.graph)
     return total
@@ -79,7 +81,9 @@ def count_ops(m: onnx.ModelProto, op_type: str) -> int:
 
 def assert_same_outputs(original, folded, feed, rtol=1e-5):
     """Scale-relative comparison: max|a − b| ≤ rtol·max|a| for every output."""
-    for a, b in zip(run(original, feed), run(folded, feed)):
+    expected, actual = run(original, feed), run(folded, feed)
+    assert len(expected) == len(actual), "the folded model lost or gained an output"
+    for a, b in zip(expected, actual):
         assert a.shape == b.shape
         scale = float(np.abs(a.astype(np.float64)).max())
         err = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())

@@ -343,3 +343,9 @@ def test_subprocess_fold_succeeds(model_path):
     assert proc.returncode == 0, proc.stderr
     assert "equivalent" in proc.stdout and proc.stderr == ""
     assert (model_path.parent / "M.folded.onnx").is_file()
+
+
+def test_report_in_a_missing_folder_fails_before_writing_the_model(model_path, tmp_path):
+    result = bnfold("fold", model_path, "--report", tmp_path / "absent" / "r.json")
+    assert_user_error(result, "--report", "does not exist")
+    assert not (tmp_path / "m.folded.onnx").exists() and not list(tmp_path.glob("*.folded.onnx"))

@@ -8,7 +8,6 @@ when the module runs on CUDA; that path is unverified on hardware here.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -83,9 +82,15 @@ def _set_submodule(root, target: str, module) -> None:
 
 def _check_same(original, fused, inputs, label: str) -> None:
     torch = require_torch()
-    with torch.no_grad():
-        a = original(*inputs)
-        b = fused(*inputs)
+    try:
+        with torch.no_grad():
+            a = original(*inputs)
+            b = fused(*inputs)
+    except RuntimeError as exc:  # torch reports shape/type mismatches as RuntimeError
+        raise BnfoldError(
+            f"{label} cannot run on input {list(inputs[0].shape)} ({first_line(exc)}): "
+            f"give the right --shape input=DxD..."
+        ) from None
     a_t = a if isinstance(a, torch.Tensor) else a[0]
     b_t = b if isinstance(b, torch.Tensor) else b[0]
     scale = float(a_t.abs().max()) or 1.0
@@ -93,7 +98,7 @@ def _check_same(original, fused, inputs, label: str) -> None:
     if not error <= 1e-4:
         raise BnfoldError(
             f"the fused {label} differs from the original (scale-relative error {error:.2g}): "
-            f"a Linear→BatchNorm1d pair is only fusable on 2-D input; report the model"
+            f"please report the model"
         )
 
 
@@ -180,9 +185,13 @@ def torch_models(spec: str, checkpoint: str | None, shape: tuple[int, ...] | Non
     The original and its fused version; the fused one is checked against the original first.
     """
     torch = require_torch()
-    module = _create(spec, checkpoint)
+    from bnfold import zoo
+
+    module = zoo.create(spec, checkpoint)  # the same loader as `bnfold export`
     if shape is None:
-        shape = _default_shape(spec)
+        if ":" in spec:
+            raise BnfoldError(f"give the input shape for {spec!r} with --shape input=DxD...")
+        shape = zoo.model_input_shape(spec, module)
     feed = {"input": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
     fused, count = fuse_bn(module)
     if count == 0:
@@ -190,30 +199,3 @@ def torch_models(spec: str, checkpoint: str | None, shape: tuple[int, ...] | Non
     example = [torch.from_numpy(feed["input"])]
     _check_same(module.eval(), fused, example, spec)
     return [("original", module), (f"fused ({count} BN)", fused)], feed
-
-
-def _create(spec: str, checkpoint: str | None):
-    if ":" in spec and not os.path.exists(spec):
-        import importlib
-
-        module_name, _, factory = spec.partition(":")
-        try:
-            make = getattr(importlib.import_module(module_name), factory)
-        except (ImportError, AttributeError) as exc:
-            raise BnfoldError(
-                f"cannot find factory {spec!r} ({first_line(exc)}): give module:function"
-            ) from None
-        if checkpoint:
-            raise BnfoldError("--checkpoint works with zoo names only: load it in your factory")
-        return make().eval()
-    from bnfold import zoo  # written alongside; imports torch itself
-
-    return zoo.create(spec, checkpoint)
-
-
-def _default_shape(spec: str) -> tuple[int, ...]:
-    if ":" in spec:
-        raise BnfoldError(f"give the input shape for {spec!r} with --shape input=DxD...")
-    from bnfold import zoo
-
-    return tuple(zoo.default_input_shape(spec))

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.io import ensure_folder
 from bnfold.train.data import load_dataset
 
 DEFAULT_STEPS = 200
@@ -84,7 +85,7 @@ def train_sample(
             metric_name, metric = "test_accuracy", (output.argmax(1) == y_test).double().mean().item()
         else:
             metric_name, metric = "test_mse", torch.nn.functional.mse_loss(output, y_test).item()
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_folder(out_dir)
     path = save_state_dict(model, os.path.join(out_dir, f"{name}.pt"))
     return TrainResult(name, path, steps, float(loss.item()), metric_name, float(metric))
 

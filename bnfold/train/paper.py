@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.io import ensure_folder
 from bnfold.train.data import load_dataset, require_labels
 
 ARMS = ("bn", "no_bn")
@@ -77,7 +78,7 @@ def run_paper_experiment(
     _check_options(steps, batch_size, lr)
     dataset = load_dataset(data)
     require_labels(dataset, CLASSES)
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_folder(out_dir)
     eval_every = eval_every or max(1, steps // 200)
     started = time.perf_counter()
 
