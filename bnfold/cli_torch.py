@@ -116,6 +116,12 @@ def _train_paper(out_dir, data, steps, batch_size, lr, seed):
 
 def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
     from bnfold.train import loop
+    from bnfold.zoo import SAMPLE_NAMES
+
+    if name not in SAMPLE_NAMES and ":" not in name:
+        raise BnfoldError(
+            f"unknown model {name!r}: train 'paper' or one of {', '.join(SAMPLE_NAMES)}"
+        )
 
     if data is None or (data == "digits" and name != "paper-mlp"):
         raise BnfoldError(f"training {name} needs --data file.npz (x_train, y_train, x_test, y_test)")
