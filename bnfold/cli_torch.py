@@ -120,7 +120,7 @@ def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
 
     if name not in SAMPLE_NAMES and ":" not in name:
         raise BnfoldError(
-            f"unknown model {name!r}: train 'paper' or one of {', '.join(SAMPLE_NAMES)}"
+            f"unknown sample {name!r}: train 'paper' or one of {', '.join(SAMPLE_NAMES)}"
         )
 
     if data is None or (data == "digits" and name != "paper-mlp"):
