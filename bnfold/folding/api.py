@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import onnx
 
 from bnfold.errors import BnfoldError

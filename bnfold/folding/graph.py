@@ -9,7 +9,7 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np

@@ -10,13 +10,13 @@ from __future__ import annotations
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.common import (
-    ConstantUpdate,
     Match,
     apply_plan,
     attribute,
     batchnorm_affine,
     compute_dtype,
     plan_problem,
+    weight_and_bias_updates,
 )
 from bnfold.folding.rules.into_producer import constant_or_reason, optional_constant
 
@@ -73,10 +73,7 @@ class BnConvRule:
         new_weight, new_bias = fold_math.conv_input_fold(
             weight, bias, affine.scale, affine.shift, group, compute_dtype(elem)
         )
-        match.updates = [
-            ConstantUpdate(match.target_index, 1, new_weight, elem, conv.input[1]),
-            ConstantUpdate(match.target_index, 2, new_bias, elem, f"{conv.input[1]}_bias"),
-        ]
+        match.updates = weight_and_bias_updates(view, match, new_weight, new_bias)
         return plan_problem(match, view)
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:

@@ -10,14 +10,14 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
 from bnfold.folding.rules.common import (
-    ConstantUpdate,
     Match,
     attribute,
     batchnorm_affine,
     compute_dtype,
     plan_problem,
+    weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason, optional_constant
+from bnfold.folding.rules.into_producer import gemm_weight, optional_constant
 
 
 class BnGemmRule:
@@ -33,12 +33,10 @@ class BnGemmRule:
             return f"{label} has transA=1: the BN channels become its output rows"
         if gemm.input[1] == gemm.input[0] or (len(gemm.input) > 2 and gemm.input[2] == gemm.input[0]):
             return f"{label} reads the BN output twice"
-        b = constant_or_reason(view, gemm.input[1], "Gemm B")
-        if isinstance(b, str):
-            return b
-        if b.ndim != 2:
-            return f"{label} B has rank {b.ndim}, expected 2"
-        trans_b = bool(attribute(gemm, "transB", 0))
+        found = gemm_weight(view, gemm, label)
+        if isinstance(found, str):
+            return found
+        b, trans_b = found
         affine = batchnorm_affine(view, match.node_index)
         if isinstance(affine, str):
             return affine
@@ -55,10 +53,7 @@ class BnGemmRule:
         new_b, new_c, new_beta = fold_math.gemm_input_fold(
             b, c, affine.scale, affine.shift, trans_b, alpha, beta, compute_dtype(elem)
         )
-        match.updates = [
-            ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
-            ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),
-        ]
+        match.updates = weight_and_bias_updates(view, match, new_b, new_c)
         if new_beta != beta:
             match.attributes["beta"] = new_beta
         return plan_problem(match, view)

@@ -57,6 +57,18 @@ class Match:
     extra: dict = field(default_factory=dict)  # rule-specific facts found by match
 
 
+def weight_and_bias_updates(
+    view: GraphView, match: Match, weight: np.ndarray, bias: np.ndarray
+) -> list[ConstantUpdate]:
+    """New values for the target's inputs 1 (weight) and 2 (bias/C), in the weight's dtype."""
+    weight_name = view.nodes[match.target_index].input[1]
+    elem = view.constant_dtype(weight_name)
+    return [
+        ConstantUpdate(match.target_index, 1, weight, elem, weight_name),
+        ConstantUpdate(match.target_index, 2, bias, elem, f"{weight_name}_bias"),
+    ]
+
+
 def attribute(node: onnx.NodeProto, name: str, default):
     for attr in node.attribute:
         if attr.name == name:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
-from bnfold.folding.rules.common import ConstantUpdate, Match, compute_dtype
+from bnfold.folding.rules.common import Match, compute_dtype, weight_and_bias_updates
 from bnfold.folding.rules.into_producer import (
     IntoProducerRule,
     constant_or_reason,
@@ -43,8 +43,5 @@ class ConvBnRule(IntoProducerRule):
         new_weight, new_bias = fold_math.conv_output_fold(
             weight, bias, affine.scale, affine.shift, compute_dtype(elem)
         )
-        match.updates = [
-            ConstantUpdate(match.target_index, 1, new_weight, elem, f"{conv.input[1]}"),
-            ConstantUpdate(match.target_index, 2, new_bias, elem, f"{conv.input[1]}_bias"),
-        ]
+        match.updates = weight_and_bias_updates(view, match, new_weight, new_bias)
         return None

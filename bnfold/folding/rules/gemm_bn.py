@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
-from bnfold.folding.rules.common import ConstantUpdate, Match, attribute, compute_dtype
+from bnfold.folding.rules.common import (
+    Match,
+    attribute,
+    compute_dtype,
+    weight_and_bias_updates,
+)
 from bnfold.folding.rules.into_producer import (
     IntoProducerRule,
-    constant_or_reason,
+    gemm_weight,
     optional_constant,
 )
 
@@ -23,12 +28,10 @@ class GemmBnRule(IntoProducerRule):
 
     def output_channels(self, view: GraphView, match: Match) -> tuple[int, int] | str:
         gemm = view.nodes[match.target_index]
-        b = constant_or_reason(view, gemm.input[1], "Gemm B")
-        if isinstance(b, str):
-            return b
-        if b.ndim != 2:
-            return f"Gemm B has rank {b.ndim}, expected 2"
-        trans_b = bool(attribute(gemm, "transB", 0))
+        found = gemm_weight(view, gemm, "Gemm")
+        if isinstance(found, str):
+            return found
+        b, trans_b = found
         match.extra.update(b=b, trans_b=trans_b)
         return (b.shape[0] if trans_b else b.shape[1]), 2
 
@@ -44,10 +47,7 @@ class GemmBnRule(IntoProducerRule):
         new_b, new_c, new_beta = fold_math.gemm_output_fold(
             b, c, affine.scale, affine.shift, trans_b, beta, compute_dtype(elem)
         )
-        match.updates = [
-            ConstantUpdate(match.target_index, 1, new_b, elem, gemm.input[1]),
-            ConstantUpdate(match.target_index, 2, new_c, elem, f"{gemm.input[1]}_bias"),
-        ]
+        match.updates = weight_and_bias_updates(view, match, new_b, new_c)
         if new_beta != beta:
             match.attributes["beta"] = new_beta
         return None

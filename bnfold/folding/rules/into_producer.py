@@ -15,6 +15,7 @@ from bnfold.folding.rules.common import (
     ChannelAffine,
     Match,
     apply_plan,
+    attribute,
     batchnorm_affine,
     plan_problem,
     producer_output_problem,
@@ -120,6 +121,16 @@ def per_channel_vector(values: np.ndarray, channels: int, rank: int) -> np.ndarr
 def constant_or_reason(view: GraphView, name: str, role: str) -> np.ndarray | str:
     reason = view.non_constant_reason(name, role)
     return reason if reason else view.constant_array(name)
+
+
+def gemm_weight(view: GraphView, gemm, label: str) -> tuple[np.ndarray, bool] | str:
+    """(B, transB) of a Gemm whose B is a constant matrix, or why it is not."""
+    b = constant_or_reason(view, gemm.input[1], "Gemm B")
+    if isinstance(b, str):
+        return b
+    if b.ndim != 2:
+        return f"{label} B has rank {b.ndim}, expected 2"
+    return b, bool(attribute(gemm, "transB", 0))
 
 
 def optional_constant(

@@ -12,12 +12,12 @@ import onnx
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.common import (
-    ConstantUpdate,
     Match,
     apply_plan,
     batchnorm_affine,
     compute_dtype,
     plan_problem,
+    weight_and_bias_updates,
 )
 from bnfold.folding.rules.into_producer import constant_or_reason, per_channel_vector
 
@@ -81,10 +81,7 @@ class MatMulBnRule:
         new_b, new_c = fold_math.matmul_output_fold(
             b, bias, affine.scale, affine.shift, compute_dtype(elem)
         )
-        match.updates = [
-            ConstantUpdate(match.target_index, 1, new_b, elem, matmul.input[1]),
-            ConstantUpdate(match.target_index, 2, new_c, elem, f"{matmul.input[1]}_bias"),
-        ]
+        match.updates = weight_and_bias_updates(view, match, new_b, new_c)
         return plan_problem(match, view)
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
