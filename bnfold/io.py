@@ -19,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import BnfoldError
+from bnfold.io_deferred import DEFER_MIN_BYTES, DeferredData
 from bnfold.io_stream import WireError, read_model, write_model
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
@@ -38,6 +39,16 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]:
     """Like load_model, also giving the real paths of the external data files it read."""
+    model, deferred, data_files = load_model_deferred(path)
+    deferred.materialize(model.graph)
+    return model, data_files
+
+
+def load_model_deferred(
+    path: str | os.PathLike,
+) -> tuple[onnx.ModelProto, DeferredData, set[str]]:
+    """Load `path` leaving large main-graph initializers' bytes where they lie (see
+    bnfold.io_deferred); also gives the real paths of the external data files it uses."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BnfoldError(f"{path!r} does not exist: check the path")
@@ -45,8 +56,18 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]
         raise BnfoldError(f"{path!r} is a folder: give the .onnx file inside it")
     if os.path.getsize(path) == 0:
         raise BnfoldError(f"{path!r} is empty: re-export the model")
+    deferred = DeferredData()
     try:
-        model = _parse_file(path)
+        model, data_files = _load_into(path, deferred)
+    except BaseException:
+        deferred.close()
+        raise
+    return model, deferred, data_files
+
+
+def _load_into(path: str, deferred: DeferredData) -> tuple[onnx.ModelProto, set[str]]:
+    try:
+        model = _parse_file(path, deferred)
     except PermissionError:
         raise BnfoldError(f"cannot read {path!r}: permission denied") from None
     except OSError as exc:
@@ -59,17 +80,19 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError(f"{path!r} is not an ONNX model (no graph or IR version): re-export it")
     base_dir = os.path.dirname(os.path.abspath(path))
-    return model, _load_external_data(model, base_dir, path)
+    return model, _load_external_data(model, base_dir, path, deferred)
 
 
-def _parse_file(path: str) -> onnx.ModelProto:
+def _parse_file(path: str, deferred: DeferredData) -> onnx.ModelProto:
     """Parse straight from a read-only memory map, dropping pages as they are consumed.
 
     upb copies what it parses, so consumed pages can go (MADV_DONTNEED) and the file and the
-    parsed model are never resident in full at the same time.
+    parsed model are never resident in full at the same time. Large initializers are not
+    parsed at all: `deferred` learns where their bytes are.
     """
     page = mmap.PAGESIZE
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    handle = deferred.file(os.path.realpath(path))
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         released = 0
 
         def release(end: int) -> None:
@@ -79,24 +102,35 @@ def _parse_file(path: str) -> onnx.ModelProto:
                 mapped.madvise(mmap.MADV_DONTNEED, released, upto - released)
                 released = upto
 
+        spans: dict[str, tuple[int, int]] = {}
         with memoryview(mapped) as view:
             try:
-                return read_model(view, release)
+                model = read_model(view, release, spans, DEFER_MIN_BYTES)
             except WireError as exc:
                 raise DecodeError(str(exc)) from None
+    for name, (offset, length) in spans.items():
+        deferred.add(name, os.path.realpath(path), offset, length)
+    return model
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of the model: initializers (sparse ones too), tensor attributes,
     subgraphs and functions included — everything that can point at external data."""
-    yield from _graph_tensors(model.graph)
+    yield from model.graph.initializer
+    yield from iter_other_tensors(model)
+
+
+def iter_other_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """iter_tensors without the main graph's dense initializers."""
+    yield from _graph_tensors(model.graph, initializers=False)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    if initializers:
+        yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield from (sparse.values, sparse.indices)
     for node in graph.node:
@@ -118,38 +152,65 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield from _graph_tensors(graph)
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: str, model_path: str) -> set[str]:
-    """Read every external tensor into memory; returns the data files read (real paths)."""
+def _load_external_data(
+    model: onnx.ModelProto, base_dir: str, model_path: str, deferred: DeferredData
+) -> set[str]:
+    """Check every external tensor's file and range; main-graph initializers are deferred,
+    the rest (subgraphs, attributes, sparse) read into memory. Returns the data files used."""
     real_base = os.path.realpath(base_dir)
     data_files: set[str] = set()
-    for tensor in iter_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        data_path = _confined_path(real_base, location, tensor.name, model_path)
-        try:
-            offset = int(info.get("offset", 0) or 0)
-            length = int(info["length"]) if info.get("length") else None
-        except ValueError:
-            raise BnfoldError(
-                f"tensor {tensor.name!r} in {model_path!r} has a non-numeric external data "
-                f"offset/length: re-export the model"
-            ) from None
-        size = os.path.getsize(data_path)
-        end = offset + (length if length is not None else size - offset)
-        if offset < 0 or end > size or (length is not None and length < 0):
-            raise BnfoldError(
-                f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which has "
-                f"{size}: the data file is truncated or does not belong to this model"
-            )
-        with open(data_path, "rb") as handle:
-            handle.seek(offset)
-            tensor.raw_data = handle.read(end - offset)
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
-        data_files.add(data_path)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            data_path, offset, length = _external_span(tensor, real_base, model_path)
+            if tensor.name and tensor.name not in deferred:
+                deferred.add(tensor.name, data_path, offset, length)
+            else:
+                tensor.raw_data = _read_span(data_path, offset, length)
+            _make_internal(tensor)
+            data_files.add(data_path)
+    for tensor in iter_other_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            data_path, offset, length = _external_span(tensor, real_base, model_path)
+            tensor.raw_data = _read_span(data_path, offset, length)
+            _make_internal(tensor)
+            data_files.add(data_path)
     return data_files
+
+
+def _external_span(
+    tensor: onnx.TensorProto, real_base: str, model_path: str
+) -> tuple[str, int, int]:
+    """(real path, offset, length) of an external tensor's bytes, all checked."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    data_path = _confined_path(real_base, location, tensor.name, model_path)
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        raise BnfoldError(
+            f"tensor {tensor.name!r} in {model_path!r} has a non-numeric external data "
+            f"offset/length: re-export the model"
+        ) from None
+    size = os.path.getsize(data_path)
+    end = offset + (length if length is not None else size - offset)
+    if offset < 0 or end > size or (length is not None and length < 0):
+        raise BnfoldError(
+            f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which has "
+            f"{size}: the data file is truncated or does not belong to this model"
+        )
+    return data_path, offset, end - offset
+
+
+def _read_span(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def _make_internal(tensor: onnx.TensorProto) -> None:
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def _confined_path(real_base: str, location: str, tensor_name: str, model_path: str) -> str:
@@ -206,6 +267,7 @@ def save_model(
     external_data: bool | None = None,
     accept: Callable[[str], bool] | None = None,
     overrides=None,
+    deferred: DeferredData | None = None,
 ) -> bool:
     """Write `model` to `path` atomically; returns whether it was written.
 
@@ -213,7 +275,8 @@ def save_model(
     when the model would not fit in one protobuf (2 GiB). `accept(staged_path)` can inspect the
     fully written file before it is moved into place (e.g. to verify it) and veto the write.
     `overrides` (bnfold.folding.graph.PendingTensors) are new initializer values to write in place
-    of the model's own.
+    of the model's own; `deferred` holds the bytes of initializers the model was loaded without.
+    The model itself is left as it was.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -232,12 +295,12 @@ def save_model(
         staging = tempfile.mkdtemp(prefix=".bnfold-", dir=folder)
         staged = os.path.join(staging, name)
         if external_data:
-            if overrides:
-                overrides.apply(model.graph)
-            _write_with_external_data(model, staged, os.path.join(staging, data_name), data_name)
+            _write_with_external_data(
+                model, staged, os.path.join(staging, data_name), data_name, overrides, deferred
+            )
         else:
             with open(staged, "wb") as handle:
-                write_model(model, handle, overrides)
+                write_model(model, handle, overrides, deferred)
         if accept is not None and not accept(staged):
             return False
         staged_data = os.path.join(staging, data_name)
@@ -252,43 +315,89 @@ def save_model(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_with_external_data(
-    model: onnx.ModelProto, model_path: str, data_path: str, location: str
-) -> None:
-    """Move tensors of 1 KiB or more into one data file, serialise, then restore them in memory.
+_EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file
 
-    Restoring (instead of onnx.save_model's convert-in-place) keeps the caller's model intact
-    without reading the data back from disk.
+
+def _write_with_external_data(
+    model: onnx.ModelProto, model_path: str, data_path: str, location: str, overrides, deferred
+) -> None:
+    """Move tensors of 1 KiB or more into one data file, serialise, then put the model back.
+
+    Each tensor's bytes go straight from where they are (the proto, a pending override, or the
+    source file) into the data file; the proto is only emptied while the small remainder is
+    serialised, so the caller's model is unchanged afterwards and nothing is held twice.
     """
-    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+    restore: list[Callable[[], None]] = []
     offset = 0
     try:
         with open(data_path, "wb") as data:
-            for tensor in iter_tensors(model):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+            main = [(tensor, True) for tensor in model.graph.initializer]
+            for tensor, is_main in [*main, *((t, False) for t in iter_other_tensors(model))]:
+                override = overrides.get(tensor.name) if overrides and is_main else None
+                from_source = is_main and deferred is not None and deferred.holds(tensor)
+                if override is not None:
+                    size = override[0].nbytes
+                elif from_source:
+                    size = deferred.nbytes(tensor.name)
+                elif tensor.HasField("raw_data"):
+                    size = len(tensor.raw_data)
+                else:
+                    continue  # typed data stays where it is
+                restore.append(_snapshot(tensor))
+                if override is not None:
+                    tensor.data_type = override[1]
+                    del tensor.dims[:]
+                    tensor.dims.extend(override[0].shape)
+                    for field in _TYPED_FIELDS:
+                        tensor.ClearField(field)
+                if size < _EXTERNAL_MIN_BYTES:
+                    if override is not None:
+                        tensor.raw_data = override[0].tobytes()
+                    elif from_source:
+                        tensor.raw_data = deferred.read(tensor.name)
                     continue
-                raw = tensor.raw_data
                 pad = -offset % 4096  # page-aligned, as onnx and ORT's mmap prefer
                 data.write(b"\0" * pad)
                 offset += pad
-                data.write(raw)
-                moved.append((tensor, raw, tensor.HasField("data_location")))
+                if override is not None:
+                    data.write(memoryview(override[0]).cast("B"))
+                elif from_source:
+                    deferred.copy_to(tensor.name, data)
+                else:
+                    data.write(tensor.raw_data)
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+                for key, value in (("location", location), ("offset", offset), ("length", size)):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, str(value)
-                offset += len(raw)
+                offset += size
         with open(model_path, "wb") as handle:
             handle.write(model.SerializeToString())
     finally:
-        for tensor, raw, had_location in moved:
-            del tensor.external_data[:]
-            if had_location:
-                tensor.data_location = onnx.TensorProto.DEFAULT
-            else:
-                tensor.ClearField("data_location")
+        for undo in reversed(restore):
+            undo()
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data")
+
+
+def _snapshot(tensor: onnx.TensorProto) -> Callable[[], None]:
+    """A function that puts `tensor` back as it is now."""
+    saved = onnx.TensorProto()
+    raw = tensor.raw_data if tensor.HasField("raw_data") else None
+    if raw is not None:
+        tensor.ClearField("raw_data")  # leave the big bytes out of the copy
+    saved.CopyFrom(tensor)
+    if raw is not None:
+        tensor.raw_data = raw
+
+    def undo() -> None:
+        tensor.CopyFrom(saved)
+        if raw is not None:
             tensor.raw_data = raw
+
+    return undo
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -16,6 +16,7 @@ import onnx
 _MESSAGE_TYPE = 11
 _GRAPH_TAG = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 _INITIALIZER_TAG = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
+_RAW_DATA_FIELD = 9
 _RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
 _TYPED_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
@@ -49,13 +50,9 @@ def _serialized_fields(source, below: int | None = None, above: int | None = Non
     return target.SerializeToString()
 
 
-def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, bytes] | None:
-    """The tensor's fields before and after raw_data (field 9), serialised, or None when it is
-    not a plain raw tensor. `override` (array, elem_type) replaces dims, type and data."""
-    if override is None and (
-        not tensor.HasField("raw_data") or any(len(getattr(tensor, f)) for f in _TYPED_DATA)
-    ):
-        return None
+def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, bytes]:
+    """The tensor's fields before and after raw_data (field 9), serialised. `override`
+    (array, elem_type) replaces dims and type."""
     before, after = onnx.TensorProto(), onnx.TensorProto()
     before.dims.extend(tensor.dims if override is None else override[0].shape)
     before.data_type = tensor.data_type if override is None else override[1]
@@ -72,11 +69,17 @@ def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, byte
     return before.SerializeToString(), after.SerializeToString()
 
 
-def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> None:
+def _is_plain_raw(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("raw_data") and not any(len(getattr(tensor, f)) for f in _TYPED_DATA)
+
+
+def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferred=None) -> None:
     """Serialise `model` into `handle` (a file opened for binary writing).
 
     `overrides.get(name)` may give (array, elem_type) to write instead of a main-graph
-    initializer's own data, straight from the array's buffer.
+    initializer's own data, straight from the array's buffer. A main-graph initializer with no
+    data of its own whose name is in `deferred` (bnfold.io_deferred.DeferredData) has its bytes
+    copied from where they lie.
     """
     if not model.HasField("graph"):
         handle.write(model.SerializeToString())
@@ -87,31 +90,45 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None) -> Non
     before = _serialized_fields(graph, below=initializer_number)
     after = _serialized_fields(graph, above=initializer_number)
     # First pass: exact sizes (each raw_data read is a transient copy of one tensor).
-    plan: list[tuple[onnx.TensorProto, tuple[bytes, bytes] | None, int, memoryview | None]] = []
+    # A plan entry: (tensor, header or None for "serialise whole", size, data source)
+    plan: list[tuple[onnx.TensorProto, tuple[bytes, bytes] | None, int, object]] = []
     graph_size = len(before) + len(after)
     for tensor in graph.initializer:
         override = overrides.get(tensor.name) if overrides else None
-        header = _tensor_header(tensor, override)
-        data = None if override is None else memoryview(override[0]).cast("B")
-        if header is None:
-            size = len(tensor.SerializeToString())
+        if override is not None:
+            source = memoryview(override[0]).cast("B")
+            raw_size = source.nbytes
+        elif deferred is not None and deferred.holds(tensor):
+            source = tensor.name
+            raw_size = deferred.nbytes(tensor.name)
+        elif _is_plain_raw(tensor):
+            source = None
+            raw_size = len(tensor.raw_data)
         else:
-            raw_size = len(tensor.raw_data) if data is None else data.nbytes
-            size = len(header[0]) + len(_RAW_DATA_TAG) + len(varint(raw_size)) + raw_size
-            size += len(header[1])
-        plan.append((tensor, header, size, data))
+            size = len(tensor.SerializeToString())
+            plan.append((tensor, None, size, None))
+            graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
+            continue
+        header = _tensor_header(tensor, override)
+        size = len(header[0]) + len(_RAW_DATA_TAG) + len(varint(raw_size)) + raw_size
+        size += len(header[1])
+        plan.append((tensor, header, size, source))
         graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
     handle.write(_serialized_fields(model, below=graph_number))
     handle.write(_GRAPH_TAG + varint(graph_size))
     handle.write(before)
-    for tensor, header, size, data in plan:
+    for tensor, header, size, source in plan:
         handle.write(_INITIALIZER_TAG + varint(size))
         if header is None:
             handle.write(tensor.SerializeToString())
             continue
-        raw = tensor.raw_data if data is None else data
-        handle.write(header[0] + _RAW_DATA_TAG + varint(len(raw) if data is None else data.nbytes))
-        handle.write(raw)
+        if isinstance(source, str):
+            handle.write(header[0] + _RAW_DATA_TAG + varint(deferred.nbytes(source)))
+            deferred.copy_to(source, handle)
+        else:
+            raw = tensor.raw_data if source is None else source
+            handle.write(header[0] + _RAW_DATA_TAG + varint(len(raw)))
+            handle.write(raw)
         handle.write(header[1])
     handle.write(after)
     handle.write(_serialized_fields(model, above=graph_number))
@@ -161,12 +178,16 @@ def _fields(data: memoryview, start: int, end: int):
         yield number, tag_start, payload, pos
 
 
-def read_model(data: memoryview, release=None) -> onnx.ModelProto:
+def read_model(
+    data: memoryview, release=None, spans: dict | None = None, defer_min_bytes: int = 4096
+) -> onnx.ModelProto:
     """Parse a ModelProto from `data`, the main graph's initializers one at a time.
 
     `release(end)` is called as parsing moves past byte `end`, so the caller can drop the
     source pages already consumed (a memory map's) and never hold the file and the parsed
-    model in full at once. Equal to `ModelProto.FromString(data)`.
+    model in full at once. Equal to `ModelProto.FromString(data)`, except that with `spans`
+    a main-graph initializer holding at least `defer_min_bytes` of raw_data is parsed without
+    it, and `spans[name] = (offset, length)` says where its bytes lie in `data`.
     """
     model = onnx.ModelProto()
     graph_number = model.DESCRIPTOR.fields_by_name["graph"].number
@@ -189,7 +210,14 @@ def read_model(data: memoryview, release=None) -> onnx.ModelProto:
             if run_start is not None:
                 graph.MergeFromString(data[run_start:inner_tag])
                 run_start = None
-            graph.initializer.add().ParseFromString(data[inner_payload:inner_end])
+            deferred = None
+            if spans is not None:
+                deferred = _without_raw_data(data, inner_payload, inner_end, defer_min_bytes)
+            if deferred is not None and deferred[0].name not in spans:
+                graph.initializer.append(deferred[0])
+                spans[deferred[0].name] = deferred[1:]
+            else:
+                graph.initializer.add().ParseFromString(data[inner_payload:inner_end])
             if release is not None:
                 release(inner_end)
         if run_start is not None:
@@ -197,3 +225,29 @@ def read_model(data: memoryview, release=None) -> onnx.ModelProto:
     if pending_start is not None:
         model.MergeFromString(data[pending_start:end])
     return model
+
+
+_TYPED_DATA_FIELDS = {4, 5, 6, 7, 10, 11}  # float, int32, string, int64, double, uint64 data
+
+
+def _without_raw_data(
+    data: memoryview, start: int, end: int, min_bytes: int
+) -> tuple[onnx.TensorProto, int, int] | None:
+    """The TensorProto in data[start:end] parsed without its raw_data, with that field's
+    offset and length; None when it is not one plain raw tensor of at least `min_bytes`."""
+    raw = None
+    for number, tag, payload, field_end in _fields(data, start, end):
+        if number == _RAW_DATA_FIELD:
+            if raw is not None:  # repeated raw_data: protobuf keeps the last; parse it normally
+                return None
+            raw = (tag, payload, field_end)
+        elif number in _TYPED_DATA_FIELDS:
+            return None
+    if raw is None or raw[2] - raw[1] < min_bytes:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.MergeFromString(data[start:raw[0]])
+    tensor.MergeFromString(data[raw[2]:end])
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.name:
+        return None
+    return tensor, raw[1], raw[2] - raw[1]

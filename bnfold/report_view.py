@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bnfold.folding.report import FOLDED, LOWERED, FoldReport
 
@@ -21,9 +22,9 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
     for entry in report.entries:
         style = _STATUS_STYLE.get(entry.status, "red")
         detail = f"{entry.into} ({entry.rule})" if entry.into else "; ".join(entry.reasons)
-        # Node names and reasons are the model's text, not markup.
-        table.add_row(escape(entry.node), entry.op_type, f"[{style}]{entry.status}[/]",
-                      escape(detail), escape(entry.graph))
+        # Node names and reasons are the model's text, not markup: plain Text, never parsed.
+        table.add_row(Text(entry.node), Text(entry.op_type), Text(entry.status, style=style),
+                      Text(detail), Text(entry.graph))
     if not report.entries:
         table.add_row("-", "-", "-", "no BatchNormalization or foldable Mul/Add found", "")
     console.print(table)

@@ -10,9 +10,11 @@ nothing about timings.
     python tools/onnx_models.py --out models/
     .venv-peers/bin/python tools/bench_fold.py --models models/ --repeat 5
 
-Peers missing from the running Python are reported as "not installed". The error column is
-max|a−b| / max|a| of the tool's output against the original, both run in ONNX Runtime with graph
-optimisation disabled on one seeded batch-1 input.
+Peers missing from the running Python are reported as "not installed". The error columns are
+max|a−b| / max|a| of the tool's output (run in ONNX Runtime with graph optimisation disabled, on
+one seeded batch-1 input) against the original run the same way ("err vs orig") and against the
+original evaluated in float64 by onnx.reference ("err vs f64", the ground truth; the floor row's
+figure is the float32 original's own error).
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class Outcome:
 
     runs: list[Run] = dataclasses.field(default_factory=list)
     bn_left: int | None = None
-    max_error: float | None = None
+    max_error: float | None = None  # against the float32 original in ORT
+    truth_error: float | None = None  # against the original evaluated in float64
     note: str = ""
 
     @property
@@ -157,7 +160,9 @@ def count_batchnorms(path: str) -> int:
 
 
 class Reference:
-    """The original model's output in ONNX Runtime with graph optimisation off."""
+    """The original model's output in ONNX Runtime with graph optimisation off, and in float64
+    (onnx.reference through bnfold.float64) when bnfold is importable: the ground truth that
+    both the original's float32 run and every tool's output are measured against."""
 
     def __init__(self, model_path: str, seed: int = 0) -> None:
         import numpy as np
@@ -169,6 +174,14 @@ class Reference:
             shape = [d if isinstance(d, int) else 1 for d in graph_input.shape]
             self.feeds[graph_input.name] = rng.standard_normal(shape).astype(np.float32)
         self.outputs = session.run(None, self.feeds)
+        self.truth = None
+        if importlib.util.find_spec("bnfold") is not None:
+            from bnfold.float64 import evaluate_float64
+            from bnfold.io import load_model
+
+            names = [o.name for o in session.get_outputs()]
+            truth = evaluate_float64(load_model(model_path), self.feeds)
+            self.truth = [truth[name] for name in names]
 
     @staticmethod
     def _session(path: str):
@@ -178,15 +191,22 @@ class Reference:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-    def max_error(self, candidate_path: str) -> float:
-        import numpy as np
-
+    def max_errors(self, candidate_path: str) -> tuple[float, float | None]:
+        """Scale-relative max error against the float32 original and the float64 truth."""
         got = self._session(candidate_path).run(None, self.feeds)
-        worst = 0.0
-        for a, b in zip(self.outputs, got):
-            scale = float(np.abs(a).max()) or 1.0
-            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) / scale)
-        return worst
+        truth = None if self.truth is None else _relative_error(self.truth, got)
+        return _relative_error(self.outputs, got), truth
+
+
+def _relative_error(expected, got) -> float:
+    """max|a−b| / max|a| over every output."""
+    import numpy as np
+
+    worst = 0.0
+    for a, b in zip(expected, got):
+        scale = float(np.abs(a).max()) or 1.0
+        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) / scale)
+    return worst
 
 
 def judge(model_path: str, candidate_paths: list[str]) -> list[dict]:
@@ -194,9 +214,10 @@ def judge(model_path: str, candidate_paths: list[str]) -> list[dict]:
     reference = Reference(model_path)
     verdicts = []
     for path in candidate_paths:
-        verdict = {"bn_left": count_batchnorms(path), "max_error": None, "note": ""}
+        verdict = {"bn_left": count_batchnorms(path), "max_error": None, "truth_error": None,
+                   "note": ""}
         try:
-            verdict["max_error"] = reference.max_error(path)
+            verdict["max_error"], verdict["truth_error"] = reference.max_errors(path)
         except Exception as error:  # a peer's output ORT cannot run is a result, not a crash
             verdict["note"] = f"output does not run in ORT: {str(error).splitlines()[0][:120]}"
         verdicts.append(verdict)
@@ -230,6 +251,7 @@ def bench_model(model_path: str, tools: list[Tool], repeat: int, warmup: int, ti
     original, *verdicts = json.loads(judged)
     for name, verdict in zip(written, verdicts):
         outcomes[name].bn_left, outcomes[name].max_error = verdict["bn_left"], verdict["max_error"]
+        outcomes[name].truth_error = verdict["truth_error"]
         outcomes[name].note = verdict["note"]
         os.remove(out_paths[name])
     for tool in tools:
@@ -252,11 +274,11 @@ def model_table(name: str, size: int, outcomes: dict[str, Outcome], tools: list[
                 missing: dict[str, str], bn_before: int) -> str:
     floor = outcomes[TOOLS[0].name].median_seconds()
     header = ["tool", "time/floor", "min-max", "median s", "RSS/size", "peak MB", "BN left",
-              "max rel err", "note"]
+              "err vs orig", "err vs f64", "note"]
     rows = []
     for tool in TOOLS:
         if tool.name in missing:
-            rows.append([tool.name, "-", "-", "-", "-", "-", "-", "-", missing[tool.name]])
+            rows.append([tool.name, "-", "-", "-", "-", "-", "-", "-", "-", missing[tool.name]])
             continue
         if tool.name not in outcomes:
             continue
@@ -274,6 +296,7 @@ def model_table(name: str, size: int, outcomes: dict[str, Outcome], tools: list[
             f"{rss / 1e6:.0f}",
             "-" if outcome.bn_left is None else str(outcome.bn_left),
             "-" if outcome.max_error is None else f"{outcome.max_error:.1e}",
+            "-" if outcome.truth_error is None else f"{outcome.truth_error:.1e}",
             outcome.note,
         ])
     title = (f"== {name}: {size / 1e6:.1f} MB, {bn_before} BatchNormalization, "
@@ -290,11 +313,12 @@ def summary(results: dict[str, tuple[int, dict[str, Outcome]]], tools: list[Tool
             if outcomes[tool.name].ok:
                 ratios[tool.name][model] = outcomes[tool.name].median_seconds() / floor
     models = list(results)
-    header = ["tool", "geomean time/floor", *models, "max RSS/size", "worst err"]
+    header = ["tool", "geomean time/floor", *models, "max RSS/size", "worst err",
+              "worst err vs f64"]
     rows = []
     for tool in TOOLS:
         if tool.name in missing:
-            rows.append([tool.name, missing[tool.name], *["-"] * (len(models) + 2)])
+            rows.append([tool.name, missing[tool.name], *["-"] * (len(models) + 3)])
             continue
         if tool.name not in ratios:
             continue
@@ -303,12 +327,14 @@ def summary(results: dict[str, tuple[int, dict[str, Outcome]]], tools: list[Tool
         rss = [max(r.peak_rss for r in results[m][1][tool.name].runs) / results[m][0]
                for m in models if results[m][1][tool.name].runs]
         errors = [results[m][1][tool.name].max_error for m in models]
+        truth_errors = [results[m][1][tool.name].truth_error for m in models]
         rows.append([
             tool.name,
             "-" if mean is None else f"{mean:.2f}x",
             *[f"{by_model[m]:.2f}x" if m in by_model else "failed" for m in models],
             f"{max(rss):.2f}" if rss else "-",
             "-" if any(e is None for e in errors) else f"{max(errors):.1e}",
+            "-" if any(e is None for e in truth_errors) else f"{max(truth_errors):.1e}",
         ])
     text = "== summary: median whole-process time over the I/O floor ==\n"
     text += _format_table(header, rows)
@@ -343,13 +369,28 @@ def _targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
     worst_rss = max(rss, key=rss.get)
     lines.append(f"  {_verdict(rss[worst_rss] <= TARGET_RSS)}  peak RSS: worst {rss[worst_rss]:.2f}x "
                  f"the model size on {worst_rss} (target <= {TARGET_RSS}x, max over repeats)")
+    baseline = next((t for t in tools if t.name == "python + import onnx"), None)
+    if baseline is not None:
+        above = {m: (max(r.peak_rss for r in results[m][1][tool.name].runs)
+                     - statistics.median(r.peak_rss for r in results[m][1][baseline.name].runs))
+                 / results[m][0] for m in models}
+        worst_above = max(above, key=above.get)
+        lines.append(f"  info  peak RSS above the python + import onnx baseline: worst "
+                     f"{above[worst_above]:.2f}x the model size on {worst_above}")
     errors = {m: results[m][1][tool.name].max_error for m in models}
     if any(e is None for e in errors.values()):
         lines.append("  FAIL  error: some output could not be evaluated")
     else:
         worst = max(errors, key=errors.get)
         lines.append(f"  {_verdict(errors[worst] <= TARGET_ERROR)}  error: worst {errors[worst]:.1e} "
-                     f"on {worst} (target <= {TARGET_ERROR:.0e})")
+                     f"on {worst} against the float32 original (target <= {TARGET_ERROR:.0e})")
+    truth = {m: results[m][1][tool.name].truth_error for m in models}
+    if all(e is not None for e in truth.values()):
+        worst = max(truth, key=truth.get)
+        original = results[worst][1][TOOLS[0].name].truth_error
+        lines.append(f"  {_verdict(truth[worst] <= TARGET_ERROR)}  error: worst {truth[worst]:.1e} "
+                     f"on {worst} against the float64 truth (the float32 original itself: "
+                     f"{original:.1e})")
     return "\n".join(lines)
 
 

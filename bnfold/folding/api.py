@@ -10,7 +10,8 @@ from bnfold.errors import BnfoldError
 from bnfold.folding.engine import fold_model
 from bnfold.folding.graph import PendingTensors
 from bnfold.folding.report import FoldReport
-from bnfold.io import external_data_name, load_model, load_model_info, save_model
+from bnfold.io import external_data_name, load_model, load_model_deferred, save_model
+from bnfold.io_deferred import DeferredData
 
 
 class FoldResult:
@@ -22,15 +23,21 @@ class FoldResult:
         report: FoldReport,
         output_path: str | None = None,
         pending: PendingTensors | None = None,
+        deferred: DeferredData | None = None,
     ):
         self._model = model
         self._pending = pending
+        self._deferred = deferred
         self.report = report
         self.output_path = output_path
 
     @property
     def model(self) -> onnx.ModelProto:
-        # fold_file leaves folded weights outside the proto while writing; put them in on demand.
+        # fold_file leaves weights outside the proto (folded ones in numpy, untouched ones in
+        # their files) while writing; put them in on demand.
+        if self._deferred is not None:
+            self._deferred.materialize(self._model.graph, skip=self._pending or ())
+            self._deferred = None
         if self._pending:
             self._pending.apply(self._model.graph)
         return self._model
@@ -84,8 +91,9 @@ def fold_file(
         raise BnfoldError(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
-    model, source_data_files = load_model_info(input_path)
+    model, deferred, source_data_files = load_model_deferred(input_path)
     if os.path.realpath(output_path) in source_data_files:
+        deferred.close()
         raise BnfoldError(
             f"output {output_path!r} is the input's external data file: choose another -o"
         )
@@ -93,13 +101,20 @@ def fold_file(
         os.path.join(os.path.dirname(os.path.abspath(output_path)), external_data_name(output_path))
     )
     if output_data in source_data_files and not in_place:
+        deferred.close()
         raise BnfoldError(
             f"writing {output_path!r} would replace {os.path.basename(output_data)!r}, which holds "
             f"the input's own weights: choose another -o (or --in-place to replace the input)"
         )
     pending = PendingTensors()
-    report = fold_model(model, lower_standalone=lower_standalone, pending=pending)
-    result = FoldResult(model, report, pending=pending)
+    try:
+        report = fold_model(
+            model, lower_standalone=lower_standalone, pending=pending, deferred=deferred
+        )
+    except BaseException:
+        deferred.close()
+        raise
+    result = FoldResult(model, report, pending=pending, deferred=deferred)
 
     def accept(staged_path: str) -> bool:
         if not verify:
@@ -112,7 +127,7 @@ def fold_file(
 
     written = save_model(
         model, output_path, external_data=bool(source_data_files) or None, accept=accept,
-        overrides=pending,
+        overrides=pending, deferred=deferred,
     )
     result.output_path = output_path if written else None
     return result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import onnx
 
 from bnfold.errors import BnfoldError
@@ -19,6 +20,7 @@ from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 from bnfold.folding.rules import FOLD_RULES, LOWER_RULES
 from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
+from bnfold.io_deferred import DeferredData
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
 
@@ -28,15 +30,16 @@ def fold_model(
     *,
     lower_standalone: bool = False,
     pending: PendingTensors | None = None,
+    deferred: DeferredData | None = None,
 ) -> FoldReport:
     """Fold `model` in place and return what happened.
 
     With `pending`, new values of main-graph initializers are left there instead of being
     copied into the model (save_model writes them straight from numpy; `pending.apply`
-    puts them in the model).
+    puts them in the model). `deferred` holds the bytes of initializers loaded without them.
     """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
-    folder = _ModelFolder(model, lower_standalone, report, pending)
+    folder = _ModelFolder(model, lower_standalone, report, pending, deferred)
     folder.fold_graph(model.graph, {}, "main")
     remove_unused(model, folder.dead)
     report.nodes_after = count_nodes(model.graph)
@@ -51,9 +54,11 @@ class _ModelFolder:
         lower_standalone: bool,
         report: FoldReport,
         pending: PendingTensors | None,
+        deferred: DeferredData | None,
     ):
         self.main_graph = model.graph
         self.pending = pending
+        self.deferred = deferred
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
         )
@@ -64,8 +69,10 @@ class _ModelFolder:
         self.dead: list[str] = []
 
     def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
-        pending = self.pending if graph is self.main_graph else None
-        return GraphView(graph, self.names, self.types, outer, path, pending, self.opset)
+        if graph is self.main_graph:
+            return GraphView(graph, self.names, self.types, outer, path, self.pending, self.opset,
+                             self.deferred)
+        return GraphView(graph, self.names, self.types, outer, path, None, self.opset)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
         scope = self.view(graph, outer, path)
@@ -220,4 +227,4 @@ def count_nodes(graph: onnx.GraphProto) -> int:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Values held in initializers and Constant tensors, subgraphs included."""
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in iter_tensors(model)))
+    return sum(math.prod(t.dims) for t in iter_tensors(model))

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io import iter_tensors
+from bnfold.io_deferred import DeferredData
 from bnfold.precision import bfloat16_bits_to_float32
 
 SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -63,22 +64,26 @@ _RAW_FLOAT_TYPES = {
 }
 
 
-def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values, refusing data whose size does not match its dims."""
+def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
+    """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
+    bytes of a tensor loaded without them (bnfold.io_deferred)."""
     count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if raw is None and tensor.HasField("raw_data"):
+        # One read of raw_data: each access copies the bytes out of the protobuf.
+        raw = tensor.raw_data
     if tensor.data_type == onnx.TensorProto.BFLOAT16:
-        if tensor.HasField("raw_data"):
-            bits = np.frombuffer(tensor.raw_data, dtype=np.uint16)
+        if raw is not None:
+            bits = np.frombuffer(raw, dtype=np.uint16)
         else:
             bits = np.asarray(tensor.int32_data, dtype=np.uint16)
         _check_count(tensor, bits.size, count)
         return bfloat16_bits_to_float32(bits).reshape(tuple(tensor.dims))
-    if tensor.HasField("raw_data") and tensor.data_type in _RAW_FLOAT_TYPES:
-        # One read of raw_data: each access copies the bytes out of the protobuf.
-        raw = tensor.raw_data
+    if raw is not None and tensor.data_type in _RAW_FLOAT_TYPES:
         dtype = _RAW_FLOAT_TYPES[tensor.data_type]
         _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
         return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    if raw is not None and not tensor.HasField("raw_data"):
+        tensor = _with_raw_data(tensor, raw)
     try:
         array = numpy_helper.to_array(tensor)
     except (ValueError, TypeError) as exc:
@@ -87,6 +92,13 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
         ) from None
     _check_count(tensor, array.size, count)
     return array
+
+
+def _with_raw_data(tensor: onnx.TensorProto, raw: bytes) -> onnx.TensorProto:
+    full = onnx.TensorProto()
+    full.CopyFrom(tensor)
+    full.raw_data = raw
+    return full
 
 
 def _check_count(tensor: onnx.TensorProto, have: int, want: int, stray_bytes: int = 0) -> None:
@@ -132,6 +144,12 @@ class Constant:
     tensor: onnx.TensorProto
     owner: onnx.GraphProto  # the graph that holds it (an outer one for outer-scope names)
     is_initializer: bool
+    deferred: DeferredData | None = None  # holds the bytes when the tensor was loaded without
+
+    def array(self) -> np.ndarray:
+        if self.deferred is not None and self.deferred.holds(self.tensor):
+            return tensor_to_array(self.tensor, self.deferred.read(self.tensor.name))
+        return tensor_to_array(self.tensor)
 
 
 class GraphView:
@@ -146,6 +164,7 @@ class GraphView:
         path: str = "main",
         pending: PendingTensors | None = None,
         opset: int = 17,
+        deferred: DeferredData | None = None,
     ):
         self.graph = graph
         self.opset = opset  # the model's default-domain opset: op semantics differ by version
@@ -171,7 +190,7 @@ class GraphView:
             self.initializers[tensor.name] = tensor
             # IR<4 lists initializers as graph inputs: those are overridable, not constant.
             if tensor.name not in self.graph_inputs:
-                self.constants[tensor.name] = Constant(tensor, graph, True)
+                self.constants[tensor.name] = Constant(tensor, graph, True, deferred)
         for index, node in enumerate(self.nodes):
             self._index_node(index, node)
 
@@ -218,7 +237,7 @@ class GraphView:
         if self.pending is not None and name in self.pending and name in self.initializers:
             return self.pending.values(name)
         constant = self.constants.get(name)
-        return None if constant is None else tensor_to_array(constant.tensor)
+        return None if constant is None else constant.array()
 
     def constant_dtype(self, name: str) -> int | None:
         constant = self.constants.get(name)

@@ -1,0 +1,132 @@
+"""Initializer bytes left in their files until something needs them.
+
+Folding reads the weights next to a BatchNormalization and nothing else; every other tensor only
+has to reach the output. So the loader records where each large main-graph initializer's bytes
+lie (inside the .onnx file itself, or in an external data file already checked to be inside the
+model's folder), the fold reads the few it needs with `pread`, and the writer copies the rest
+file to file (`copy_file_range`, kernel side) without ever holding them in Python. Peak memory is
+then the graph, the folded weights and one tensor, not the whole model twice.
+
+A deferred tensor's TensorProto has its dims, type and name but no data; `materialize` puts the
+bytes back when a caller wants a complete ModelProto.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import BinaryIO
+
+import onnx
+
+from bnfold.errors import BnfoldError
+
+# Smaller tensors are parsed into the proto as usual: deferring them saves nothing.
+DEFER_MIN_BYTES = 4096
+_CHUNK = 8 * 2**20
+
+
+class DeferredData:
+    """Where the bytes of deferred main-graph initializers lie, by initializer name."""
+
+    def __init__(self):
+        self._files: dict[str, BinaryIO] = {}  # real path -> file opened for reading
+        self._spans: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, length)
+        self._finalizer = weakref.finalize(self, _close_all, self._files)
+
+    def file(self, path: str) -> BinaryIO:
+        """`path` opened for reading, once; it stays open until close()."""
+        handle = self._files.get(path)
+        if handle is None:
+            handle = self._files[path] = open(path, "rb")  # noqa: SIM115 (closed by close())
+        return handle
+
+    def add(self, name: str, path: str, offset: int, length: int) -> None:
+        self._spans[name] = (self.file(path).fileno(), offset, length)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._spans
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def nbytes(self, name: str) -> int:
+        return self._spans[name][2]
+
+    def read(self, name: str) -> bytes:
+        """The tensor's raw bytes (a fresh copy)."""
+        fd, offset, length = self._spans[name]
+        parts, done = [], 0
+        while done < length:  # pread may return less than asked (Linux caps one call ~2 GiB)
+            parts.append(self._pread(name, fd, min(length - done, 2**30), offset + done))
+            done += len(parts[-1])
+        return b"".join(parts)
+
+    @staticmethod
+    def _pread(name: str, fd: int, size: int, offset: int) -> bytes:
+        try:
+            part = os.pread(fd, size, offset)
+        except OSError as exc:
+            raise BnfoldError(f"cannot read the data of tensor {name!r}: {exc}") from None
+        if not part:
+            raise BnfoldError(
+                f"the data of tensor {name!r} ends early: its file changed or was truncated "
+                f"while bnfold was reading it; run again on a complete file"
+            )
+        return part
+
+    def copy_to(self, name: str, handle: BinaryIO) -> None:
+        """Append the tensor's bytes to `handle`, file to file where the OS allows it."""
+        fd, offset, length = self._spans[name]
+        try:
+            out_fd = handle.fileno()
+        except (AttributeError, OSError, ValueError):
+            out_fd = None
+        if out_fd is not None and hasattr(os, "copy_file_range"):
+            handle.flush()
+            done = _copy_range(fd, out_fd, offset, length)
+            handle.seek(0, os.SEEK_END)
+        else:
+            done = 0
+        while done < length:
+            part = self._pread(name, fd, min(length - done, _CHUNK), offset + done)
+            handle.write(part)
+            done += len(part)
+
+    def materialize(self, graph: onnx.GraphProto, skip=()) -> None:
+        """Read every deferred initializer of `graph` (except names in `skip`) into the proto,
+        then close the files: afterwards the model stands alone."""
+        try:
+            for tensor in graph.initializer:
+                if self.holds(tensor) and tensor.name not in skip:
+                    tensor.raw_data = self.read(tensor.name)
+        finally:
+            self.close()
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        """True when `tensor` (a main-graph initializer) has its bytes here, not in itself."""
+        return tensor.name in self._spans and not tensor.HasField("raw_data")
+
+    def close(self) -> None:
+        self._spans.clear()
+        self._finalizer()
+
+
+def _copy_range(in_fd: int, out_fd: int, offset: int, length: int) -> int:
+    """Bytes copied with copy_file_range; stops early (caller finishes) where it is refused."""
+    done = 0
+    while done < length:
+        try:
+            copied = os.copy_file_range(in_fd, out_fd, min(length - done, 2**30), offset + done)
+        except OSError:  # EXDEV, ENOSYS, EINVAL on some file systems: fall back to read/write
+            return done
+        if copied == 0:
+            return done
+        done += copied
+    return done
+
+
+def _close_all(files: dict[str, BinaryIO]) -> None:
+    for handle in files.values():
+        handle.close()
+    files.clear()
