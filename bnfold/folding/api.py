@@ -10,7 +10,7 @@ from bnfold.errors import BnfoldError
 from bnfold.folding.engine import fold_model
 from bnfold.folding.graph import PendingTensors
 from bnfold.folding.report import FoldReport
-from bnfold.io import external_data_name, load_model, load_model_deferred, save_model
+from bnfold.io import external_data_name, load_model_deferred, save_model
 from bnfold.io_deferred import DeferredData
 
 
@@ -58,10 +58,25 @@ def fold(
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-    else:
-        model = load_model(model_or_path)
-    report = fold_model(model, lower_standalone=lower_standalone)
-    return FoldResult(model, report)
+        return FoldResult(model, fold_model(model, lower_standalone=lower_standalone))
+    # From a file, weights stay where they are until `result.model` is asked for, so a caller
+    # that only wants the report (`bnfold inspect`) never loads the model in full.
+    model, deferred, _ = load_model_deferred(model_or_path)
+    pending = PendingTensors()
+    report = _fold_deferred(model, lower_standalone, pending, deferred)
+    return FoldResult(model, report, pending=pending, deferred=deferred)
+
+
+def _fold_deferred(
+    model: onnx.ModelProto, lower_standalone: bool, pending: PendingTensors, deferred: DeferredData
+) -> FoldReport:
+    try:
+        return fold_model(
+            model, lower_standalone=lower_standalone, pending=pending, deferred=deferred
+        )
+    except BaseException:
+        deferred.close()
+        raise
 
 
 def default_output_path(input_path: str | os.PathLike) -> str:
@@ -107,13 +122,7 @@ def fold_file(
             f"the input's own weights: choose another -o (or --in-place to replace the input)"
         )
     pending = PendingTensors()
-    try:
-        report = fold_model(
-            model, lower_standalone=lower_standalone, pending=pending, deferred=deferred
-        )
-    except BaseException:
-        deferred.close()
-        raise
+    report = _fold_deferred(model, lower_standalone, pending, deferred)
     result = FoldResult(model, report, pending=pending, deferred=deferred)
 
     def accept(staged_path: str) -> bool:
