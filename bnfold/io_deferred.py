@@ -31,7 +31,8 @@ class DeferredData:
 
     def __init__(self):
         self._files: dict[str, BinaryIO] = {}  # real path -> file opened for reading
-        self._spans: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, length)
+        # name -> (file, offset, length)
+        self._spans: dict[str, tuple[BinaryIO, int, int]] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._files)
 
     def file(self, path: str) -> BinaryIO:
@@ -42,7 +43,7 @@ class DeferredData:
         return handle
 
     def add(self, name: str, path: str, offset: int, length: int) -> None:
-        self._spans[name] = (self.file(path).fileno(), offset, length)
+        self._spans[name] = (self.file(path), offset, length)
 
     def __contains__(self, name: str) -> bool:
         return name in self._spans
@@ -55,17 +56,21 @@ class DeferredData:
 
     def read(self, name: str) -> bytes:
         """The tensor's raw bytes (a fresh copy)."""
-        fd, offset, length = self._spans[name]
+        source, offset, length = self._spans[name]
         parts, done = [], 0
         while done < length:  # pread may return less than asked (Linux caps one call ~2 GiB)
-            parts.append(self._pread(name, fd, min(length - done, 2**30), offset + done))
+            parts.append(self._pread(name, source, min(length - done, 2**30), offset + done))
             done += len(parts[-1])
         return b"".join(parts)
 
     @staticmethod
-    def _pread(name: str, fd: int, size: int, offset: int) -> bytes:
+    def _pread(name: str, source: BinaryIO, size: int, offset: int) -> bytes:
         try:
-            part = os.pread(fd, size, offset)
+            if hasattr(os, "pread"):
+                part = os.pread(source.fileno(), size, offset)
+            else:  # Windows: no pread; the file object is only ever used from here
+                source.seek(offset)
+                part = source.read(size)
         except OSError as exc:
             raise BnfoldError(f"cannot read the data of tensor {name!r}: {exc}") from None
         if not part:
@@ -77,19 +82,19 @@ class DeferredData:
 
     def copy_to(self, name: str, handle: BinaryIO) -> None:
         """Append the tensor's bytes to `handle`, file to file where the OS allows it."""
-        fd, offset, length = self._spans[name]
+        source, offset, length = self._spans[name]
         try:
             out_fd = handle.fileno()
         except (AttributeError, OSError, ValueError):
             out_fd = None
         if out_fd is not None and hasattr(os, "copy_file_range"):
             handle.flush()
-            done = _copy_range(fd, out_fd, offset, length)
+            done = _copy_range(source.fileno(), out_fd, offset, length)
             handle.seek(0, os.SEEK_END)
         else:
             done = 0
         while done < length:
-            part = self._pread(name, fd, min(length - done, _CHUNK), offset + done)
+            part = self._pread(name, source, min(length - done, _CHUNK), offset + done)
             handle.write(part)
             done += len(part)
 
