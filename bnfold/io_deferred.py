@@ -31,19 +31,41 @@ class DeferredData:
 
     def __init__(self):
         self._files: dict[str, BinaryIO] = {}  # real path -> file opened for reading
-        # name -> (file, offset, length)
-        self._spans: dict[str, tuple[BinaryIO, int, int]] = {}
+        self._identity: dict[str, tuple[int, ...]] = {}  # real path -> the file first opened
+        self._spans: dict[str, tuple[str, int, int]] = {}  # name -> (real path, offset, length)
         self._finalizer = weakref.finalize(self, _close_all, self._files)
 
     def file(self, path: str) -> BinaryIO:
-        """`path` opened for reading, once; it stays open until close()."""
+        """`path` opened for reading; it stays open until release_files() or close(). Opened
+        again later, it must still be the same unchanged file."""
         handle = self._files.get(path)
         if handle is None:
-            handle = self._files[path] = open(path, "rb")  # noqa: SIM115 (closed by close())
+            try:
+                handle = open(path, "rb")  # noqa: SIM115 (closed by release_files/close)
+            except OSError as exc:
+                if path not in self._identity:
+                    raise  # the first open: the loader turns this into its own message
+                raise BnfoldError(
+                    f"cannot reopen {path!r} ({exc.strerror or exc}): it was moved or deleted "
+                    f"after bnfold read the model; load or fold it again"
+                ) from None
+            identity = _identity(os.fstat(handle.fileno()))
+            if self._identity.setdefault(path, identity) != identity:
+                handle.close()
+                raise BnfoldError(
+                    f"{path!r} changed after bnfold read the model: load or fold it again"
+                )
+            self._files[path] = handle
         return handle
 
+    def release_files(self) -> None:
+        """Close the open files (a kept FoldResult must not hold descriptors); reading a tensor
+        afterwards reopens its file, refusing one that has changed since."""
+        _close_all(self._files)
+
     def add(self, name: str, path: str, offset: int, length: int) -> None:
-        self._spans[name] = (self.file(path), offset, length)
+        self.file(path)
+        self._spans[name] = (path, offset, length)
 
     def __contains__(self, name: str) -> bool:
         return name in self._spans
@@ -56,15 +78,15 @@ class DeferredData:
 
     def read(self, name: str) -> bytes:
         """The tensor's raw bytes (a fresh copy)."""
-        source, offset, length = self._spans[name]
+        path, offset, length = self._spans[name]
         parts, done = [], 0
         while done < length:  # pread may return less than asked (Linux caps one call ~2 GiB)
-            parts.append(self._pread(name, source, min(length - done, 2**30), offset + done))
+            parts.append(self._pread(name, path, min(length - done, 2**30), offset + done))
             done += len(parts[-1])
         return b"".join(parts)
 
-    @staticmethod
-    def _pread(name: str, source: BinaryIO, size: int, offset: int) -> bytes:
+    def _pread(self, name: str, path: str, size: int, offset: int) -> bytes:
+        source = self.file(path)
         try:
             if hasattr(os, "pread"):
                 part = os.pread(source.fileno(), size, offset)
@@ -82,19 +104,19 @@ class DeferredData:
 
     def copy_to(self, name: str, handle: BinaryIO) -> None:
         """Append the tensor's bytes to `handle`, file to file where the OS allows it."""
-        source, offset, length = self._spans[name]
+        path, offset, length = self._spans[name]
         try:
             out_fd = handle.fileno()
         except (AttributeError, OSError, ValueError):
             out_fd = None
         if out_fd is not None and hasattr(os, "copy_file_range"):
             handle.flush()
-            done = _copy_range(source.fileno(), out_fd, offset, length)
+            done = _copy_range(self.file(path).fileno(), out_fd, offset, length)
             handle.seek(0, os.SEEK_END)
         else:
             done = 0
         while done < length:
-            part = self._pread(name, source, min(length - done, _CHUNK), offset + done)
+            part = self._pread(name, path, min(length - done, _CHUNK), offset + done)
             handle.write(part)
             done += len(part)
 
@@ -129,6 +151,10 @@ def _copy_range(in_fd: int, out_fd: int, offset: int, length: int) -> int:
             return done
         done += copied
     return done
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _close_all(files: dict[str, BinaryIO]) -> None:

@@ -144,3 +144,40 @@ def test_duplicate_initializer_names_keep_each_ones_bytes(tmp_path):
     assert buffer.getvalue() == m.SerializeToString()
     deferred.materialize(model.graph)
     assert model == m
+
+
+def _open_descriptors_to(path) -> int:
+    real = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == real
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+def test_kept_results_hold_no_descriptors(sample_path, tmp_path):
+    results = [bnfold.fold(sample_path), bnfold.fold_file(sample_path, tmp_path / "o.onnx",
+                                                           verify=False)]
+    assert _open_descriptors_to(sample_path) == 0
+    for result in results:  # the model is still there on demand, read through a reopened file
+        assert result.model.SerializeToString() == _eager_fold_bytes(sample_path)
+    assert _open_descriptors_to(sample_path) == 0
+
+
+def test_model_of_an_input_changed_since_folding_is_refused(sample_path):
+    result = bnfold.fold(sample_path)
+    data = sample_path.read_bytes()
+    sample_path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]) + b"\0")
+    for _ in range(2):  # asked again, it still refuses rather than hand out a half-read model
+        with pytest.raises(BnfoldError, match="changed after bnfold read the model"):
+            result.model
+
+
+def test_model_of_an_input_deleted_since_folding_is_refused(sample_path):
+    result = bnfold.fold(sample_path)
+    os.remove(sample_path)
+    with pytest.raises(BnfoldError, match="cannot reopen"):
+        result.model

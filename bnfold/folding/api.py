@@ -28,16 +28,23 @@ class FoldResult:
         self._model = model
         self._pending = pending
         self._deferred = deferred
+        self._unavailable: BnfoldError | None = None
         self.report = report
         self.output_path = output_path
 
     @property
     def model(self) -> onnx.ModelProto:
-        # fold_file leaves weights outside the proto (folded ones in numpy, untouched ones in
-        # their files) while writing; put them in on demand.
+        # fold/fold_file leave weights outside the proto (folded ones in numpy, untouched ones
+        # in their files); put them in on demand.
+        if self._unavailable is not None:
+            raise self._unavailable  # a half-read model is never handed out
         if self._deferred is not None:
-            self._deferred.materialize(self._model.graph, skip=self._pending or ())
-            self._deferred = None
+            deferred, self._deferred = self._deferred, None
+            try:
+                deferred.materialize(self._model.graph, skip=self._pending or ())
+            except BnfoldError as exc:
+                self._unavailable = exc
+                raise
         if self._pending:
             self._pending.apply(self._model.graph)
         return self._model
@@ -64,6 +71,7 @@ def fold(
     model, deferred, _ = load_model_deferred(model_or_path)
     pending = PendingTensors()
     report = _fold_deferred(model, lower_standalone, pending, deferred)
+    deferred.release_files()
     return FoldResult(model, report, pending=pending, deferred=deferred)
 
 
@@ -134,11 +142,19 @@ def fold_file(
         result.report.verification = outcome.to_dict()
         return outcome.ok
 
-    written = save_model(
-        model, output_path, external_data=bool(source_data_files) or None, accept=accept,
-        overrides=pending, deferred=deferred,
-    )
+    try:
+        written = save_model(
+            model, output_path, external_data=bool(source_data_files) or None, accept=accept,
+            overrides=pending, deferred=deferred,
+        )
+    except BaseException:
+        deferred.close()
+        raise
     result.output_path = output_path if written else None
+    if not in_place:
+        # Reopened (and checked unchanged) if result.model is asked for. After --in-place the
+        # input's old bytes are only reachable through the open descriptor, so it stays open.
+        deferred.release_files()
     return result
 
 
