@@ -7,7 +7,6 @@ input is covered. The TensorRT calls live in `bnfold.engines.trt`.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 

@@ -12,7 +12,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -20,7 +20,9 @@ from google.protobuf.message import DecodeError
 
 from bnfold.errors import BnfoldError
 from bnfold.io_deferred import DEFER_MIN_BYTES, DeferredData
+from bnfold.io_external import load_external_data
 from bnfold.io_stream import WireError, read_model, write_model
+from bnfold.io_tensors import all_graphs, iter_other_tensors, iter_tensors
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -79,8 +81,40 @@ def _load_into(path: str, deferred: DeferredData) -> tuple[onnx.ModelProto, set[
         ) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError(f"{path!r} is not an ONNX model (no graph or IR version): re-export it")
+    _check_names(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
-    return model, _load_external_data(model, base_dir, path, deferred)
+    try:
+        return model, load_external_data(model, base_dir, path, deferred)
+    except OSError as exc:
+        raise BnfoldError(
+            f"cannot read the external data of {path!r}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename else "")
+        ) from None
+
+
+def _check_names(model: onnx.ModelProto, path: str) -> None:
+    """Names must be text (protobuf hands invalid UTF-8 back as bytes, which would fail deep in
+    the fold) and main-graph initializers unique (the checker rejects duplicates; ONNX Runtime
+    silently keeps the last one, so which one a fold should use is not defined)."""
+    seen: set[str] = set()
+    for tensor in model.graph.initializer:
+        name = tensor.name
+        if name in seen:
+            raise BnfoldError(
+                f"initializer {name!r} is defined more than once in {path!r}; names must be "
+                f"unique (onnx.checker rejects this model): re-export it"
+            )
+        seen.add(name)
+    for graph in all_graphs(model.graph):
+        names = [t.name for t in graph.initializer]
+        for node in graph.node:
+            names += [node.op_type, node.name, *node.input, *node.output]
+        names += [v.name for v in (*graph.input, *graph.output, *graph.value_info)]
+        bad = next((n for n in names if not isinstance(n, str)), None)
+        if bad is not None:
+            raise BnfoldError(
+                f"{path!r} holds a name that is not valid UTF-8 ({bad[:40]!r}): re-export it"
+            )
 
 
 def _parse_file(path: str, deferred: DeferredData) -> onnx.ModelProto:
@@ -111,138 +145,6 @@ def _parse_file(path: str, deferred: DeferredData) -> onnx.ModelProto:
     for name, (offset, length) in spans.items():
         deferred.add(name, os.path.realpath(path), offset, length)
     return model
-
-
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model: initializers (sparse ones too), tensor attributes,
-    subgraphs and functions included — everything that can point at external data."""
-    yield from model.graph.initializer
-    yield from iter_other_tensors(model)
-
-
-def iter_other_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """iter_tensors without the main graph's dense initializers."""
-    yield from _graph_tensors(model.graph, initializers=False)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
-
-
-def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
-    if initializers:
-        yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
-        for sparse in attr.sparse_tensors:
-            yield from (sparse.values, sparse.indices)
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for graph in attr.graphs:
-            yield from _graph_tensors(graph)
-
-
-def _load_external_data(
-    model: onnx.ModelProto, base_dir: str, model_path: str, deferred: DeferredData
-) -> set[str]:
-    """Check every external tensor's file and range; main-graph initializers are deferred,
-    the rest (subgraphs, attributes, sparse) read into memory. Returns the data files used."""
-    real_base = os.path.realpath(base_dir)
-    data_files: set[str] = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data_path, offset, length = _external_span(tensor, real_base, model_path)
-            if tensor.name and tensor.name not in deferred:
-                deferred.add(tensor.name, data_path, offset, length)
-            else:
-                tensor.raw_data = _read_span(data_path, offset, length)
-            _make_internal(tensor)
-            data_files.add(data_path)
-    for tensor in iter_other_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data_path, offset, length = _external_span(tensor, real_base, model_path)
-            tensor.raw_data = _read_span(data_path, offset, length)
-            _make_internal(tensor)
-            data_files.add(data_path)
-    return data_files
-
-
-def _external_span(
-    tensor: onnx.TensorProto, real_base: str, model_path: str
-) -> tuple[str, int, int]:
-    """(real path, offset, length) of an external tensor's bytes, all checked."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    location = info.get("location", "")
-    data_path = _confined_path(real_base, location, tensor.name, model_path)
-    try:
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info["length"]) if info.get("length") else None
-    except ValueError:
-        raise BnfoldError(
-            f"tensor {tensor.name!r} in {model_path!r} has a non-numeric external data "
-            f"offset/length: re-export the model"
-        ) from None
-    size = os.path.getsize(data_path)
-    end = offset + (length if length is not None else size - offset)
-    if offset < 0 or end > size or (length is not None and length < 0):
-        raise BnfoldError(
-            f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which has "
-            f"{size}: the data file is truncated or does not belong to this model"
-        )
-    return data_path, offset, end - offset
-
-
-def _read_span(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(length)
-
-
-def _make_internal(tensor: onnx.TensorProto) -> None:
-    tensor.data_location = onnx.TensorProto.DEFAULT
-    del tensor.external_data[:]
-
-
-def _confined_path(real_base: str, location: str, tensor_name: str, model_path: str) -> str:
-    """The real path of an external data file, which must lie inside the model's folder."""
-    if not location:
-        raise BnfoldError(
-            f"tensor {tensor_name!r} in {model_path!r} is external but names no file: "
-            f"re-export the model"
-        )
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
-        raise BnfoldError(
-            f"tensor {tensor_name!r} points at absolute path {location!r}; bnfold only reads "
-            f"external data from the model's own folder: move the data file beside the model"
-        )
-    normal = os.path.normpath(location)
-    if normal == ".." or normal.startswith(".." + os.sep):
-        raise BnfoldError(
-            f"tensor {tensor_name!r} points at {location!r}, outside the model's folder: "
-            f"move the data file beside the model"
-        )
-    real = os.path.realpath(os.path.join(real_base, normal))
-    if os.path.commonpath([real, real_base]) != real_base:
-        raise BnfoldError(
-            f"tensor {tensor_name!r} data {location!r} resolves (through a symlink) outside the "
-            f"model's folder: copy the data file beside the model"
-        )
-    if not os.path.isfile(real):
-        raise BnfoldError(
-            f"external data file {location!r} for tensor {tensor_name!r} is missing: keep it "
-            f"beside {os.path.basename(model_path)!r}"
-        )
-    return real
 
 
 def estimated_bytes(model: onnx.ModelProto) -> int:

@@ -24,6 +24,9 @@ from bnfold.errors import BnfoldError
 # Smaller tensors are parsed into the proto as usual: deferring them saves nothing.
 DEFER_MIN_BYTES = 4096
 _CHUNK = 8 * 2**20
+# Models saved with one data file per tensor can name thousands of files: keep only the most
+# recently used open (a closed one reopens, checked unchanged) instead of hitting EMFILE.
+MAX_OPEN_FILES = 32
 
 
 class DeferredData:
@@ -36,26 +39,30 @@ class DeferredData:
         self._finalizer = weakref.finalize(self, _close_all, self._files)
 
     def file(self, path: str) -> BinaryIO:
-        """`path` opened for reading; it stays open until release_files() or close(). Opened
-        again later, it must still be the same unchanged file."""
-        handle = self._files.get(path)
-        if handle is None:
-            try:
-                handle = open(path, "rb")  # noqa: SIM115 (closed by release_files/close)
-            except OSError as exc:
-                if path not in self._identity:
-                    raise  # the first open: the loader turns this into its own message
-                raise BnfoldError(
-                    f"cannot reopen {path!r} ({exc.strerror or exc}): it was moved or deleted "
-                    f"after bnfold read the model; load or fold it again"
-                ) from None
-            identity = _identity(os.fstat(handle.fileno()))
-            if self._identity.setdefault(path, identity) != identity:
-                handle.close()
-                raise BnfoldError(
-                    f"{path!r} changed after bnfold read the model: load or fold it again"
-                )
-            self._files[path] = handle
+        """`path` opened for reading (at most MAX_OPEN_FILES stay open). Opened again after it
+        was closed, it must still be the same unchanged file."""
+        handle = self._files.pop(path, None)
+        if handle is not None:
+            self._files[path] = handle  # most recently used last
+            return handle
+        if len(self._files) >= MAX_OPEN_FILES:
+            self._files.pop(next(iter(self._files))).close()
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 (closed by release_files/close)
+        except OSError as exc:
+            if path not in self._identity:
+                raise  # the first open: the loader turns this into its own message
+            raise BnfoldError(
+                f"cannot reopen {path!r} ({exc.strerror or exc}): it was moved or deleted "
+                f"after bnfold read the model; load or fold it again"
+            ) from None
+        identity = _identity(os.fstat(handle.fileno()))
+        if self._identity.setdefault(path, identity) != identity:
+            handle.close()
+            raise BnfoldError(
+                f"{path!r} changed after bnfold read the model: load or fold it again"
+            )
+        self._files[path] = handle
         return handle
 
     def release_files(self) -> None:

@@ -13,6 +13,11 @@ from typing import BinaryIO
 
 import onnx
 
+try:
+    from google.protobuf.unknown_fields import UnknownFieldSet
+except ImportError:  # protobuf < 4.24
+    UnknownFieldSet = None
+
 _MESSAGE_TYPE = 11
 _GRAPH_TAG = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 _INITIALIZER_TAG = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
@@ -70,7 +75,29 @@ def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, byte
 
 
 def _is_plain_raw(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("raw_data") and not any(len(getattr(tensor, f)) for f in _TYPED_DATA)
+    """raw_data and only the fields _tensor_header rebuilds (no typed data, no unknown ones)."""
+    return (
+        tensor.HasField("raw_data")
+        and not any(len(getattr(tensor, f)) for f in _TYPED_DATA)
+        and not _has_unknown_fields(tensor)
+    )
+
+
+def _unknown_bytes(message) -> bytes:
+    """The serialised unknown fields of `message` itself (not of its submessages)."""
+    if UnknownFieldSet is not None and not len(UnknownFieldSet(message)):
+        return b""
+    bare = type(message)()
+    bare.CopyFrom(message)  # rare (or old protobuf): only then pay for the copy
+    for field, _ in bare.ListFields():
+        bare.ClearField(field.name)
+    return bare.SerializeToString()
+
+
+def _has_unknown_fields(message) -> bool:
+    if UnknownFieldSet is None:  # protobuf too old to tell: assume there are some
+        return True
+    return len(UnknownFieldSet(message)) > 0
 
 
 def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferred=None) -> None:
@@ -88,7 +115,9 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
     graph_number = model.DESCRIPTOR.fields_by_name["graph"].number
     initializer_number = graph.DESCRIPTOR.fields_by_name["initializer"].number
     before = _serialized_fields(graph, below=initializer_number)
-    after = _serialized_fields(graph, above=initializer_number)
+    # protobuf writes unknown fields (from a newer ONNX than this onnx package) after the
+    # known ones, at every level: so does this writer, so nothing is lost.
+    after = _serialized_fields(graph, above=initializer_number) + _unknown_bytes(graph)
     # First pass: exact sizes (each raw_data read is a transient copy of one tensor).
     # A plan entry: (tensor, header or None for "serialise whole", size, data source)
     plan: list[tuple[onnx.TensorProto, tuple[bytes, bytes] | None, int, object]] = []
@@ -131,7 +160,7 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
             handle.write(raw)
         handle.write(header[1])
     handle.write(after)
-    handle.write(_serialized_fields(model, above=graph_number))
+    handle.write(_serialized_fields(model, above=graph_number) + _unknown_bytes(model))
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -228,6 +257,9 @@ def read_model(
 
 
 _TYPED_DATA_FIELDS = {4, 5, 6, 7, 10, 11}  # float, int32, string, int64, double, uint64 data
+# TensorProto fields a deferred tensor may carry: the writer rebuilds exactly these around
+# raw_data, so a tensor with any other (unknown) field is parsed whole instead.
+_HEADER_FIELDS = {1, 2, 3, 8, 12, 13, 14, 16}
 
 
 def _without_raw_data(
@@ -241,7 +273,7 @@ def _without_raw_data(
             if raw is not None:  # repeated raw_data: protobuf keeps the last; parse it normally
                 return None
             raw = (tag, payload, field_end)
-        elif number in _TYPED_DATA_FIELDS:
+        elif number not in _HEADER_FIELDS:
             return None
     if raw is None or raw[2] - raw[1] < min_bytes:
         return None

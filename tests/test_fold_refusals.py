@@ -162,7 +162,6 @@ def test_matmul_with_3d_output_is_refused():
 
 def test_float16_fold_that_would_overflow_is_refused():
     """γ/√(σ²+ε) of 1e3 on weights of 100 gives 1e5 > 65504: every peer writes inf here."""
-    r = rng(0)
     inits = [tensor("W", np.full((4, 3, 1, 1), 100.0), np.float16),
              tensor("bn_scale", np.full(4, 1.0), np.float16), tensor("bn_bias", np.zeros(4), np.float16),
              tensor("bn_mean", np.zeros(4), np.float16), tensor("bn_var", np.full(4, 1e-6), np.float16)]

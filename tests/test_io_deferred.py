@@ -14,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 import bnfold
+import bnfold.io_deferred
 from bnfold.errors import BnfoldError
 from bnfold.io import load_model, load_model_deferred, save_model
 from bnfold.io_deferred import DEFER_MIN_BYTES
@@ -131,19 +132,74 @@ def test_input_truncated_after_loading_is_a_clear_error(sample_path):
     deferred.close()
 
 
-def test_duplicate_initializer_names_keep_each_ones_bytes(tmp_path):
-    """Only the first of two same-named tensors is deferred; both are written back as they were."""
+@pytest.mark.parametrize("second", ["raw", "float_data"])
+def test_duplicate_initializer_names_are_refused(tmp_path, second):
+    """Which of two same-named weights a fold should use is undefined (the checker rejects the
+    model, ORT keeps the last): refused at load, for every command."""
     m = build_sample_model()
-    for value in (1.0, 2.0):
-        m.graph.initializer.append(numpy_helper.from_array(np.full(2048, value, np.float32), "twin"))
+    m.graph.initializer.append(numpy_helper.from_array(np.full(2048, 1.0, np.float32), "twin"))
+    twin = onnx.helper.make_tensor("twin", onnx.TensorProto.FLOAT, [2], [5.0, 6.0])
+    if second == "raw":
+        twin = numpy_helper.from_array(np.full(2048, 2.0, np.float32), "twin")
+    m.graph.initializer.append(twin)
     path = tmp_path / "twins.onnx"
     path.write_bytes(m.SerializeToString())
-    model, deferred, _ = load_model_deferred(path)
-    buffer = io.BytesIO()
-    write_model(model, buffer, deferred=deferred)
-    assert buffer.getvalue() == m.SerializeToString()
-    deferred.materialize(model.graph)
-    assert model == m
+    for call in (load_model, bnfold.fold, lambda p: bnfold.fold_file(p, verify=False)):
+        with pytest.raises(BnfoldError, match="'twin' is defined more than once"):
+            call(path)
+    assert os.listdir(tmp_path) == ["twins.onnx"]
+
+
+def test_external_bytes_win_over_raw_data_left_in_the_tensor(tmp_path):
+    m = build_sample_model()
+    weight = next(t for t in m.graph.initializer if t.name == "preact_conv.weight")
+    real = numpy_helper.to_array(weight)
+    (tmp_path / "w.bin").write_bytes(real.tobytes())
+    weight.raw_data = np.zeros_like(real).tobytes()  # a decoy onnx and ORT would ignore
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("length", str(real.nbytes))):
+        weight.external_data.add(key=key, value=value)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    loaded = {t.name: numpy_helper.to_array(t) for t in load_model(path).graph.initializer}
+    np.testing.assert_array_equal(loaded["preact_conv.weight"], real)
+    folded = bnfold.fold(path).model
+    kept = {t.name: t for t in folded.graph.initializer}["preact_conv.weight"]
+    np.testing.assert_array_equal(numpy_helper.to_array(kept), real)
+
+
+def test_one_data_file_per_tensor_never_holds_more_than_the_cap_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(bnfold.io_deferred, "MAX_OPEN_FILES", 2)
+    m = build_sample_model()
+    onnx.save(m, os.fspath(tmp_path / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)
+    assert len(os.listdir(tmp_path)) > 10
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    result = bnfold.fold_file(tmp_path / "m.onnx", out, verify=False)
+    expected = bnfold.fold(build_sample_model()).model  # onnx.save emptied m's tensors
+    for written in (load_model(out), result.model):  # the file, and the model read back on demand
+        assert [t.name for t in written.graph.initializer] == [
+            t.name for t in expected.graph.initializer
+        ]
+        for got, want in zip(written.graph.initializer, expected.graph.initializer):
+            np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
+
+
+def test_unknown_tensor_fields_survive_the_deferred_path(tmp_path):
+    """A field from a newer ONNX on a large tensor: not deferred, written back as it was."""
+    from bnfold.io_stream import varint
+
+    m = build_sample_model()
+    index = next(i for i, t in enumerate(m.graph.initializer) if t.name == "preact_conv.weight")
+    raw = m.graph.initializer[index].SerializeToString() + varint(99 << 3) + varint(1)
+    m.graph.initializer[index].CopyFrom(onnx.TensorProto.FromString(raw))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    out = tmp_path / "o.onnx"
+    bnfold.fold_file(path, out, verify=False)
+    assert out.read_bytes() == bnfold.fold(m).model.SerializeToString()
+    assert raw in out.read_bytes()
 
 
 def _open_descriptors_to(path) -> int:
@@ -181,3 +237,56 @@ def test_model_of_an_input_deleted_since_folding_is_refused(sample_path):
     os.remove(sample_path)
     with pytest.raises(BnfoldError, match="cannot reopen"):
         result.model
+
+
+def test_model_proto_without_its_external_data_is_a_clear_error(tmp_path):
+    m = build_sample_model()
+    onnx.save(m, os.fspath(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0)
+    bare = onnx.load(os.fspath(tmp_path / "m.onnx"), load_external_data=False)
+    with pytest.raises(BnfoldError, match="external file that was not loaded"):
+        bnfold.fold(bare)
+
+
+@pytest.mark.parametrize("case", ["offset past the end", "output data over the input"])
+def test_external_data_edge_cases_are_refused(tmp_path, case):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if case == "offset past the end":
+        m = build_sample_model()
+        weight = next(t for t in m.graph.initializer if t.name == "preact_conv.weight")
+        (folder / "x.bin").write_bytes(b"\0" * 64)
+        weight.ClearField("raw_data")
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value="x.bin")
+        weight.external_data.add(key="offset", value="4096")
+        path = folder / "m.onnx"
+        path.write_bytes(m.SerializeToString())
+        with pytest.raises(BnfoldError, match="reads bytes 4096"):
+            bnfold.fold_file(path, folder / "o.onnx", verify=False)
+    else:  # the input is named like the output's data file: writing it would destroy the input
+        path = folder / "model.data"
+        save_model(build_sample_model(), path, external_data=True)
+        with pytest.raises(BnfoldError, match="over the input"):
+            bnfold.fold_file(path, folder / "model", verify=False)
+    before = sorted(os.listdir(folder))
+    assert all(not name.startswith(".bnfold") for name in before)
+
+
+@pytest.mark.parametrize("case", ["unknown data type", "negative dims", "name not UTF-8"])
+def test_malformed_tensors_are_user_errors(tmp_path, case):
+    m = build_sample_model()
+    scale = next(t for t in m.graph.initializer if t.name == "stem_bn.scale")
+    data = m.SerializeToString()
+    if case == "unknown data type":
+        scale.data_type = 999
+        data = m.SerializeToString()
+    elif case == "negative dims":
+        scale.dims[0] = -scale.dims[0]
+        data = m.SerializeToString()
+    else:  # protobuf hands invalid UTF-8 back as bytes
+        data = data.replace(b"stem_bn.scale", b"stem_bn.sca\xffe")
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data)
+    with pytest.raises(BnfoldError):
+        bnfold.fold_file(path, tmp_path / "o.onnx", verify=False)
+    assert os.listdir(tmp_path) == ["bad.onnx"]

@@ -74,3 +74,23 @@ def test_reader_merges_repeated_graph_fields_like_protobuf():
 def test_reader_rejects_malformed_bytes(data):
     with pytest.raises(WireError):
         read_model(memoryview(data))
+
+
+def _with_unknown_field(message_bytes: bytes, number: int = 99) -> bytes:
+    """Append a varint field unknown to onnx (as a newer ONNX release could write)."""
+    from bnfold.io_stream import varint
+
+    return message_bytes + varint(number << 3) + varint(7)
+
+
+def test_writer_keeps_unknown_fields_of_model_graph_and_tensors():
+    m = _model_with_everything()
+    tensor = onnx.TensorProto.FromString(_with_unknown_field(m.graph.initializer[0].SerializeToString()))
+    m.graph.initializer[0].CopyFrom(tensor)
+    graph = onnx.GraphProto.FromString(_with_unknown_field(m.graph.SerializeToString(), 98))
+    m.graph.CopyFrom(graph)
+    m = onnx.ModelProto.FromString(_with_unknown_field(m.SerializeToString(), 97))
+    buffer = io.BytesIO()
+    write_model(m, buffer)
+    assert buffer.getvalue() == m.SerializeToString()
+    assert len(buffer.getvalue()) > len(_model_with_everything().SerializeToString())

@@ -110,7 +110,8 @@ def fold_file(
     """
     input_path = os.fspath(input_path)
     output_path = os.fspath(output_path) if output_path else default_output_path(input_path)
-    if _same_file(input_path, output_path) and not in_place:
+    replaces_input = _same_file(input_path, output_path)
+    if replaces_input and not in_place:
         raise BnfoldError(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
@@ -123,6 +124,12 @@ def fold_file(
     output_data = os.path.realpath(
         os.path.join(os.path.dirname(os.path.abspath(output_path)), external_data_name(output_path))
     )
+    if output_data == os.path.realpath(input_path):
+        deferred.close()
+        raise BnfoldError(
+            f"writing {output_path!r} would put its external data over the input "
+            f"{input_path!r}: choose another -o"
+        )
     if output_data in source_data_files and not in_place:
         deferred.close()
         raise BnfoldError(
@@ -151,7 +158,7 @@ def fold_file(
         deferred.close()
         raise
     result.output_path = output_path if written else None
-    if not in_place:
+    if not replaces_input:
         # Reopened (and checked unchanged) if result.model is asked for. After --in-place the
         # input's old bytes are only reachable through the open descriptor, so it stays open.
         deferred.release_files()

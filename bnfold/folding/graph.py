@@ -8,6 +8,7 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,7 +68,17 @@ _RAW_FLOAT_TYPES = {
 def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
     """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
     bytes of a tensor loaded without them (bnfold.io_deferred)."""
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if any(d < 0 for d in tensor.dims):
+        raise BnfoldError(
+            f"tensor {tensor.name!r} declares negative dims {list(tensor.dims)}: the file is "
+            f"corrupt; re-export the model"
+        )
+    count = math.prod(tensor.dims)
+    if raw is None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise BnfoldError(
+            f"tensor {tensor.name!r} keeps its data in an external file that was not loaded: "
+            f"give bnfold the model's path, or load it with its external data"
+        )
     if raw is None and tensor.HasField("raw_data"):
         # One read of raw_data: each access copies the bytes out of the protobuf.
         raw = tensor.raw_data
@@ -86,9 +97,9 @@ def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.nd
         tensor = _with_raw_data(tensor, raw)
     try:
         array = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:  # KeyError: an unknown data_type
         raise BnfoldError(
-            f"tensor {tensor.name!r} is corrupt ({exc}): re-export the model"
+            f"tensor {tensor.name!r} is corrupt ({type(exc).__name__}: {exc}): re-export the model"
         ) from None
     _check_count(tensor, array.size, count)
     return array

@@ -1,0 +1,58 @@
+"""Walking a model: every graph (subgraphs included) and every tensor (everything that can
+point at external data)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph in it, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from all_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from all_graphs(sub)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model: initializers (sparse ones too), tensor attributes,
+    subgraphs and functions included — everything that can point at external data."""
+    yield from model.graph.initializer
+    yield from iter_other_tensors(model)
+
+
+def iter_other_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """iter_tensors without the main graph's dense initializers."""
+    yield from _graph_tensors(model.graph, initializers=False)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    if initializers:
+        yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+        for sparse in attr.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
