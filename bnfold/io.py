@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError
 from bnfold.errors import BnfoldError
 from bnfold.io_deferred import DEFER_MIN_BYTES, DeferredData
 from bnfold.io_external import load_external_data
-from bnfold.io_stream import WireError, read_model, write_model
-from bnfold.io_tensors import all_graphs, iter_other_tensors, iter_tensors
+from bnfold.io_stream import TYPED_DATA, WireError, read_model, write_model
+from bnfold.io_tensors import all_graphs, iter_tensors, iter_tensors_by_scope
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -233,41 +233,34 @@ def _write_with_external_data(
     offset = 0
     try:
         with open(data_path, "wb") as data:
-            main = [(tensor, True) for tensor in model.graph.initializer]
-            for tensor, is_main in [*main, *((t, False) for t in iter_other_tensors(model))]:
+            for tensor, is_main in iter_tensors_by_scope(model):
                 override = overrides.get(tensor.name) if overrides and is_main else None
                 from_source = is_main and deferred is not None and deferred.holds(tensor)
-                if override is not None:
-                    size = override[0].nbytes
-                elif from_source:
-                    size = deferred.nbytes(tensor.name)
-                elif tensor.HasField("raw_data"):
-                    size = len(tensor.raw_data)
-                else:
+                if override is None and not from_source and not tensor.HasField("raw_data"):
                     continue  # typed data stays where it is
-                restore.append(_snapshot(tensor))
+                raw, undo = _detach_raw_data(tensor)
+                restore.append(undo)
                 if override is not None:
+                    payload = memoryview(override[0]).cast("B")
                     tensor.data_type = override[1]
                     del tensor.dims[:]
                     tensor.dims.extend(override[0].shape)
-                    for field in _TYPED_FIELDS:
+                    for field in TYPED_DATA:
                         tensor.ClearField(field)
-                if size < _EXTERNAL_MIN_BYTES:
-                    if override is not None:
-                        tensor.raw_data = override[0].tobytes()
-                    elif from_source:
-                        tensor.raw_data = deferred.read(tensor.name)
+                else:
+                    payload = None if from_source else raw  # None: still in the source file
+                size = deferred.nbytes(tensor.name) if payload is None else len(payload)
+                if size < _EXTERNAL_MIN_BYTES:  # stays inline
+                    inline = deferred.read(tensor.name) if payload is None else bytes(payload)
+                    tensor.raw_data = inline
                     continue
                 pad = -offset % 4096  # page-aligned, as onnx and ORT's mmap prefer
                 data.write(b"\0" * pad)
                 offset += pad
-                if override is not None:
-                    data.write(memoryview(override[0]).cast("B"))
-                elif from_source:
+                if payload is None:
                     deferred.copy_to(tensor.name, data)
                 else:
-                    data.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
+                    data.write(payload)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", location), ("offset", offset), ("length", size)):
                     entry = tensor.external_data.add()
@@ -280,26 +273,20 @@ def _write_with_external_data(
             undo()
 
 
-_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
-                 "uint64_data")
-
-
-def _snapshot(tensor: onnx.TensorProto) -> Callable[[], None]:
-    """A function that puts `tensor` back as it is now."""
-    saved = onnx.TensorProto()
+def _detach_raw_data(tensor: onnx.TensorProto) -> tuple[bytes | None, Callable[[], None]]:
+    """Take raw_data out of `tensor` (read once, never copied with the rest); returns it and a
+    function that puts the tensor back exactly as it was."""
     raw = tensor.raw_data if tensor.HasField("raw_data") else None
-    if raw is not None:
-        tensor.ClearField("raw_data")  # leave the big bytes out of the copy
+    tensor.ClearField("raw_data")
+    saved = onnx.TensorProto()
     saved.CopyFrom(tensor)
-    if raw is not None:
-        tensor.raw_data = raw
 
     def undo() -> None:
         tensor.CopyFrom(saved)
         if raw is not None:
             tensor.raw_data = raw
 
-    return undo
+    return raw, undo
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -13,7 +13,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io_deferred import DeferredData
-from bnfold.io_tensors import iter_other_tensors
+from bnfold.io_tensors import iter_tensors_by_scope
 
 
 def load_external_data(
@@ -23,22 +23,18 @@ def load_external_data(
     the rest (subgraphs, attributes, sparse) read into memory. Returns the data files used."""
     real_base = os.path.realpath(base_dir)
     data_files: set[str] = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data_path, offset, length = _external_span(tensor, real_base, model_path)
-            if tensor.name and tensor.name not in deferred:
-                tensor.ClearField("raw_data")  # the external bytes win, as in onnx and ORT
-                deferred.add(tensor.name, data_path, offset, length)
-            else:
-                tensor.raw_data = _read_span(data_path, offset, length)
-            _make_internal(tensor)
-            data_files.add(data_path)
-    for tensor in iter_other_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            data_path, offset, length = _external_span(tensor, real_base, model_path)
+    for tensor, is_main in iter_tensors_by_scope(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        data_path, offset, length = _external_span(tensor, real_base, model_path)
+        if is_main and tensor.name and tensor.name not in deferred:
+            tensor.ClearField("raw_data")  # the external bytes win, as in onnx and ORT
+            deferred.add(tensor.name, data_path, offset, length)
+        else:
             tensor.raw_data = _read_span(data_path, offset, length)
-            _make_internal(tensor)
-            data_files.add(data_path)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        data_files.add(data_path)
     return data_files
 
 
@@ -76,11 +72,6 @@ def _read_span(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as handle:
         handle.seek(offset)
         return handle.read(length)
-
-
-def _make_internal(tensor: onnx.TensorProto) -> None:
-    tensor.data_location = onnx.TensorProto.DEFAULT
-    del tensor.external_data[:]
 
 
 def _confined_path(real_base: str, location: str, tensor_name: str, model_path: str) -> str:

@@ -23,7 +23,7 @@ _GRAPH_TAG = b"\x3a"  # ModelProto.graph: field 7, length-delimited
 _INITIALIZER_TAG = b"\x2a"  # GraphProto.initializer: field 5, length-delimited
 _RAW_DATA_FIELD = 9
 _RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
-_TYPED_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+TYPED_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 def varint(value: int) -> bytes:
@@ -78,7 +78,7 @@ def _is_plain_raw(tensor: onnx.TensorProto) -> bool:
     """raw_data and only the fields _tensor_header rebuilds (no typed data, no unknown ones)."""
     return (
         tensor.HasField("raw_data")
-        and not any(len(getattr(tensor, f)) for f in _TYPED_DATA)
+        and not any(len(getattr(tensor, f)) for f in TYPED_DATA)
         and not _has_unknown_fields(tensor)
     )
 
@@ -221,42 +221,43 @@ def read_model(
     model = onnx.ModelProto()
     graph_number = model.DESCRIPTOR.fields_by_name["graph"].number
     initializer_number = model.graph.DESCRIPTOR.fields_by_name["initializer"].number
-    pending_start = None  # start of a run of fields merged into `model` in one call
-    end = len(data)
-    for number, tag_start, payload, field_end in _fields(data, 0, end):
-        if number != graph_number:
-            pending_start = tag_start if pending_start is None else pending_start
-            continue
-        if pending_start is not None:
-            model.MergeFromString(data[pending_start:tag_start])
-            pending_start = None
+
+    def read_initializer(payload: int, field_end: int) -> None:
         graph = model.graph
-        run_start = None
-        for inner, inner_tag, inner_payload, inner_end in _fields(data, payload, field_end):
-            if inner != initializer_number:
-                run_start = inner_tag if run_start is None else run_start
-                continue
-            if run_start is not None:
-                graph.MergeFromString(data[run_start:inner_tag])
-                run_start = None
-            deferred = None
-            if spans is not None:
-                deferred = _without_raw_data(data, inner_payload, inner_end, defer_min_bytes)
-            if deferred is not None and deferred[0].name not in spans:
-                graph.initializer.append(deferred[0])
-                spans[deferred[0].name] = deferred[1:]
-            else:
-                graph.initializer.add().ParseFromString(data[inner_payload:inner_end])
-            if release is not None:
-                release(inner_end)
-        if run_start is not None:
-            graph.MergeFromString(data[run_start:field_end])
-    if pending_start is not None:
-        model.MergeFromString(data[pending_start:end])
+        deferred = None
+        if spans is not None:
+            deferred = _without_raw_data(data, payload, field_end, defer_min_bytes)
+        if deferred is not None and deferred[0].name not in spans:
+            graph.initializer.append(deferred[0])
+            spans[deferred[0].name] = deferred[1:]
+        else:
+            graph.initializer.add().ParseFromString(data[payload:field_end])
+        if release is not None:
+            release(field_end)
+
+    def read_graph(payload: int, field_end: int) -> None:
+        _merge_around(model.graph, data, payload, field_end, initializer_number, read_initializer)
+
+    _merge_around(model, data, 0, len(data), graph_number, read_graph)
     return model
 
 
-_TYPED_DATA_FIELDS = {4, 5, 6, 7, 10, 11}  # float, int32, string, int64, double, uint64 data
+def _merge_around(message, data: memoryview, start: int, end: int, number: int, read) -> None:
+    """Merge data[start:end] into `message` in runs of consecutive fields, except each field
+    `number`, whose (payload start, end) goes to `read` in order (protobuf's merge order)."""
+    run_start = None
+    for field, tag_start, payload, field_end in _fields(data, start, end):
+        if field != number:
+            run_start = tag_start if run_start is None else run_start
+            continue
+        if run_start is not None:
+            message.MergeFromString(data[run_start:tag_start])
+            run_start = None
+        read(payload, field_end)
+    if run_start is not None:
+        message.MergeFromString(data[run_start:end])
+
+
 # TensorProto fields a deferred tensor may carry: the writer rebuilds exactly these around
 # raw_data, so a tensor with any other (unknown) field is parsed whole instead.
 _HEADER_FIELDS = {1, 2, 3, 8, 12, 13, 14, 16}

@@ -26,6 +26,15 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from iter_other_tensors(model)
 
 
+def iter_tensors_by_scope(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """iter_tensors as (tensor, True for a main-graph dense initializer): the only tensors
+    whose bytes may be deferred or replaced by a fold."""
+    for tensor in model.graph.initializer:
+        yield tensor, True
+    for tensor in iter_other_tensors(model):
+        yield tensor, False
+
+
 def iter_other_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """iter_tensors without the main graph's dense initializers."""
     yield from _graph_tensors(model.graph, initializers=False)

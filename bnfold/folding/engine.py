@@ -20,6 +20,7 @@ from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 from bnfold.folding.rules import FOLD_RULES, LOWER_RULES
 from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
+from bnfold.io_tensors import all_graphs
 from bnfold.io_deferred import DeferredData
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
@@ -195,7 +196,7 @@ def remove_unused(model: onnx.ModelProto, candidates: list[str]) -> None:
     if not candidates_set:
         return
     used: set[str] = set()
-    graphs = list(_all_graphs(model.graph))
+    graphs = list(all_graphs(model.graph))
     for graph in graphs:
         used.update(v.name for v in graph.output)
         for node in graph.node:
@@ -214,15 +215,8 @@ def remove_unused(model: onnx.ModelProto, candidates: list[str]) -> None:
                 del graph.node[index]
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            yield from _all_graphs(sub)
-
-
 def count_nodes(graph: onnx.GraphProto) -> int:
-    return sum(len(g.node) for g in _all_graphs(graph))
+    return sum(len(g.node) for g in all_graphs(graph))
 
 
 def count_params(model: onnx.ModelProto) -> int:

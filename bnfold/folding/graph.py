@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from bnfold.errors import BnfoldError
 from bnfold.io import iter_tensors
 from bnfold.io_deferred import DeferredData
+from bnfold.io_stream import TYPED_DATA
 from bnfold.precision import bfloat16_bits_to_float32
 
 SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -412,7 +413,7 @@ def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, elem_type: int) -> None:
     """Store `values` (already rounded into elem_type's numpy dtype) as raw data."""
-    for field in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
+    for field in TYPED_DATA:
         tensor.ClearField(field)
     del tensor.dims[:]
     tensor.dims.extend(values.shape)
