@@ -87,17 +87,17 @@ def test_parameter_given_as_graph_input_is_refused():
     fold_refused(m, feed, "mean 'bn_mean' is a graph input")
 
 
-def test_ir3_initializers_listed_as_inputs_keep_their_interface():
+def test_initializer_listed_as_input_at_ir4_is_refused_with_the_freeze_hint():
     r = rng(0)
     inits = [tensor("W", r.standard_normal((4, 3, 3, 3))), *bn_params("bn", 4)]
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 6, 6])]
-    inputs += [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in inits]
+    inputs += [helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [4, 3, 3, 3])]
     graph = helper.make_graph(nodes, "g", inputs,
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 4, 4])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
-    result = fold_refused(m, FEED, "is a graph input")
-    assert [v.name for v in result.model.graph.input] == [v.name for v in m.graph.input]
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    result = fold_refused(m, FEED, "--freeze-input W makes it a constant")
+    assert [v.name for v in result.model.graph.input] == ["x", "W"]
 
 
 def test_channel_count_mismatch_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import onnx
 
@@ -55,33 +56,38 @@ class FoldResult:
 
 
 def fold(
-    model_or_path: onnx.ModelProto | str | os.PathLike, *, lower_standalone: bool = False
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    *,
+    lower_standalone: bool = False,
+    freeze_inputs: Iterable[str] | str = (),
 ) -> FoldResult:
     """Fold every foldable BatchNormalization; the input (file or ModelProto) is not modified.
+
+    `freeze_inputs`: graph inputs that have an initializer (IR ≥ 4) to turn into constants
+    first, or "all". Below IR 4 such listings are constants already and fold as they are.
 
     >>> result = fold("resnet.onnx")
     >>> result.report.folded_count, len(result.report.kept)
     """
+    options = dict(lower_standalone=lower_standalone, freeze_inputs=freeze_inputs)
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-        return FoldResult(model, fold_model(model, lower_standalone=lower_standalone))
+        return FoldResult(model, fold_model(model, **options))
     # From a file, weights stay where they are until `result.model` is asked for, so a caller
     # that only wants the report (`bnfold inspect`) never loads the model in full.
     model, deferred, _ = load_model_deferred(model_or_path)
     pending = PendingTensors()
-    report = _fold_deferred(model, lower_standalone, pending, deferred)
+    report = _fold_deferred(model, options, pending, deferred)
     deferred.release_files()
     return FoldResult(model, report, pending=pending, deferred=deferred)
 
 
 def _fold_deferred(
-    model: onnx.ModelProto, lower_standalone: bool, pending: PendingTensors, deferred: DeferredData
+    model: onnx.ModelProto, options: dict, pending: PendingTensors, deferred: DeferredData
 ) -> FoldReport:
     try:
-        return fold_model(
-            model, lower_standalone=lower_standalone, pending=pending, deferred=deferred
-        )
+        return fold_model(model, pending=pending, deferred=deferred, **options)
     except BaseException:
         deferred.close()
         raise
@@ -101,6 +107,7 @@ def fold_file(
     lower_standalone: bool = False,
     in_place: bool = False,
     verify_options: dict | None = None,
+    freeze_inputs: Iterable[str] | str = (),
 ) -> FoldResult:
     """Fold `input_path` into `output_path` (default MODEL.folded.onnx), written atomically.
 
@@ -137,7 +144,8 @@ def fold_file(
             f"the input's own weights: choose another -o (or --in-place to replace the input)"
         )
     pending = PendingTensors()
-    report = _fold_deferred(model, lower_standalone, pending, deferred)
+    options = dict(lower_standalone=lower_standalone, freeze_inputs=freeze_inputs)
+    report = _fold_deferred(model, options, pending, deferred)
     result = FoldResult(model, report, pending=pending, deferred=deferred)
 
     def accept(staged_path: str) -> bool:

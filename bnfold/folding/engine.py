@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs
 from bnfold.folding.graph import (
     Constant,
     GraphView,
@@ -32,17 +34,23 @@ def fold_model(
     lower_standalone: bool = False,
     pending: PendingTensors | None = None,
     deferred: DeferredData | None = None,
+    freeze_inputs: Iterable[str] | str = (),
 ) -> FoldReport:
     """Fold `model` in place and return what happened.
 
     With `pending`, new values of main-graph initializers are left there instead of being
     copied into the model (save_model writes them straight from numpy; `pending.apply`
     puts them in the model). `deferred` holds the bytes of initializers loaded without them.
+    `freeze_inputs` names graph inputs that have an initializer (IR ≥ 4), or is "all": they
+    stop being inputs, so their initializers become constants that may fold.
     """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
+    frozen = freeze_initializer_inputs(model, freeze_inputs)
+    if frozen:
+        report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
     folder = _ModelFolder(model, lower_standalone, report, pending, deferred)
     folder.fold_graph(model.graph, {}, "main")
-    remove_unused(model, folder.dead)
+    remove_unused(model, folder.dead, initializers_are_inputs=folder.initializers_are_inputs)
     report.nodes_after = count_nodes(model.graph)
     report.params_after = count_params(model)
     return report
@@ -65,6 +73,8 @@ class _ModelFolder:
         )
         self.names = NameAllocator(model)
         self.types = TypeTable(model)
+        self.computed = ConstantSubgraphs(self.opset)
+        self.initializers_are_inputs = model.ir_version < 4
         self.lower_standalone = lower_standalone
         self.report = report
         self.dead: list[str] = []
@@ -72,8 +82,9 @@ class _ModelFolder:
     def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
         if graph is self.main_graph:
             return GraphView(graph, self.names, self.types, outer, path, self.pending, self.opset,
-                             self.deferred)
-        return GraphView(graph, self.names, self.types, outer, path, None, self.opset)
+                             self.deferred, self.computed, self.initializers_are_inputs)
+        return GraphView(graph, self.names, self.types, outer, path, None, self.opset,
+                         computed=self.computed)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
         scope = self.view(graph, outer, path)
@@ -190,29 +201,80 @@ def _check_arity(view: GraphView) -> None:
             )
 
 
-def remove_unused(model: onnx.ModelProto, candidates: list[str]) -> None:
-    """Drop initializers and Constant nodes among `candidates` that nothing reads any more."""
+def freeze_initializer_inputs(model: onnx.ModelProto, names: Iterable[str] | str) -> list[str]:
+    """Drop graph inputs that have an initializer (all of them for "all"); returns their names."""
+    if not names:
+        return []
+    initializers = {t.name for t in model.graph.initializer}
+    overridable = [v.name for v in model.graph.input if v.name in initializers]
+    if model.ir_version < 4:
+        return []  # there the listing is mandatory and already means "constant"
+    wanted = overridable if names == "all" else list(dict.fromkeys([names] if isinstance(names, str) else names))
+    unknown = [n for n in wanted if n not in overridable]
+    if unknown:
+        raise BnfoldError(
+            f"--freeze-input {', '.join(unknown)}: not a graph input with an initializer; "
+            f"those are: {', '.join(overridable[:20]) or '(none)'}"
+            f"{' …' if len(overridable) > 20 else ''}"
+        )
+    frozen = set(wanted)
+    for index in reversed(range(len(model.graph.input))):
+        if model.graph.input[index].name in frozen:
+            del model.graph.input[index]
+    return wanted
+
+
+def remove_unused(
+    model: onnx.ModelProto, candidates: list[str], *, initializers_are_inputs: bool = False
+) -> None:
+    """Drop initializers, Constant nodes and constant-subgraph nodes among `candidates` (and
+    what they read, transitively) that nothing reads any more.
+
+    Below IR 4 (`initializers_are_inputs`) a dropped main-graph initializer also leaves the
+    graph's input list, where it was only declared."""
     candidates_set = set(candidates)
     if not candidates_set:
         return
-    used: set[str] = set()
     graphs = list(all_graphs(model.graph))
-    for graph in graphs:
-        used.update(v.name for v in graph.output)
-        for node in graph.node:
-            used.update(node.input)
-    for graph in graphs:
-        inputs = {v.name for v in graph.input}
-        dead = candidates_set - used - inputs
-        if not dead:
-            continue
-        for index in reversed(range(len(graph.initializer))):
-            if graph.initializer[index].name in dead:
-                del graph.initializer[index]
-        for index in reversed(range(len(graph.node))):
-            node = graph.node[index]
-            if node.op_type == "Constant" and node.output and node.output[0] in dead:
+    while candidates_set:
+        used: set[str] = set()
+        for graph in graphs:
+            used.update(v.name for v in graph.output)
+            for node in graph.node:
+                used.update(node.input)
+        next_candidates: set[str] = set()
+        for graph in graphs:
+            declared = {v.name for v in graph.input}
+            if initializers_are_inputs and graph is model.graph:
+                declared -= {t.name for t in graph.initializer}
+            dead = candidates_set - used - declared
+            if not dead:
+                continue
+            for index in reversed(range(len(graph.initializer))):
+                if graph.initializer[index].name in dead:
+                    del graph.initializer[index]
+            if initializers_are_inputs and graph is model.graph:
+                for index in reversed(range(len(graph.input))):
+                    if graph.input[index].name in dead:
+                        del graph.input[index]
+            for index in reversed(range(len(graph.node))):
+                node = graph.node[index]
+                if not _is_removable_constant_node(node, dead, used):
+                    continue
+                next_candidates.update(name for name in node.input if name)
                 del graph.node[index]
+        candidates_set = next_candidates
+
+
+def _is_removable_constant_node(node: onnx.NodeProto, dead: set[str], used: set[str]) -> bool:
+    """A Constant node, or a node of a constant subgraph, whose outputs nobody reads."""
+    if node.domain not in ("", "ai.onnx") or not node.output:
+        return False
+    if node.op_type != "Constant" and node.op_type not in EVALUATED_OPS:
+        return False
+    if not any(name in dead for name in node.output):
+        return False
+    return not any(name and name in used for name in node.output)
 
 
 def count_nodes(graph: onnx.GraphProto) -> int:

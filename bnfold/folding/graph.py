@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.constants import ConstantSubgraphs, as_tensor
 from bnfold.io import iter_tensors
 from bnfold.io_deferred import DeferredData
 from bnfold.io_stream import TYPED_DATA
@@ -157,8 +158,11 @@ class Constant:
     owner: onnx.GraphProto  # the graph that holds it (an outer one for outer-scope names)
     is_initializer: bool
     deferred: DeferredData | None = None  # holds the bytes when the tensor was loaded without
+    value: np.ndarray | None = None  # a value computed from other constants (folding.constants)
 
     def array(self) -> np.ndarray:
+        if self.value is not None:
+            return self.value
         if self.deferred is not None and self.deferred.holds(self.tensor):
             return tensor_to_array(self.tensor, self.deferred.read(self.tensor.name))
         return tensor_to_array(self.tensor)
@@ -177,6 +181,8 @@ class GraphView:
         pending: PendingTensors | None = None,
         opset: int = 17,
         deferred: DeferredData | None = None,
+        computed: ConstantSubgraphs | None = None,
+        initializers_are_inputs: bool = False,
     ):
         self.graph = graph
         self.opset = opset  # the model's default-domain opset: op semantics differ by version
@@ -192,7 +198,13 @@ class GraphView:
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         self.graph_outputs = {v.name for v in graph.output}
-        self.graph_inputs = {v.name for v in graph.input}
+        # Below IR 4 every initializer must also be listed as a graph input, and runtimes treat
+        # it as a constant: such listings are declarations, not inputs (folding keeps them in
+        # step, see add_initializer / declare_input).
+        self.initializers_are_inputs = initializers_are_inputs
+        initializer_names = {t.name for t in graph.initializer} if initializers_are_inputs else set()
+        self.graph_inputs = {v.name for v in graph.input} - initializer_names
+        self.computed = computed
         self.constants: dict[str, Constant] = dict(outer_constants or {})
         # An outer-scope constant is shadowed by a local input of the same name.
         for name in self.graph_inputs:
@@ -200,7 +212,7 @@ class GraphView:
         self.initializers: dict[str, onnx.TensorProto] = {}
         for tensor in graph.initializer:
             self.initializers[tensor.name] = tensor
-            # IR<4 lists initializers as graph inputs: those are overridable, not constant.
+            # From IR 4 on, an initializer also listed as a graph input is overridable.
             if tensor.name not in self.graph_inputs:
                 self.constants[tensor.name] = Constant(tensor, graph, True, deferred)
         for index, node in enumerate(self.nodes):
@@ -232,6 +244,49 @@ class GraphView:
             return None
         return index, self.nodes[index]
 
+    def skip_noops(self, name: str) -> tuple[str, list[int]]:
+        """Follow `name` back through nodes that pass it on unchanged (Identity, inference-mode
+        Dropout, Cast to its own type): the name they start from and their indices, nearest
+        first. Exporters put these between a Conv and its BN (paddle2onnx, tf2onnx)."""
+        passed: list[int] = []
+        while len(passed) < 64:
+            found = self.producer_of(name)
+            if found is None or not self._passes_through(found[1]):
+                break
+            passed.append(found[0])
+            name = found[1].input[0]
+        return name, passed
+
+    def _passes_through(self, node: onnx.NodeProto) -> bool:
+        if node.domain not in ("", "ai.onnx") or not node.input or not node.input[0]:
+            return False
+        if node.op_type == "Identity":
+            return True
+        if node.op_type == "Dropout":
+            mask_used = len(node.output) > 1 and node.output[1] and (
+                self.live_consumers(node.output[1]) or node.output[1] in self.graph_outputs)
+            if mask_used or (self.opset < 7 and not _int_attribute(node, "is_test", 0)):
+                return False
+            if len(node.input) > 2 and node.input[2]:  # training_mode (opset 12+)
+                flag = self.constant_array(node.input[2])
+                return flag is not None and flag.size == 1 and not bool(flag.reshape(-1)[0])
+            return True
+        if node.op_type == "Cast":
+            known = self.types.lookup(node.input[0])
+            return known is not None and known[0] == _int_attribute(node, "to", -1)
+        return False
+
+    def chain_problem(self, start: int, passed: list[int], end: int) -> str | None:
+        """Why node `start`'s output does not reach node `end` alone through `passed` (nearest
+        to `end` first), or None."""
+        links = [start, *reversed(passed), end]
+        for current, following in zip(links, links[1:]):
+            output = self.nodes[current].output[0]
+            problem = self.sole_consumer_problem(output, following)
+            if problem:
+                return f"{node_label(self.nodes[current])} output {problem}"
+        return None
+
     def live_consumers(self, name: str) -> list[int]:
         return [i for i in self.consumers.get(name, ()) if i not in self.removed]
 
@@ -245,28 +300,56 @@ class GraphView:
             return f"{name!r} also feeds {labels}"
         return None
 
-    def constant_array(self, name: str) -> np.ndarray | None:
+    def constant(self, name: str, depth: int = 0) -> Constant | str:
+        """The constant called `name` (an initializer, a Constant node, or a value computed
+        from constants by a small subgraph), or why it is not one."""
+        found = self.constants.get(name)
+        if found is not None:
+            return found
+        if name in self.graph_inputs:
+            if name in self.initializers:
+                return (f"is a graph input with a default value (can be overridden at run time; "
+                        f"--freeze-input {name} makes it a constant)")
+            return "is a graph input (can change at run time)"
+        if self.computed is None or name not in self.producer:
+            return "is computed at run time, not a constant"
+        outcome = self.computed.evaluate(name, self, depth)
+        if isinstance(outcome, str):
+            return f"is {outcome}"
+        constant = Constant(as_tensor(name, outcome), self.graph, False, value=outcome.value)
+        self.constants[name] = constant
+        return constant
+
+    def constant_or_reason(self, name: str, depth: int = 0) -> np.ndarray | str:
+        """Used by ConstantSubgraphs: the value of `name`, or why it has none."""
+        found = self.constant(name, depth)
+        return found if isinstance(found, str) else self._value(name, found)
+
+    def is_constant(self, name: str) -> bool:
+        return not isinstance(self.constant(name), str)
+
+    def _value(self, name: str, constant: Constant) -> np.ndarray:
         if self.pending is not None and name in self.pending and name in self.initializers:
             return self.pending.values(name)
-        constant = self.constants.get(name)
-        return None if constant is None else constant.array()
+        return constant.array()
+
+    def constant_array(self, name: str) -> np.ndarray | None:
+        found = self.constant(name)
+        return None if isinstance(found, str) else self._value(name, found)
 
     def constant_dtype(self, name: str) -> int | None:
-        constant = self.constants.get(name)
-        return None if constant is None else constant.tensor.data_type
+        found = self.constant(name)
+        return None if isinstance(found, str) else found.tensor.data_type
 
     def non_constant_reason(self, name: str, role: str) -> str | None:
-        if name in self.constants:
-            return None
-        if name in self.graph_inputs:
-            return f"{role} {name!r} is a graph input (can change at run time)"
-        return f"{role} {name!r} is computed at run time, not a constant"
+        found = self.constant(name)
+        return f"{role} {name!r} {found}" if isinstance(found, str) else None
 
     def owns_exclusively(self, name: str, node_index: int) -> bool:
         """True when initializer `name` lives in this graph and only `node_index` reads it, once."""
         if name not in self.initializers or name in self.graph_inputs:
             return False
-        if name in self.graph_outputs or self.constants.get(name) is None:
+        if name in self.graph_outputs or name not in self.constants:
             return False
         readers = self.live_consumers(name)
         return readers == [node_index] and list(self.nodes[node_index].input).count(name) == 1
@@ -287,6 +370,7 @@ class GraphView:
                 self.pending.put(old, values, elem_type)
             else:
                 fill_tensor(self.initializers[old], values, elem_type)
+            self.declare_input(old, values.shape, elem_type)
             return old
         tensor = onnx.TensorProto(name=self.names.fresh(f"{hint}_bnfold"))
         fill_tensor(tensor, values, elem_type)
@@ -305,7 +389,19 @@ class GraphView:
         stored = self.graph.initializer[-1]
         self.initializers[stored.name] = stored
         self.constants[stored.name] = Constant(stored, self.graph, True)
+        self.declare_input(stored.name, tuple(stored.dims), stored.data_type)
         return stored.name
+
+    def declare_input(self, name: str, shape: tuple[int, ...], elem_type: int) -> None:
+        """Below IR 4, list initializer `name` as a graph input with its current type/shape."""
+        if not self.initializers_are_inputs:
+            return
+        declared = onnx.helper.make_tensor_value_info(name, elem_type, list(shape))
+        for value in self.graph.input:
+            if value.name == name:
+                value.CopyFrom(declared)
+                return
+        self.graph.input.append(declared)
 
     def set_input(self, node_index: int, input_slot: int, name: str) -> None:
         node = self.nodes[node_index]
@@ -398,6 +494,13 @@ class PendingTensors:
             if item is not None:
                 fill_tensor(tensor, item[0], item[1])
         self._items.clear()  # entries for initializers the fold removed
+
+
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.i if attr.type == onnx.AttributeProto.INT else default
+    return default
 
 
 def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -28,6 +28,7 @@ class FoldReport:
     params_before: int = 0
     params_after: int = 0
     verification: dict | None = None  # VerifyResult.to_dict() when verified
+    notes: list[str] = field(default_factory=list)  # what the fold decided beyond each BN
 
     @property
     def folded(self) -> list[FoldEntry]:

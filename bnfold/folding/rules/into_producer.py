@@ -18,7 +18,6 @@ from bnfold.folding.rules.common import (
     attribute,
     batchnorm_affine,
     plan_problem,
-    producer_output_problem,
 )
 
 SOURCE_OPS = ("BatchNormalization", "Mul", "Add")
@@ -38,16 +37,20 @@ class IntoProducerRule(ABC):
         for slot in slots:
             if slot >= len(node.input):
                 continue
-            found = view.producer_of(node.input[slot])
+            source, passed = view.skip_noops(node.input[slot])
+            found = view.producer_of(source)
             if found is None or found[1].op_type not in self.producer_ops:
                 continue
-            if node.op_type != "BatchNormalization" and node.input[1 - slot] not in view.constants:
+            if found[1].domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type != "BatchNormalization" and not view.is_constant(node.input[1 - slot]):
                 return None  # Mul/Add of two run-time tensors: not an affine map
-            return Match(node_index=index, target_index=found[0], extra={"data_slot": slot})
+            extra = {"data_slot": slot, "passed": passed}
+            return Match(node_index=index, target_index=found[0], extra=extra)
         return None
 
     def check(self, view: GraphView, match: Match) -> str | None:
-        problem = producer_output_problem(view, match)
+        problem = view.chain_problem(match.target_index, match.extra["passed"], match.node_index)
         if problem:
             return problem
         shape = self.output_channels(view, match)
@@ -70,6 +73,9 @@ class IntoProducerRule(ABC):
         dead = [node.input[u.slot] for u in match.updates if u.slot < len(node.input)]
         apply_plan(view, match)
         view.bypass(match.node_index, match.target_index)
+        for index in match.extra["passed"]:  # the no-ops in between go with it
+            view.remove_node(index)
+            view.drop_value_info(view.nodes[index].output[0])
         return dead + list(match.affine.dead_inputs)
 
     # ---- per producer ----------------------------------------------------------------------

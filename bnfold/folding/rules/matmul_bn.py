@@ -71,7 +71,7 @@ class MatMulBnRule:
         if add_index is not None:
             add = view.nodes[add_index]
             const_name = next((n for n in add.input if n != matmul.output[0]), "")
-            values = view.constant_array(const_name) if const_name in view.constants else None
+            values = view.constant_array(const_name)
             bias = None if values is None else per_channel_vector(values, channels, 2)
             if bias is None:
                 return f"{node_label(add)} does not add a per-column constant"

@@ -1,0 +1,218 @@
+"""What other exporters write around a BatchNormalization, each in a miniature model.
+
+Named for the exporter habit they reproduce: the IR-3 model zoo (initializers listed as inputs,
+weights from ConstantOfShape), torch.onnx (identical initializers turned into Identity nodes),
+paddle2onnx / tf2onnx (Identity, Dropout and Cast between a Conv and its BN).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from golden import assert_same_outputs, bn_node, bn_params, count_ops, rng, tensor
+from onnx import TensorProto, helper
+
+import bnfold
+from bnfold.errors import BnfoldError
+
+FEED = {"x": rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+
+
+def build(nodes, initializers, *, ir_version=8, opset=13, list_initializers=False,
+          x_shape=(2, 3, 6, 6), output="y", y_shape=("N", "C", "H", "W")):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    if list_initializers:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in initializers]
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, list(y_shape))],
+                              initializers)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          ir_version=ir_version)
+    onnx.checker.check_model(m)
+    return m
+
+
+def assert_folded(m, folded_count, feed=FEED, **options):
+    result = bnfold.fold(m, **options)
+    assert result.report.folded_count == folded_count, result.report.entries
+    assert count_ops(result.model, "BatchNormalization") == count_ops(m, "BatchNormalization") - folded_count
+    onnx.checker.check_model(result.model)
+    assert_same_outputs(m, result.model, feed)
+    return result
+
+
+def conv_weight(seed=0, shape=(4, 3, 3, 3)):
+    return tensor("W", rng(seed).standard_normal(shape))
+
+
+# ---- IR-3 model zoo --------------------------------------------------------------------------
+def test_zoo_ir3_initializers_listed_as_inputs_fold_and_stay_declared():
+    inits = [conv_weight(), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
+    m = build(nodes, inits, ir_version=3, opset=7, list_initializers=True)
+    result = assert_folded(m, 1)
+    graph = result.model.graph
+    initializers = {t.name for t in graph.initializer}
+    declared = {v.name for v in graph.input} - {"x"}
+    assert declared == initializers  # every initializer listed, nothing stale
+    assert not any(name.startswith("bn_") for name in initializers)
+    assert result.model.ir_version == 3
+
+
+def test_zoo_ir3_weights_from_constant_of_shape_fold():
+    # light_resnet50 in onnx's test data: W = ConstantOfShape(W__SHAPE), shapes listed as inputs.
+    shape = tensor("W__SHAPE", np.array([4, 3, 3, 3]), np.int64)
+    nodes = [
+        helper.make_node("ConstantOfShape", ["W__SHAPE"], ["W"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.02])),
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        bn_node("c", "y"),
+    ]
+    m = build(nodes, [shape, *bn_params("bn", 4)], ir_version=3, opset=9, list_initializers=True)
+    result = assert_folded(m, 1)
+    graph = result.model.graph
+    assert count_ops(result.model, "ConstantOfShape") == 0
+    assert {v.name for v in graph.input} - {"x"} == {t.name for t in graph.initializer}
+    assert "W__SHAPE" not in {t.name for t in graph.initializer}
+
+
+def test_ir3_weights_in_constant_nodes_fold_into_declared_initializers():
+    weight = rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(weight)),
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        bn_node("c", "y"),
+    ]
+    m = build(nodes, bn_params("bn", 4), ir_version=3, opset=7, list_initializers=True)
+    result = assert_folded(m, 1)
+    graph = result.model.graph
+    assert {v.name for v in graph.input} - {"x"} == {t.name for t in graph.initializer}
+
+
+@pytest.mark.parametrize("names", [["W", "bn_scale", "bn_bias", "bn_mean", "bn_var"], "all"])
+def test_freeze_inputs_makes_ir4_initializer_inputs_foldable(names):
+    inits = [conv_weight(), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
+    m = build(nodes, inits, list_initializers=True)
+    assert bnfold.fold(m).report.folded_count == 0
+    result = assert_folded(m, 1, freeze_inputs=names)
+    assert [v.name for v in result.model.graph.input] == ["x"]
+    assert "froze" in result.report.notes[0]
+
+
+def test_freeze_unknown_input_is_a_user_error():
+    m = build([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+              [conv_weight(), *bn_params("bn", 4)])
+    with pytest.raises(BnfoldError, match="not a graph input with an initializer"):
+        bnfold.fold(m, freeze_inputs=["x"])
+
+
+# ---- torch.onnx ------------------------------------------------------------------------------
+def test_torch_identity_of_shared_zero_bias_folds():
+    # torch.onnx dedups identical initializers (zero biases) into Identity nodes.
+    zero = tensor("zero_bias", np.zeros(4))
+    nodes = [
+        helper.make_node("Identity", ["zero_bias"], ["conv1.bias"]),
+        helper.make_node("Identity", ["zero_bias"], ["conv2.bias"]),
+        helper.make_node("Conv", ["x", "W", "conv1.bias"], ["c1"], pads=[1, 1, 1, 1]),
+        bn_node("c1", "b1"),
+        helper.make_node("Conv", ["b1", "W2", "conv2.bias"], ["c2"]),
+        bn_node("c2", "y", prefix="bn2", name="bn2"),
+    ]
+    inits = [conv_weight(), tensor("W2", rng(2).standard_normal((4, 4, 3, 3))), zero,
+             *bn_params("bn", 4), *bn_params("bn2", 4, seed=3)]
+    result = assert_folded(build(nodes, inits), 2)
+    assert count_ops(result.model, "Identity") == 0
+    assert "zero_bias" not in {t.name for t in result.model.graph.initializer}
+
+
+def test_bn_parameters_from_reshape_and_cast_of_constants_fold():
+    # tf2onnx-style: the BN scale is Reshape(Cast(float64 constant)).
+    nodes = [
+        helper.make_node("Cast", ["scale64"], ["scale_flat"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["scale_flat", "shape"], ["bn_scale"]),
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        bn_node("c", "y"),
+    ]
+    params = bn_params("bn", 4)[1:]
+    inits = [conv_weight(), tensor("scale64", rng(5).uniform(0.5, 1.5, (1, 4)), np.float64),
+             tensor("shape", np.array([4]), np.int64), *params]
+    result = assert_folded(build(nodes, inits), 1)
+    assert count_ops(result.model, "Cast") == count_ops(result.model, "Reshape") == 0
+
+
+def test_parameter_from_an_unevaluated_op_is_refused_with_that_op():
+    nodes = [
+        helper.make_node("Relu", ["scale_raw"], ["bn_scale"]),
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        bn_node("c", "y"),
+    ]
+    inits = [conv_weight(), tensor("scale_raw", np.ones(4)), *bn_params("bn", 4)[1:]]
+    result = bnfold.fold(build(nodes, inits))
+    assert result.report.folded_count == 0
+    assert "computed at run time by Relu" in result.report.kept[0].reasons[0]
+
+
+def test_oversized_constant_of_shape_is_refused_before_allocation():
+    shape = tensor("W__SHAPE", np.array([4, 3, 1 << 20, 1 << 10]), np.int64)
+    nodes = [
+        helper.make_node("ConstantOfShape", ["W__SHAPE"], ["W"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        bn_node("c", "y"),
+    ]
+    result = bnfold.fold(build(nodes, [shape, *bn_params("bn", 4)]))
+    assert result.report.folded_count == 0
+    assert "values (over" in result.report.kept[0].reasons[0]
+
+
+# ---- paddle2onnx / tf2onnx: no-ops between the producer and the BN ---------------------------
+def test_paddle_convtranspose_identity_add_identity_bn_folds():
+    w = tensor("Wt", rng(0).standard_normal((3, 4, 2, 2)))
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "Wt"], ["t"], strides=[2, 2]),
+        helper.make_node("Identity", ["t"], ["t_id"]),
+        helper.make_node("Add", ["t_id", "shift"], ["a"]),
+        helper.make_node("Identity", ["a"], ["a_id"]),
+        bn_node("a_id", "y", momentum=0.9),
+    ]
+    inits = [w, tensor("shift", rng(4).standard_normal((1, 4, 1, 1))), *bn_params("bn", 4)]
+    result = assert_folded(build(nodes, inits, opset=9), 1)
+    assert count_ops(result.model, "Identity") == count_ops(result.model, "Add") == 0
+    assert [n.op_type for n in result.model.graph.node] == ["ConvTranspose"]
+
+
+@pytest.mark.parametrize("noop", [
+    helper.make_node("Dropout", ["c"], ["d"], ratio=0.5),
+    helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT),
+])
+def test_inference_dropout_and_same_type_cast_are_looked_through(noop):
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), noop, bn_node("d", "y")]
+    result = assert_folded(build(nodes, [conv_weight(), *bn_params("bn", 4)], opset=11), 1)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+
+
+def test_identity_whose_output_is_also_read_elsewhere_is_not_looked_through():
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        helper.make_node("Identity", ["c"], ["c_id"]),
+        bn_node("c_id", "b"),
+        helper.make_node("Add", ["b", "c_id"], ["y"]),
+    ]
+    result = bnfold.fold(build(nodes, [conv_weight(), *bn_params("bn", 4)]))
+    assert result.report.folded_count == 0
+    assert "also feeds" in result.report.kept[0].reasons[0]
+    assert_same_outputs(build(nodes, [conv_weight(), *bn_params("bn", 4)]), result.model, FEED)
+
+
+def test_cast_to_another_type_is_not_a_no_op():
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        helper.make_node("Cast", ["c"], ["c16"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["c16"], ["d"], to=TensorProto.FLOAT),
+        bn_node("d", "y"),
+    ]
+    result = bnfold.fold(build(nodes, [conv_weight(), *bn_params("bn", 4)]))
+    assert result.report.folded_count == 0
