@@ -37,6 +37,11 @@ def _verify_options(f):
         help="Concrete shape for an input with symbolic dims (batch defaults to 2).",
     )(f)
     f = click.option(
+        "--verify-timeout", "timeout", type=click.FloatRange(min=0, min_open=True),
+        default=300.0, show_default=True,
+        help="Seconds one model run may take during verification.",
+    )(f)
+    f = click.option(
         "--inputs",
         "inputs_path",
         type=click.Path(dir_okay=False),
@@ -66,18 +71,22 @@ def _write_json(path: str, data: dict) -> None:
     "--lower-standalone", is_flag=True, help="Turn a BN with nothing to fold into into Mul+Add."
 )
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME|all",
+              help="Treat a graph input that has an initializer as a constant (IR >= 4), so it "
+                   "can fold; 'all' for every such input.")
 @_verify_options
-def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, seed, runs,
-                 atol, rtol, shapes, inputs_path):
+def fold_command(model, output, report_path, no_verify, lower_standalone, in_place,
+                 freeze_inputs, seed, runs, atol, rtol, shapes, inputs_path, timeout):
     """Fold every foldable BatchNormalization in MODEL and write the result."""
     from bnfold.folding.api import fold_file
     from bnfold.report_view import render_fold_report, render_verification
 
     _require_folder_of(report_path, "--report")
     options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
-                   inputs=inputs_path)
+                   inputs=inputs_path, timeout=timeout)
+    freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
-                       in_place=in_place, verify_options=options)
+                       in_place=in_place, verify_options=options, freeze_inputs=freeze)
     render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(model)}")
     if result.report.verification is not None:
         render_verification(result.report.verification, console)
@@ -98,14 +107,15 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
               help="Compare with a float64 evaluation [auto: small models only].")
 @_verify_options
 def verify_command(reference, candidate, json_path, ground_truth, seed, runs, atol, rtol, shapes,
-                   inputs_path):
+                   inputs_path, timeout):
     """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not)."""
     from bnfold.report_view import render_verification
     from bnfold.verification import verify
 
     _require_folder_of(json_path, "--json")
     result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
-                    rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth)
+                    rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth,
+                    timeout=timeout)
     render_verification(result.to_dict(), console)
     if json_path:
         _write_json(json_path, result.to_dict())

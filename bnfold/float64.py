@@ -71,6 +71,33 @@ def _grouped_conv_transpose():
     return ConvTranspose
 
 
+def _inference_batch_normalization():
+    """onnx.reference runs BatchNormalization 9–13 in training mode whenever a `momentum`
+    attribute is present (paddle2onnx always writes one); ONNX Runtime, like the spec for
+    inference, uses the running statistics. Training mode only where the model asks for it:
+    training_mode=1 (opset 14+) or is_test=0 (opset 6)."""
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops.op_batch_normalization import (
+        _batchnorm_test_mode,
+        _batchnorm_training_mode,
+    )
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, spatial=None,
+                 is_test=None, training_mode=None):
+            epsilon = 1e-5 if epsilon is None else epsilon
+            training = bool(training_mode) or (is_test is not None and not is_test)
+            if not training:
+                return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=epsilon),)
+            momentum = 0.9 if momentum is None else momentum
+            outputs = _batchnorm_training_mode(x, scale, bias, mean, var, momentum, epsilon)
+            return outputs[:len(self.onnx_node.output)] if training_mode else (outputs[0],)
+
+    return BatchNormalization
+
+
 def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of `model` computed in float64 on `feed` (float32 inputs are widened)."""
     from onnx.reference import ReferenceEvaluator
@@ -79,10 +106,12 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dic
         name: value.astype(np.float64) if value.dtype == np.float32 else value
         for name, value in feed.items()
     }
+    new_ops = [_grouped_conv_transpose(), _inference_batch_normalization()]
     try:
-        evaluator = ReferenceEvaluator(to_float64(model), new_ops=[_grouped_conv_transpose()])
-        names = [o.name for o in model.graph.output]
-        values = evaluator.run(names, wide_feed)
+        with np.errstate(all="ignore"):
+            evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
+            names = [o.name for o in model.graph.output]
+            values = evaluator.run(names, wide_feed)
     except Exception as exc:  # the reference evaluator raises anything from numpy
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise BnfoldError(

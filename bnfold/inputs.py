@@ -1,15 +1,26 @@
-"""Inputs for running a model: generated from its declared shapes, or read from a .npz file.
+"""Inputs for running a model: generated from its declared inputs, or read from a .npz file.
 
 Used by `verify` and `bench` alike so both feed a model the same way.
-A symbolic first (batch) dim defaults to 2; any other symbolic dim must be given with
-`--shape name=DxD...`, because guessing a spatial or sequence size silently would test the
-wrong model.
+
+Generated values by type: floats are seeded standard normal; a bool input takes True in one run
+and False in the next (so both branches of an `If` on it are checked); integers are small and
+non-negative, below the table size where the input indexes a Gather; uint8 spans 0–255. Strings
+cannot be generated: the user passes `--inputs`.
+
+Dims: `--shape` wins; a symbolic batch (axis 0, or a dim named like one) is 2; any other
+symbolic dim comes from the model's own evidence (a numeric dim_param, `imgsz`-style metadata)
+or, failing that, from a short ladder of sizes tried until ONNX Runtime runs the model (see
+`bnfold.verification`). The same dim_param always gets the same value.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -17,14 +28,31 @@ import onnx
 from bnfold.errors import BnfoldError
 
 DEFAULT_BATCH = 2
-
+# Sizes tried for symbolic dims without evidence: multiples of 32 first (strided convs and
+# concatenations need them), small first (cheap to run), then small odd ones.
+SIZE_LADDER = (64, 32, 128, 96, 224, 256, 320, 384, 512, 640, 48, 16, 8, 1)
+# Generated inputs of one run above this are refused before anything is allocated.
+MAX_GENERATED_BYTES = 256 << 20
+_BATCH_NAMES = re.compile(r"^(n|b|bs|batch|batch_?size|batches|unk__\d+_batch|N)$", re.IGNORECASE)
 _SHAPE_RE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
+_METADATA_SIZE_KEYS = ("imgsz", "img_size", "image_size", "input_size")
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
 }
+_INT_TYPES = {
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.UINT64: np.uint64,
+}
+_INT_HIGH = 10  # exclusive bound for integers that index nothing we can see
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -46,30 +74,252 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in initializers]
 
 
-def resolve_shape(
-    value: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]], batch: int = DEFAULT_BATCH
-) -> tuple[int, ...]:
-    """Concrete dims for one input: --shape wins; else symbolic dim 0 -> batch, else ask."""
+def type_name(elem: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem) if elem else "non-tensor"
+    except ValueError:
+        return f"type {elem}"
+
+
+@dataclass
+class InputSpec:
+    """One input to generate: its dims (ints, or dim_param / '?axis' labels still open)."""
+
+    name: str
+    elem_type: int
+    dims: list[int | str]
+    int_high: int = _INT_HIGH  # exclusive upper bound for generated integers
+
+    @property
+    def is_bool(self) -> bool:
+        return self.elem_type == onnx.TensorProto.BOOL
+
+
+@dataclass
+class InputPlan:
+    """How to generate every input of a model; open dims are filled in by `settle`."""
+
+    specs: list[InputSpec]
+    chosen: dict[str, int] = field(default_factory=dict)  # open dim label -> value
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def open_dims(self) -> list[str]:
+        labels = [d for s in self.specs for d in s.dims if isinstance(d, str)]
+        return [d for d in dict.fromkeys(labels) if d not in self.chosen]
+
+    @property
+    def has_bool(self) -> bool:
+        return any(s.is_bool for s in self.specs)
+
+    @property
+    def generated_non_float(self) -> list[InputSpec]:
+        return [s for s in self.specs if s.elem_type not in _FLOAT_TYPES]
+
+    def shape_of(self, spec: InputSpec, fill: dict[str, int] | None = None) -> tuple[int, ...]:
+        values = {**self.chosen, **(fill or {})}
+        return tuple(d if isinstance(d, int) else values[d] for d in spec.dims)
+
+    def settle(self, try_feed: Callable[[dict[str, np.ndarray]], str | None], seed: int) -> None:
+        """Give every open dim a value: the first ladder size whose feed `try_feed` runs
+        (it returns None on success, else ONNX Runtime's message)."""
+        labels = self.open_dims
+        if not labels:
+            return
+        tried: list[int] = []
+        first_problem = ""
+        for size in SIZE_LADDER:
+            fill = {label: size for label in labels}
+            if self._bytes(fill) > MAX_GENERATED_BYTES:
+                continue  # never allocated
+            problem = try_feed(self.feed(seed, 0, fill))
+            if problem is None:
+                self.chosen.update(fill)
+                shown = ", ".join(_label_text(label) for label in labels)
+                self.notes.append(
+                    f"symbolic dims {shown} set to {size}: the first size of {_ladder_text()} "
+                    f"that ONNX Runtime ran; choose with --shape NAME=DxD..."
+                )
+                return
+            tried.append(size)
+            first_problem = first_problem or problem
+        raise BnfoldError(
+            f"no size for the symbolic dims {', '.join(_label_text(x) for x in labels)} lets "
+            f"ONNX Runtime run the model (tried {', '.join(map(str, tried))}; at {tried[0] if tried else '-'}: "
+            f"{first_problem or 'inputs too large'}): give concrete shapes with --shape NAME=DxD... "
+            f"or real data with --inputs data.npz"
+        )
+
+    def _bytes(self, fill: dict[str, int] | None = None) -> int:
+        total = 0
+        for spec in self.specs:
+            dtype = _numpy_dtype(spec.elem_type)
+            itemsize = np.dtype(dtype).itemsize if dtype is not None else 8
+            total += math.prod(self.shape_of(spec, fill)) * itemsize
+        return total
+
+    def check_size(self) -> None:
+        total = self._bytes()
+        if total > MAX_GENERATED_BYTES:
+            biggest = max(self.specs, key=lambda s: math.prod(self.shape_of(s)))
+            raise BnfoldError(
+                f"generated inputs would take {total / 2**20:,.0f} MiB (input {biggest.name!r} "
+                f"{list(self.shape_of(biggest))}), over the {MAX_GENERATED_BYTES >> 20} MiB "
+                f"limit: give smaller dims with --shape NAME=DxD... or real data with --inputs"
+            )
+
+    def feed(self, seed: int, run: int, fill: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Run `run`'s feed (bool inputs alternate True/False with the run index)."""
+        rng = np.random.default_rng(seed + run)
+        feed = {}
+        for spec in self.specs:
+            shape = self.shape_of(spec, fill)
+            feed[spec.name] = _generate(spec, shape, rng, run)
+        return feed
+
+
+def plan_inputs(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    batch: int = DEFAULT_BATCH,
+) -> InputPlan:
+    """What to generate for each input of `model`, with every dim the model pins down fixed."""
+    shapes = shapes or {}
+    inputs = graph_inputs(model)
+    names = {vi.name for vi in inputs}
+    unknown = sorted(set(shapes) - names)
+    if unknown:
+        raise BnfoldError(
+            f"--shape names {', '.join(unknown)}, which the model does not take; "
+            f"its inputs are: {', '.join(sorted(names)) or '(none)'}"
+        )
+    bounds = _gather_bounds(model)
+    metadata_size = _metadata_size(model)
+    plan = InputPlan([])
+    for value in inputs:
+        if not value.type.HasField("tensor_type"):
+            raise BnfoldError(
+                f"input {value.name!r} is not a tensor (a sequence or map): pass real data "
+                f"with --inputs data.npz"
+            )
+        elem = value.type.tensor_type.elem_type
+        if elem == onnx.TensorProto.STRING or _numpy_dtype(elem) is None:
+            raise BnfoldError(
+                f"input {value.name!r} is {type_name(elem)}; bnfold cannot generate it: "
+                f"pass real data with --inputs data.npz"
+            )
+        dims = _declared_dims(value, shapes, plan, batch, metadata_size)
+        plan.specs.append(InputSpec(value.name, elem, dims, bounds.get(value.name, _INT_HIGH)))
+    return plan
+
+
+def _declared_dims(value, shapes, plan: InputPlan, batch: int, metadata_size) -> list[int | str]:
     if value.name in shapes:
-        return shapes[value.name]
+        given = shapes[value.name]
+        declared = value.type.tensor_type.shape.dim if value.type.tensor_type.HasField("shape") else None
+        if declared is not None and len(declared) != len(given):
+            raise BnfoldError(
+                f"--shape {value.name} has {len(given)} dims but the model declares "
+                f"{len(declared)}: give all of them"
+            )
+        if declared is not None:  # a --shape value also settles the same dim_param elsewhere
+            for dim, size in zip(declared, given):
+                if dim.dim_param:
+                    plan.chosen.setdefault(dim.dim_param, size)
+        return list(given)
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         raise BnfoldError(
             f"input {value.name!r} has no declared shape: give one with --shape {value.name}=DxDx..."
         )
-    dims = []
+    rank = len(tensor_type.shape.dim)
+    dims: list[int | str] = []
     for axis, dim in enumerate(tensor_type.shape.dim):
         if dim.HasField("dim_value") and dim.dim_value > 0:
             dims.append(dim.dim_value)
-        elif axis == 0:
-            dims.append(batch)
-        else:
-            label = dim.dim_param or "?"
-            raise BnfoldError(
-                f"input {value.name!r} dim {axis} is symbolic ({label}): give it with "
-                f"--shape {value.name}=DxDx..."
-            )
-    return tuple(dims)
+            continue
+        label = dim.dim_param or f"{value.name}:{axis}"
+        dims.append(label)
+        if label in plan.chosen:
+            continue
+        if dim.dim_param.isdigit() and int(dim.dim_param) > 0:
+            plan.chosen[label] = int(dim.dim_param)
+        elif axis == 0 or _BATCH_NAMES.match(dim.dim_param or ""):
+            plan.chosen[label] = batch
+        elif metadata_size and rank == 4 and axis >= 2:
+            plan.chosen[label] = metadata_size[axis - 2]
+            plan.notes.append(f"{_label_text(label)} = {metadata_size[axis - 2]}, from the "
+                              f"model's metadata")
+    return dims
+
+
+def _metadata_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(H, W) from metadata such as ultralytics' imgsz='[640, 640]', when present."""
+    for prop in model.metadata_props:
+        if prop.key.lower() not in _METADATA_SIZE_KEYS:
+            continue
+        try:
+            values = json.loads(prop.value)
+        except ValueError:
+            continue
+        if isinstance(values, int):
+            values = [values, values]
+        if (isinstance(values, list) and len(values) == 2
+                and all(isinstance(v, int) and 0 < v <= 8192 for v in values)):
+            return values[0], values[1]
+    return None
+
+
+def _gather_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Inputs used as Gather indices into a table of known size: that size bounds them."""
+    sizes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    sizes[node.output[0]] = list(attr.t.dims)
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Gather", "GatherElements") or len(node.input) < 2:
+            continue
+        table = sizes.get(node.input[0])
+        if not table:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if -len(table) <= axis < len(table):
+            size = table[axis]
+            bounds[node.input[1]] = min(bounds.get(node.input[1], size), size)
+    return bounds
+
+
+def _numpy_dtype(elem: int):
+    if elem in _FLOAT_TYPES:
+        return _FLOAT_TYPES[elem]
+    if elem in _INT_TYPES:
+        return _INT_TYPES[elem]
+    if elem == onnx.TensorProto.BOOL:
+        return np.bool_
+    return None
+
+
+def _generate(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator, run: int):
+    elem = spec.elem_type
+    if elem in _FLOAT_TYPES:
+        return rng.standard_normal(shape).astype(_FLOAT_TYPES[elem])
+    if elem == onnx.TensorProto.BOOL:
+        return np.full(shape, run % 2 == 0, dtype=np.bool_)
+    dtype = _INT_TYPES[elem]
+    unbounded = spec.int_high == _INT_HIGH
+    high = 256 if elem == onnx.TensorProto.UINT8 and unbounded else max(1, spec.int_high)
+    return rng.integers(0, high, size=shape).astype(dtype)
+
+
+def _label_text(label: str) -> str:
+    return f"{label.split(':')[0]} axis {label.split(':')[1]}" if ":" in label else repr(label)
+
+
+def _ladder_text() -> str:
+    return "/".join(str(s) for s in SIZE_LADDER[:4]) + "/…"
 
 
 def make_inputs(
@@ -79,30 +329,18 @@ def make_inputs(
     npz_path: str | os.PathLike | None = None,
     batch: int = DEFAULT_BATCH,
 ) -> dict[str, np.ndarray]:
-    """One input feed for `model`: from `npz_path` when given, else seeded standard normal."""
+    """One input feed for `model` without running it: from `npz_path` when given, else
+    generated; a symbolic dim other than the batch must then be given in `shapes`."""
     if npz_path is not None:
         return load_npz_inputs(model, npz_path)
-    shapes = shapes or {}
-    names = {vi.name for vi in graph_inputs(model)}
-    unknown = sorted(set(shapes) - names)
-    if unknown:
+    plan = plan_inputs(model, shapes, batch)
+    if plan.open_dims:
+        first = plan.open_dims[0]
         raise BnfoldError(
-            f"--shape names {', '.join(unknown)}, which the model does not take; "
-            f"its inputs are: {', '.join(sorted(names)) or '(none)'}"
+            f"dim {_label_text(first)} is symbolic: give concrete dims with --shape NAME=DxDx..."
         )
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for value in graph_inputs(model):
-        elem = value.type.tensor_type.elem_type
-        if elem not in _FLOAT_TYPES:
-            type_name = onnx.TensorProto.DataType.Name(elem) if elem else "non-tensor"
-            raise BnfoldError(
-                f"input {value.name!r} is {type_name}; only float inputs can be generated: "
-                f"pass real data with --inputs data.npz"
-            )
-        dims = resolve_shape(value, shapes, batch)
-        feed[value.name] = rng.standard_normal(dims).astype(_FLOAT_TYPES[elem])
-    return feed
+    plan.check_size()
+    return plan.feed(seed, 0)
 
 
 def load_npz_inputs(model: onnx.ModelProto, npz_path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -123,3 +361,7 @@ def load_npz_inputs(model: onnx.ModelProto, npz_path: str | os.PathLike) -> dict
             f"it has {', '.join(sorted(arrays)) or 'none'}; save them under those names"
         )
     return {vi.name: arrays[vi.name] for vi in graph_inputs(model)}
+
+
+def names_of(specs: Iterable[InputSpec]) -> str:
+    return ", ".join(f"{s.name!r} ({type_name(s.elem_type)})" for s in specs)

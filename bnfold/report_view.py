@@ -39,6 +39,8 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
     if not report.entries:
         table.add_row("-", "-", "no BatchNormalization or foldable Mul/Add found")
     console.print(table)
+    for note in report.notes:
+        console.print(Text(note, style="dim"))
     summary = report.to_dict()["summary"]
     console.print(
         f"BatchNormalization: {summary['batchnorm']}  folded: {summary['folded']}  "
@@ -64,6 +66,11 @@ def render_verification(result: dict, console: Console) -> None:
             ok,
         )
     console.print(table)
+    for out in result["outputs"]:
+        if out.get("note"):
+            console.print(Text(f"{out['name']}: {out['note']}", style="dim"))
+    for note in result.get("notes", ()):
+        console.print(Text(note, style="dim"))
     truth = result.get("ground_truth")
     if truth:
         for name, errors in truth.items():

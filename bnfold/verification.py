@@ -4,40 +4,42 @@ Optimisation is off for both sessions: with it on, ORT folds BatchNormalization 
 original itself and the comparison would prove nothing. Where affordable, both are also
 compared with a float64 ground truth (the original evaluated in float64 by onnx.reference),
 which shows whether the fold made the model less accurate or merely different.
+
+Any model ORT runs can be verified without options: symbolic dims are settled by trying sizes
+(bnfold.inputs), bool inputs take both values, outputs are judged by bnfold.comparison. The
+two sessions never coexist (the reference's outputs are kept, its session dropped), so peak
+memory is one session, and a path is handed to ORT as is: Python never parses the weights.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
+from bnfold.comparison import (
+    OutputMetrics,
+    apply_noise_floor,
+    compare,
+    needs_noise_floor,
+)
 from bnfold.errors import BnfoldError
-from bnfold.inputs import make_inputs
+from bnfold.inputs import InputPlan, load_npz_inputs, names_of, plan_inputs
 
-# Scale-relative tolerances per output dtype: |a − b| ≤ atol + rtol·max|a|.
-DEFAULT_TOLERANCES = {
-    np.dtype(np.float32): (1e-5, 1e-7),
-    np.dtype(np.float64): (1e-12, 1e-15),
-    np.dtype(np.float16): (1e-2, 1e-4),
-}
 # onnx.reference is pure numpy: only run the float64 ground truth on models this small.
 GROUND_TRUTH_MAX_PARAMS = 2_000_000
 GROUND_TRUTH_MAX_INPUT_VALUES = 200_000
+# A float64 evaluation further than this from the float32 original (scale-relative) is not
+# trusted as the truth: the reference evaluator and ORT disagree on the model's semantics.
+GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
+DEFAULT_TIMEOUT_S = 300.0
 
 ModelSource = onnx.ModelProto | str | os.PathLike | bytes
-
-
-@dataclass
-class OutputMetrics:
-    name: str
-    max_abs_error: float
-    max_rel_error: float  # max|a − b| / max|a| (scale-relative)
-    cosine: float
-    tolerance: float  # the max_abs_error allowed
-    ok: bool
 
 
 @dataclass
@@ -50,6 +52,7 @@ class VerifyResult:
     ground_truth: dict[str, dict[str, float]] | None = None
     ground_truth_skipped: str | None = None
     notes: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # the input shapes run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,151 +69,297 @@ def verify(
     rtol: float | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
     ground_truth: bool | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
-    `inputs` is a .npz path or a feed dict; otherwise `runs` seeded random feeds are drawn
-    (seed, seed+1, …). `ground_truth=None` runs the float64 check when the model is small.
+    `inputs` is a .npz path or a feed dict; otherwise `runs` seeded feeds are generated
+    (seed, seed+1, …; at least 2 when a bool input needs both values). `ground_truth=None`
+    runs the float64 check when the model is small. `timeout` bounds each model run (seconds).
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
     ref_model, ref_payload = _load(reference)
-    _, cand_payload = _load(candidate)
-    ref_session = _session(ref_payload, "reference")
-    cand_session = _session(cand_payload, "candidate")
-    _check_interfaces(ref_session, cand_session)
-    feeds = _feeds(ref_model, inputs, seed, runs, shapes)
+    runner = _Runner(timeout)
+    session = runner.session(ref_payload, "reference")
+    feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
+    ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
+    ref_interface = _interface(session)
+    del session  # one session at a time: peak memory is one model, not two
+    _, cand_payload = _load(candidate, header_only=True)
+    cand_session = runner.session(cand_payload, "candidate")
+    _check_interfaces(ref_interface, _interface(cand_session))
+    cand_outputs = [runner.run(cand_session, feed, "candidate") for feed in feeds]
+    del cand_session
+    explicit = atol is not None or rtol is not None
     worst: dict[str, OutputMetrics] = {}
-    ref_outputs_first = None
-    cand_outputs_first = None
-    for feed in feeds:
-        ref_out = _run(ref_session, feed, "reference")
-        cand_out = _run(cand_session, feed, "candidate")
-        if ref_outputs_first is None:
-            ref_outputs_first, cand_outputs_first = ref_out, cand_out
+    for ref_out, cand_out in zip(ref_outputs, cand_outputs):
         for name in ref_out:
             metrics = compare(name, ref_out[name], cand_out[name], atol, rtol)
             if name not in worst or _worse(metrics, worst[name]):
                 worst[name] = metrics
+    failing = [n for n, m in worst.items() if needs_noise_floor(m, explicit)]
+    if failing:
+        floors = _noise_floors(ref_payload, runner, feeds, ref_outputs, failing)
+        for name in failing:
+            dtype = ref_outputs[0][name].dtype
+            worst[name] = apply_noise_floor(worst[name], floors[name], dtype)
     outputs = list(worst.values())
-    result = VerifyResult(all(m.ok for m in outputs), outputs, len(feeds), seed)
-    _ground_truth(result, ref_model, ground_truth, feeds[0], ref_outputs_first, cand_outputs_first)
+    result = VerifyResult(all(m.ok for m in outputs), outputs, len(feeds), seed, notes=notes,
+                          shapes={k: list(v.shape) for k, v in feeds[0].items()})
+    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
+                  cand_outputs[0])
     return result
-
-
-def compare(
-    name: str, a: np.ndarray, b: np.ndarray, atol: float | None, rtol: float | None
-) -> OutputMetrics:
-    """Metrics of candidate `b` against reference `a`."""
-    default_rtol, default_atol = DEFAULT_TOLERANCES.get(a.dtype, (1e-5, 1e-7))
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-    if a.shape != b.shape:
-        return OutputMetrics(name, float("inf"), float("inf"), 0.0, 0.0, False)
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
-    if not np.array_equal(nan_a, nan_b):
-        return OutputMetrics(name, float("nan"), float("nan"), float("nan"), 0.0, False)
-    a64, b64 = np.where(nan_a, 0.0, a64), np.where(nan_b, 0.0, b64)
-    diff = np.abs(a64 - b64)
-    max_abs = float(diff.max(initial=0.0))
-    scale = float(np.abs(a64).max(initial=0.0))
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    norms = np.linalg.norm(a64) * np.linalg.norm(b64)
-    cosine = float(np.dot(a64.ravel(), b64.ravel()) / norms) if norms > 0 else 1.0
-    tolerance = atol + rtol * scale
-    return OutputMetrics(name, max_abs, max_rel, cosine, tolerance, max_abs <= tolerance)
 
 
 def _worse(new: OutputMetrics, old: OutputMetrics) -> bool:
     return (not new.ok and old.ok) or new.max_rel_error > old.max_rel_error
 
 
-def _load(source: ModelSource) -> tuple[onnx.ModelProto, str | bytes]:
-    """The model (loaded with bnfold's safety checks) and what to hand ONNX Runtime."""
+def _load(source: ModelSource, header_only: bool = True) -> tuple[onnx.ModelProto | None, str | bytes]:
+    """The model's graph (weights left out for a path: ORT reads the file itself, once
+    bnfold's loader has vetted it) and what to hand ONNX Runtime."""
     if isinstance(source, onnx.ModelProto):
         return source, source.SerializeToString()
     if isinstance(source, bytes):
-        return onnx.load_from_string(source), source
-    from bnfold.io import load_model
+        try:
+            return onnx.load_from_string(source), source
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise BnfoldError(f"the model bytes do not parse as ONNX ({exc})") from None
+    from bnfold.io import load_model, load_model_deferred
 
-    # ORT reads the file itself (external data included) once load_model has vetted it.
-    return load_model(source), os.fspath(source)
+    if not header_only:
+        return load_model(source), os.fspath(source)
+    model, deferred, _ = load_model_deferred(source)
+    deferred.close()
+    return model, os.fspath(source)
 
 
-def _session(payload: str | bytes, role: str):
-    import onnxruntime as ort
+class _Runner:
+    """ONNX Runtime sessions and runs, quiet, CPU, each run bounded by `timeout` seconds."""
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types per failure kind
-        first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+    def __init__(self, timeout: float | None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.timeout = timeout
+
+    def session(self, payload: str | bytes, role: str, optimised: bool = False):
+        ort = self.ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimised
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        options.log_severity_level = 4  # bnfold says what failed, in one line
+        try:
+            return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types per failure kind
+            raise BnfoldError(
+                f"ONNX Runtime cannot load the {role} model ({_first_line(exc)}); verification "
+                f"needs ORT to run it: skip it with --no-verify, or check the model with "
+                f"onnx.checker"
+            ) from None
+
+    def try_run(self, session, feed: dict[str, np.ndarray]) -> str | None:
+        """None when `session` runs `feed`, else ORT's message."""
+        try:
+            self._run(session, feed)
+        except _Timeout:
+            raise
+        except Exception as exc:  # ORT's errors (bad shape, bad type) share no base class
+            return _first_line(exc)
+        return None
+
+    def run(self, session, feed: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
+        try:
+            return self._run(session, feed)
+        except _Timeout:
+            raise BnfoldError(
+                f"the {role} model ran longer than {self.timeout:g} s on one input set: "
+                f"raise --verify-timeout, give smaller --shape dims, or skip with --no-verify"
+            ) from None
+        except Exception as exc:
+            raise BnfoldError(
+                f"ONNX Runtime failed to run the {role} model ({_first_line(exc)}): give the "
+                f"input shapes with --shape NAME=DxD..., real inputs with --inputs data.npz, "
+                f"or skip verification with --no-verify"
+            ) from None
+
+    def _run(self, session, feed):
+        names = [o.name for o in session.get_outputs()]
+        options = self.ort.RunOptions()
+        options.log_severity_level = 4
+        timer = None
+        if self.timeout:
+            timer = threading.Timer(self.timeout, _terminate, (options,))
+            timer.daemon = True
+            timer.start()
+        try:
+            values = session.run(names, feed, options)
+        except Exception:
+            if options.terminate:
+                raise _Timeout() from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return dict(zip(names, values))
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _terminate(options) -> None:
+    options.terminate = True
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' "
+                       r"Status Message: ")
+_ORT_SOURCE = re.compile(r"^\S+\.(?:h|cc|cpp):\d+ .*?(?:was false\.|failed\.?)\s*")
+
+
+def _first_line(exc: BaseException) -> str:
+    """ORT's message without its status prefix and C++ source location, on one line."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    text = _ORT_PREFIX.sub("", text)
+    node = _ORT_NODE.search(text)
+    if node:
+        detail = _ORT_SOURCE.sub("", text[node.end():])
+        label = f"{node.group(1)} {node.group(2)!r}" if node.group(2) else node.group(1)
+        text = f"{label}: {detail}"
+    return text[:300]
+
+
+def _interface(session) -> tuple[list[str], list[str]]:
+    return (sorted(i.name for i in session.get_inputs()),
+            sorted(o.name for o in session.get_outputs()))
+
+
+def _check_interfaces(ref: tuple[list[str], list[str]], cand: tuple[list[str], list[str]]) -> None:
+    if ref != cand:
         raise BnfoldError(
-            f"ONNX Runtime cannot load the {role} model: {first_line}; check it with "
-            f"onnx.checker or re-export it"
-        ) from None
-
-
-def _check_interfaces(ref, cand) -> None:
-    ref_in = sorted(i.name for i in ref.get_inputs())
-    cand_in = sorted(i.name for i in cand.get_inputs())
-    ref_out = sorted(o.name for o in ref.get_outputs())
-    cand_out = sorted(o.name for o in cand.get_outputs())
-    if ref_in != cand_in or ref_out != cand_out:
-        raise BnfoldError(
-            f"the models have different interfaces (inputs {ref_in} vs {cand_in}, outputs "
-            f"{ref_out} vs {cand_out}): compare a model with its own folded version"
+            f"the models have different interfaces (inputs {ref[0]} vs {cand[0]}, outputs "
+            f"{ref[1]} vs {cand[1]}): compare a model with its own folded version"
         )
 
 
-def _feeds(model, inputs, seed, runs, shapes) -> list[dict[str, np.ndarray]]:
+def _feeds(model, session, runner: _Runner, inputs, seed, runs, shapes):
+    """The input sets to run, and notes on how they were chosen."""
     if isinstance(inputs, dict):
-        return [inputs]
+        return [inputs], []
     if inputs is not None:
-        return [make_inputs(model, npz_path=inputs)]
-    return [make_inputs(model, shapes, seed + i) for i in range(runs)]
+        return [load_npz_inputs(model, inputs)], []
+    plan = plan_inputs(model, shapes)
+    plan.settle(lambda feed: runner.try_run(session, feed), seed)
+    plan.check_size()
+    notes = list(plan.notes)
+    if plan.has_bool and runs < 2:
+        runs = 2
+        notes.append("bool inputs take True and False: 2 input sets")
+    feeds = [plan.feed(seed, i) for i in range(runs)]
+    if plan.generated_non_float:
+        _check_generated_values(plan, runner, session, feeds[0])
+    return feeds, notes
 
 
-def _run(session, feed: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, feed)
-    except Exception as exc:  # ORT's errors (bad shape, bad type) share no base class
-        first_line = str(exc).strip().splitlines()[0][:300]
+def _check_generated_values(plan: InputPlan, runner: _Runner, session, feed) -> None:
+    problem = runner.try_run(session, feed)
+    if problem is not None:
         raise BnfoldError(
-            f"ONNX Runtime failed to run the {role} model: {first_line}; check the input "
-            f"shapes (--shape name=DxD...) or pass real inputs with --inputs"
-        ) from None
-    return dict(zip(names, values))
+            f"ONNX Runtime rejected the values bnfold generated for {names_of(plan.generated_non_float)} "
+            f"({problem}): pass real data with --inputs data.npz"
+        )
 
 
-def _ground_truth(result, model, wanted, feed, ref_out, cand_out) -> None:
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    input_values = sum(v.size for v in feed.values())
+def _noise_floors(payload, runner: _Runner, feeds, ref_outputs, names) -> dict[str, float]:
+    """Per output, max|ORT fully optimised − unoptimised| of the reference: its own noise."""
+    session = runner.session(payload, "reference (optimised)", optimised=True)
+    floors = dict.fromkeys(names, 0.0)
+    for feed, ref_out in zip(feeds, ref_outputs):
+        optimised = runner.run(session, feed, "reference (optimised)")
+        for name in names:
+            metrics = compare(name, ref_out[name], optimised[name], 0.0, 0.0)
+            if math.isfinite(metrics.max_abs_error):
+                floors[name] = max(floors[name], metrics.max_abs_error)
+    return floors
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
+    from bnfold.io import iter_tensors
+
+    total = sum(math.prod(t.dims) for t in iter_tensors(model))
+    shapes = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
+            shape = shapes[node.input[0]]
+            try:
+                total += math.prod(max(int(d), 0) for d in onnx.numpy_helper.to_array(shape).reshape(-1))
+            except (ValueError, TypeError):
+                continue
+    return total
+
+
+def _ground_truth(result, source, model, wanted, feed, ref_out, cand_out) -> None:
     if wanted is False:
         result.ground_truth_skipped = "not requested"
         return
-    if wanted is None and (
-        params > GROUND_TRUTH_MAX_PARAMS or input_values > GROUND_TRUTH_MAX_INPUT_VALUES
-    ):
+    params = parameter_count(model)
+    input_values = sum(v.size for v in feed.values())
+    if wanted is None and params > GROUND_TRUTH_MAX_PARAMS:
         result.ground_truth_skipped = (
-            f"model too large for the float64 reference evaluator ({params:,} parameters)"
+            f"model too large for the float64 reference evaluator ({params:,} parameters, "
+            f"limit {GROUND_TRUTH_MAX_PARAMS:,}; --ground-truth forces it)"
+        )
+        return
+    if wanted is None and input_values > GROUND_TRUTH_MAX_INPUT_VALUES:
+        result.ground_truth_skipped = (
+            f"inputs too large for the float64 reference evaluator ({input_values:,} values, "
+            f"limit {GROUND_TRUTH_MAX_INPUT_VALUES:,}; --ground-truth forces it)"
         )
         return
     from bnfold.float64 import evaluate_float64
 
     try:
-        truth = evaluate_float64(model, feed)
+        full = model if isinstance(source, (onnx.ModelProto, bytes)) else _load(source, False)[0]
+        truth = evaluate_float64(full, feed)
     except BnfoldError as exc:
         result.ground_truth_skipped = str(exc)
         return
-    result.ground_truth = {}
+    errors = {}
     for name, exact in truth.items():
-        scale = float(np.abs(exact).max(initial=0.0)) or 1.0
-        result.ground_truth[name] = {
-            "reference_rel_error": float(np.abs(ref_out[name] - exact).max(initial=0.0)) / scale,
-            "candidate_rel_error": float(np.abs(cand_out[name] - exact).max(initial=0.0)) / scale,
-        }
+        ref_err = _relative_to(ref_out[name], exact)
+        if ref_err is None:
+            continue  # integer, bool or all non-finite: nothing to measure
+        if ref_err > GROUND_TRUTH_MAX_DISAGREEMENT:
+            result.ground_truth_skipped = (
+                f"the float64 evaluation of {name!r} is {ref_err:.2g} (scale-relative) from the "
+                f"float32 original: onnx.reference and ONNX Runtime disagree on this model, so "
+                f"it is no ground truth"
+            )
+            return
+        errors[name] = {"reference_rel_error": ref_err,
+                        "candidate_rel_error": _relative_to(cand_out[name], exact)}
+    if not errors:
+        result.ground_truth_skipped = "no floating-point output to measure"
+        return
+    result.ground_truth = errors
+
+
+def _relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
+    """max|values − exact| / max|exact| over positions finite in both; None when not float."""
+    values, exact = np.asarray(values), np.asarray(exact)
+    if values.dtype.kind != "f" or exact.dtype.kind != "f" or values.shape != exact.shape:
+        return None
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values) & np.isfinite(exact)
+        if not finite.any():
+            return None
+        exact64 = exact[finite].astype(np.float64)
+        scale = float(np.abs(exact64).max()) or 1.0
+        return float(np.abs(values[finite].astype(np.float64) - exact64).max()) / scale

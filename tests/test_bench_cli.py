@@ -56,9 +56,9 @@ def test_bench_compare_and_plot(sample_path, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_non_float_input_needs_inputs_file(tmp_path):
-    x = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, [2, 3])
+def test_string_input_needs_inputs_file(tmp_path):
+    x = helper.make_tensor_value_info("ids", TensorProto.STRING, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, [2, 3])
     graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["y"])], "g", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -68,7 +68,7 @@ def test_non_float_input_needs_inputs_file(tmp_path):
     assert result.exit_code == 1
     assert "--inputs" in result.output and "Traceback" not in result.output
     feed = tmp_path / "ids.npz"
-    np.savez(feed, ids=np.arange(6, dtype=np.int64).reshape(2, 3))
+    np.savez(feed, ids=np.array([["a", "b", "c"]] * 2))
     result = CliRunner().invoke(_cli(), ["bench", str(path), "--engine", "ort-cpu",
                                          "--inputs", str(feed), *FAST])
     assert result.exit_code == 0, result.output

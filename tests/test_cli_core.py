@@ -276,10 +276,19 @@ def _int_input_model(tmp_path):
     return path
 
 
-def test_verify_int_input_needs_inputs(tmp_path):
+def test_verify_int_input_is_generated_and_string_input_needs_inputs(tmp_path):
     path = _int_input_model(tmp_path)
-    assert_user_error(bnfold("verify", path, path), "ids", "INT64", "--inputs")
-    # with real data the same model verifies
+    assert bnfold("verify", path, path).exit_code == 0
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["y"])], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [2])],
+    )
+    strings = tmp_path / "strings.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                 ir_version=8), strings)
+    assert_user_error(bnfold("verify", strings, strings), "text", "STRING", "--inputs")
+    # with real data the int model verifies too
     npz = tmp_path / "ids.npz"
     np.savez(npz, ids=np.arange(6, dtype=np.int64).reshape(2, 3) - 3)
     assert bnfold("verify", path, path, "--inputs", npz).exit_code == 0

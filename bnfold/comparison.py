@@ -1,0 +1,136 @@
+"""How close a candidate output is to the reference, and what "close enough" means.
+
+The default tolerance is scale-relative: |a − b| ≤ atol + rtol·max|a| per output, with rtol set
+by the dtype (float32: 1e-5). Some outputs cannot meet it under any correct fold: a sigmoid over
+strongly negative logits gives values near zero whose float32 rounding is larger than 1e-5 of
+their own scale. For those, the model's own float32 noise is measured — the same original run
+by ONNX Runtime with full optimisation against no optimisation, two legitimate float32
+evaluations — and a deviation up to FLOOR_MULTIPLE times that noise is accepted, never more
+than CAP_RTOL of the output's scale. The noise is only measured when the fixed tolerance fails.
+
+Non-finite values compare by position: the same ±inf / NaN at the same places is equal; a
+candidate that moves, adds or removes one is not equivalent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# (rtol, atol) per output dtype.
+DEFAULT_TOLERANCES = {
+    np.dtype(np.float32): (1e-5, 1e-7),
+    np.dtype(np.float64): (1e-12, 1e-15),
+    np.dtype(np.float16): (1e-2, 1e-4),
+}
+FLOOR_MULTIPLE = 4.0
+CAP_RTOL = {
+    np.dtype(np.float32): 1e-3,
+    np.dtype(np.float64): 1e-9,
+    np.dtype(np.float16): 5e-2,
+}
+_CHUNK = 1 << 20  # values compared at once: float64 copies stay a few MB whatever the output
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs_error: float
+    max_rel_error: float  # max|a − b| / max|a| (scale-relative), finite positions
+    cosine: float
+    tolerance: float  # the max_abs_error allowed
+    ok: bool
+    scale: float = 0.0  # max|a| over finite positions
+    non_finite: int = 0  # positions where both hold the same inf/NaN
+    noise_floor: float | None = None  # max|ORT optimised − unoptimised| of the reference
+    note: str = ""
+
+
+def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
+    return DEFAULT_TOLERANCES.get(np.dtype(dtype), (1e-5, 1e-7))
+
+
+def compare(
+    name: str, a: np.ndarray, b: np.ndarray, atol: float | None, rtol: float | None
+) -> OutputMetrics:
+    """Metrics of candidate `b` against reference `a`."""
+    a, b = np.asarray(a), np.asarray(b)
+    default_rtol, default_atol = default_tolerance(a.dtype)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if a.shape != b.shape:
+        return OutputMetrics(name, float("inf"), float("inf"), 0.0, 0.0, False,
+                             note=f"shape {list(b.shape)} instead of {list(a.shape)}")
+    if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
+        return _compare_exact(name, a, b)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    max_abs = scale = dot = norm_a = norm_b = 0.0
+    non_finite = 0
+    with np.errstate(all="ignore"):
+        for start in range(0, flat_a.size, _CHUNK):
+            ca = flat_a[start:start + _CHUNK].astype(np.float64)
+            cb = flat_b[start:start + _CHUNK].astype(np.float64)
+            finite_a, finite_b = np.isfinite(ca), np.isfinite(cb)
+            if not (finite_a.all() and finite_b.all()):
+                moved = _non_finite_problem(ca, cb, finite_a, finite_b)
+                if moved:
+                    return OutputMetrics(name, float("inf"), float("inf"), float("nan"), 0.0,
+                                         False, note=moved)
+                non_finite += int((~finite_a).sum())
+                ca, cb = ca[finite_a], cb[finite_a]
+            if ca.size == 0:
+                continue
+            max_abs = max(max_abs, float(np.abs(ca - cb).max()))
+            scale = max(scale, float(np.abs(ca).max()))
+            dot += float(ca @ cb)
+            norm_a += float(ca @ ca)
+            norm_b += float(cb @ cb)
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    norms = np.sqrt(norm_a) * np.sqrt(norm_b)
+    cosine = dot / norms if norms > 0 else 1.0
+    tolerance = atol + rtol * scale
+    note = f"{non_finite} inf/NaN value(s), equal in both" if non_finite else ""
+    return OutputMetrics(name, max_abs, max_rel, cosine, tolerance, max_abs <= tolerance,
+                         scale, non_finite, None, note)
+
+
+def _non_finite_problem(a, b, finite_a, finite_b) -> str | None:
+    if not np.array_equal(finite_a, finite_b):
+        return (f"inf/NaN at different positions ({int((~finite_a).sum())} in the reference, "
+                f"{int((~finite_b).sum())} in the candidate)")
+    bad_a, bad_b = a[~finite_a], b[~finite_b]
+    same = (np.isnan(bad_a) & np.isnan(bad_b)) | (bad_a == bad_b)
+    if not same.all():
+        return "inf/NaN of different kinds at the same positions (e.g. +inf against -inf or NaN)"
+    return None
+
+
+def _compare_exact(name: str, a: np.ndarray, b: np.ndarray) -> OutputMetrics:
+    """Integer, bool and string outputs must be identical."""
+    equal = a.dtype == b.dtype and np.array_equal(a, b)
+    if equal:
+        return OutputMetrics(name, 0.0, 0.0, 1.0, 0.0, True, note="compared exactly")
+    differing = int(np.sum(a != b)) if a.dtype == b.dtype else a.size
+    return OutputMetrics(name, float("inf"), float("inf"), 0.0, 0.0, False,
+                         note=f"{differing} of {a.size} values differ (compared exactly)")
+
+
+def needs_noise_floor(metrics: OutputMetrics, explicit_tolerance: bool) -> bool:
+    """A float output that failed the fixed tolerance on finite values alone."""
+    return (not metrics.ok and not explicit_tolerance and not metrics.note.startswith(("inf", "shape"))
+            and np.isfinite(metrics.max_abs_error))
+
+
+def apply_noise_floor(metrics: OutputMetrics, floor: float, dtype: np.dtype) -> OutputMetrics:
+    """Judge `metrics` again allowing FLOOR_MULTIPLE × the reference's own float32 noise,
+    capped at CAP_RTOL of the output's scale."""
+    cap = metrics.tolerance + CAP_RTOL.get(np.dtype(dtype), 1e-3) * metrics.scale
+    allowed = min(cap, max(metrics.tolerance, FLOOR_MULTIPLE * floor))
+    metrics.noise_floor = floor
+    metrics.tolerance = allowed
+    metrics.ok = metrics.max_abs_error <= allowed
+    capped = " (capped)" if allowed == cap and FLOOR_MULTIPLE * floor > cap else ""
+    metrics.note = (f"fixed tolerance not met; allowed {FLOOR_MULTIPLE:g}× the original's own "
+                    f"float32 noise {floor:.3g}{capped}")
+    return metrics

@@ -1,0 +1,198 @@
+"""Verification runs on the models users have, without options: symbolic dims, non-float
+inputs, non-finite outputs, near-zero outputs, sizes, and a trustworthy float64 truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from golden import bn_node, bn_params, rng, tensor
+from onnx import TensorProto, helper
+
+import bnfold
+from bnfold.cli import cli
+from bnfold.errors import BnfoldError
+from bnfold.io import save_model
+
+
+def make(nodes, inputs, outputs, inits, opset=13, ir_version=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          ir_version=ir_version)
+    onnx.checker.check_model(m)
+    return m
+
+
+def vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def paddle_det_model():
+    """paddle2onnx-style: x [?, 3, ?, ?], stride-2 Conv, ConvTranspose back up, Concat with the
+    input (so only even sizes run), Identity before a BN that carries `momentum`."""
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3)) * 0.3),
+             tensor("Wt", r.standard_normal((4, 4, 2, 2)) * 0.3), *bn_params("bn", 4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["c"], ["c_id"]),
+        bn_node("c_id", "b", momentum=0.9, epsilon=1e-5),
+        helper.make_node("ConvTranspose", ["b", "Wt"], ["up"], strides=[2, 2]),
+        helper.make_node("Concat", ["up", "x"], ["y"], axis=1),
+    ]
+    return make(nodes, [vi("x", ["p2o.DynamicDimension.0", 3, "p2o.DynamicDimension.1",
+                                 "p2o.DynamicDimension.2"])],
+                [vi("y", ["p2o.DynamicDimension.0", 7, "p2o.DynamicDimension.1",
+                          "p2o.DynamicDimension.2"])], inits, opset=11)
+
+
+def test_paddle_dynamic_dims_fold_verify_and_write(tmp_path):
+    src = tmp_path / "det.onnx"
+    save_model(paddle_det_model(), src)
+    result = bnfold.fold_file(src)
+    verification = result.report.verification
+    assert result.output_path and verification["ok"]
+    assert result.report.folded_count == 1
+    assert verification["shapes"]["x"] == [2, 3, 64, 64]
+    assert any("set to 64" in note for note in verification["notes"])
+    # momentum made onnx.reference train the BN; the truth now agrees with the original
+    truth = verification["ground_truth"]["y"]
+    assert truth["reference_rel_error"] < 1e-6 and truth["candidate_rel_error"] < 1e-6
+
+
+def test_odd_sizes_are_skipped_until_ort_runs(tmp_path):
+    # A model that needs H divisible by 3 (Reshape into thirds): 64, 32, 128 fail; 224 does not
+    # divide either; the ladder stops at the first that runs.
+    shape = tensor("shape", np.array([0, 3, -1, 3]), np.int64)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    m = make(nodes, [vi("x", [1, 3, "h"])], [vi("y", [1, 3, "q", 3])], [shape])
+    outcome = bnfold.verify(m, m)
+    assert outcome.ok
+    assert outcome.shapes["x"][2] % 3 == 0
+    with pytest.raises(BnfoldError, match="--shape"):
+        m2 = make([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                  [vi("x", [1, 7, "h"])], [vi("y", [1, 3, "q", 3])], [shape])
+        bnfold.verify(m2, m2)
+
+
+def test_same_dim_param_gets_the_same_value_and_shape_wins():
+    nodes = [helper.make_node("Add", ["a", "b"], ["y"])]
+    m = make(nodes, [vi("a", ["N", 3, "len"]), vi("b", ["N", 3, "len"])],
+             [vi("y", ["N", 3, "len"])], [])
+    outcome = bnfold.verify(m, m)
+    assert outcome.shapes["a"] == outcome.shapes["b"] == [2, 3, 64]
+    given = bnfold.verify(m, m, shapes={"a": (1, 3, 5)})
+    assert given.shapes["a"] == given.shapes["b"] == [1, 3, 5]
+
+
+def if_model(else_shift: float = 0.0):
+    """cond ? x·2 : x + shift — a bool input selects the branch."""
+    then_graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["t"])], "then", [], [vi("t", [2, 3])],
+        [tensor("two", np.full((1,), 2.0))])
+    else_graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "shift"], ["e"])], "else", [], [vi("e", [2, 3])],
+        [tensor("shift", np.full((1,), 1.0 + else_shift))])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    return make([node], [vi("cond", [], TensorProto.BOOL), vi("x", [2, 3])], [vi("y", [2, 3])], [])
+
+
+def test_bool_input_checks_both_branches():
+    outcome = bnfold.verify(if_model(), if_model())
+    assert outcome.ok and outcome.runs == 2
+    # a change in the else branch alone is caught
+    assert not bnfold.verify(if_model(), if_model(else_shift=0.5)).ok
+
+
+def test_int_scalar_input_indexes_within_its_table():
+    table = tensor("table", rng(0).standard_normal((5, 4)))
+    nodes = [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)]
+    m = make(nodes, [vi("idx", [3], TensorProto.INT64)], [vi("y", [3, 4])], [table])
+    assert bnfold.verify(m, m, runs=3).ok  # an index ≥ 5 would make ORT fail
+
+
+def test_rejected_generated_ints_name_the_input():
+    # ids used as a Reshape shape: ORT rejects small random values
+    nodes = [helper.make_node("Reshape", ["x", "ids"], ["y"])]
+    m = make(nodes, [vi("x", [2, 3]), vi("ids", [2], TensorProto.INT64)], [vi("y", [3, 2])], [])
+    with pytest.raises(BnfoldError, match=r"'ids' \(INT64\).*--inputs"):
+        bnfold.verify(m, m)
+
+
+def sigmoid_head(shift_drop: bool = False):
+    """Conv → BN → Sigmoid with logits near −15: outputs ~1e-7..5e-4, where ORT's float32
+    sigmoid has an absolute error ~1e-7, far above 1e-5 of their scale."""
+    r = rng(3)
+    w = r.standard_normal((8, 32, 3, 3)) * 0.1
+    scale, bias, mean, var = (r.uniform(0.5, 1.5, 8), np.full(8, -15.0),
+                              r.normal(0, 0.5, 8), r.uniform(0.5, 2.0, 8))
+    if shift_drop:
+        bias = bias.copy()
+        bias[3] = -14.0
+    inits = [tensor("W", w), tensor("bn_scale", scale), tensor("bn_bias", bias),
+             tensor("bn_mean", mean), tensor("bn_var", var)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "b"),
+             helper.make_node("Sigmoid", ["b"], ["y"])]
+    return make(nodes, [vi("x", [2, 32, 8, 8])], [vi("y", [2, 8, 8, 8])], inits)
+
+
+def test_near_zero_outputs_are_judged_against_the_models_own_noise():
+    m = sigmoid_head()
+    folded = bnfold.fold(m).model
+    outcome = bnfold.verify(m, folded)
+    metrics = outcome.outputs[0]
+    assert metrics.max_rel_error > 1e-5  # the fixed tolerance alone would call it NOT equivalent
+    assert outcome.ok and metrics.noise_floor > 0
+    assert "float32 noise" in metrics.note
+    # a wrong fold (one channel's shift moved by 1) still fails
+    wrong = bnfold.fold(sigmoid_head(shift_drop=True)).model
+    assert not bnfold.verify(m, wrong).ok
+    # explicit tolerances are used as given
+    assert not bnfold.verify(m, folded, rtol=1e-5).ok
+
+
+def overflow_model(limit: float = 80.0):
+    nodes = [helper.make_node("Mul", ["x", "k"], ["s"]), helper.make_node("Exp", ["s"], ["y"])]
+    return make(nodes, [vi("x", [2, 64])], [vi("y", [2, 64])], [tensor("k", np.full((1,), limit))])
+
+
+def test_infinite_outputs_compare_by_position():
+    assert bnfold.verify(overflow_model(), overflow_model()).ok
+    moved = bnfold.verify(overflow_model(), overflow_model(200.0))
+    assert not moved.ok and "different positions" in moved.outputs[0].note
+
+
+def test_large_declared_input_is_refused_before_allocation():
+    m = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [100_000, 3, 224, 224])],
+             [vi("y", [100_000, 3, 224, 224])], [])
+    with pytest.raises(BnfoldError, match="MiB limit"):
+        bnfold.verify(m, m)
+
+
+def test_model_ort_cannot_load_says_how_to_proceed():
+    m = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", [2])], [])
+    m.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(BnfoldError, match="--no-verify"):
+        bnfold.verify(m, m)
+
+
+def test_bool_output_and_big_constant_of_shape_in_the_ground_truth():
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["y"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0)]
+    inits = [tensor("zero", np.zeros(1)), tensor("shape", np.array([3000, 1000]), np.int64)]
+    m = make(nodes, [vi("x", [2, 3])], [vi("y", [2, 3], TensorProto.BOOL), vi("total", [])], inits)
+    outcome = bnfold.verify(m, m)
+    assert outcome.ok
+    assert "3,000,004 parameters" in outcome.ground_truth_skipped
+
+
+def test_plain_fold_command_prints_the_chosen_sizes(tmp_path):
+    src = tmp_path / "det.onnx"
+    save_model(paddle_det_model(), src)
+    result = CliRunner().invoke(cli, ["fold", str(src)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "set to 64" in result.output and "wrote" in result.output
