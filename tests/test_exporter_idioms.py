@@ -216,3 +216,24 @@ def test_cast_to_another_type_is_not_a_no_op():
     ]
     result = bnfold.fold(build(nodes, [conv_weight(), *bn_params("bn", 4)]))
     assert result.report.folded_count == 0
+
+
+# ---- what the report says -------------------------------------------------------------------
+def test_bn_before_convtranspose_names_the_real_reason():
+    w = tensor("Wt", rng(0).standard_normal((3, 4, 2, 2)))
+    nodes = [bn_node("x", "b", prefix="bn"), helper.make_node("ConvTranspose", ["b", "Wt"], ["y"])]
+    result = bnfold.fold(build(nodes, [w, *bn_params("bn", 3)]))
+    reason = result.report.kept[0].reasons[0]
+    assert reason.startswith("it feeds a ConvTranspose") and "no Conv/" not in reason
+
+
+def test_frozen_bn_as_mul_add_is_labelled_by_its_op():
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("Mul", ["c", "s"], ["m"]),
+             helper.make_node("Add", ["m", "t"], ["y"])]
+    inits = [conv_weight(), tensor("s", rng(1).uniform(0.5, 1.5, (1, 4, 1, 1))),
+             tensor("t", rng(2).standard_normal((1, 4, 1, 1)))]
+    m = build(nodes, inits)
+    result = bnfold.fold(m)
+    assert [e.rule for e in result.report.folded] == ["conv-mul", "conv-add"]
+    assert_same_outputs(m, result.model, FEED)

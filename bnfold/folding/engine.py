@@ -114,8 +114,11 @@ class _ModelFolder:
                     continue
                 into = node_label(view.nodes[match.target_index])
                 self.dead.extend(rule.rewrite(view, match))
+                # A Mul/Add (a frozen BN) folded by conv-bn is reported as conv-mul / conv-add.
+                label = rule.name if node.op_type == "BatchNormalization" else rule.name.replace(
+                    "bn", node.op_type.lower())
                 self.report.entries.append(
-                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, rule.name)
+                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, label)
                 )
                 changed = True
                 break
@@ -165,13 +168,26 @@ def _neighbourhood(view: GraphView, index: int) -> str:
     node = view.nodes[index]
     producer = view.producer_of(node.input[0])
     source = node_label(producer[1]) if producer else f"graph input {node.input[0]!r}"
-    readers = [node_label(view.nodes[i]) for i in view.live_consumers(node.output[0])]
+    consumers = [view.nodes[i] for i in view.live_consumers(node.output[0])]
+    readers = [node_label(c) for c in consumers]
     if node.output[0] in view.graph_outputs:
         readers.append("graph output")
     target = ", ".join(readers[:3]) or "nothing"
+    after = next((c for c in consumers if c.op_type in _AFTER_BN_REASONS), None)
+    if after is not None:
+        return f"{_AFTER_BN_REASONS[after.op_type]} (input from {source}, output to {target})"
     return (
         f"no Conv/ConvTranspose/Gemm/MatMul beside it (input from {source}, output to {target})"
     )
+
+
+# Why a BN that feeds one of these (and has no producer to fold into) stays.
+_AFTER_BN_REASONS = {
+    "ConvTranspose": "it feeds a ConvTranspose, where its shift would reach border outputs "
+                     "unevenly: a BN before a ConvTranspose cannot fold into its weights",
+    "MatMul": "it feeds a MatMul: BN before a MatMul is not folded (only BN before a Gemm, "
+              "or MatMul before a BN)",
+}
 
 
 # Inputs each op the rules read must have (at least, at most), so a malformed node is a user
