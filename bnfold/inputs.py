@@ -7,7 +7,8 @@ and False in the next (so both branches of an `If` on it are checked); integers 
 non-negative, below the table size where the input indexes a Gather; uint8 spans 0–255. Strings
 cannot be generated: the user passes `--inputs`.
 
-Dims: `--shape` wins; a symbolic batch (axis 0, or a dim named like one) is 2; any other
+Dims: `--shape` wins; a symbolic batch (axis 0, or a dim named like one) is `batch` (2 unless
+the caller says otherwise; verification uses 1); any other
 symbolic dim comes from the model's own evidence (a numeric dim_param, `imgsz`-style metadata)
 or, failing that, from a short ladder of sizes tried until ONNX Runtime runs the model (see
 `bnfold.verification`). The same dim_param always gets the same value.

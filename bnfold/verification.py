@@ -38,6 +38,9 @@ GROUND_TRUTH_MAX_INPUT_VALUES = 200_000
 # trusted as the truth: the reference evaluator and ORT disagree on the model's semantics.
 GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
 DEFAULT_TIMEOUT_S = 300.0
+# A symbolic batch is verified at 1: every fold acts on each sample alone, so a second sample
+# adds run time (the default command's largest cost) and no evidence.
+VERIFY_BATCH = 1
 
 ModelSource = onnx.ModelProto | str | os.PathLike | bytes
 
@@ -254,7 +257,7 @@ def _feeds(model, session, runner: _Runner, inputs, seed, runs, shapes):
         return [inputs], []
     if inputs is not None:
         return [load_npz_inputs(model, inputs)], []
-    plan = plan_inputs(model, shapes)
+    plan = plan_inputs(model, shapes, batch=VERIFY_BATCH)
     plan.settle(lambda feed: runner.try_run(session, feed), seed)
     plan.check_size()
     notes = list(plan.notes)

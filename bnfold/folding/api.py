@@ -11,7 +11,7 @@ from bnfold.errors import BnfoldError
 from bnfold.folding.engine import fold_model
 from bnfold.folding.graph import PendingTensors
 from bnfold.folding.report import FoldReport
-from bnfold.io import external_data_name, load_model_deferred, save_model
+from bnfold.io import external_data_name, load_model, load_model_deferred, save_model
 from bnfold.io_deferred import DeferredData
 
 
@@ -30,6 +30,7 @@ class FoldResult:
         self._pending = pending
         self._deferred = deferred
         self._unavailable: BnfoldError | None = None
+        self._file: tuple[str, tuple[int, ...]] | None = None  # a written file holding it all
         self.report = report
         self.output_path = output_path
 
@@ -39,6 +40,13 @@ class FoldResult:
         # in their files); put them in on demand.
         if self._unavailable is not None:
             raise self._unavailable  # a half-read model is never handed out
+        if self._file is not None:
+            path, identity = self._file
+            if _identity(path) != identity:
+                self._unavailable = BnfoldError(
+                    f"{path!r} changed since bnfold wrote it: fold the model again")
+                raise self._unavailable
+            self._model, self._file = load_model(path), None
         if self._deferred is not None:
             deferred, self._deferred = self._deferred, None
             try:
@@ -49,6 +57,26 @@ class FoldResult:
         if self._pending:
             self._pending.apply(self._model.graph)
         return self._model
+
+    def _move_to_file(self, path: str) -> None:
+        """The folded model is all in `path` (written, not yet verified): drop what memory
+        holds of it, so verification runs beside one copy of the weights, not two."""
+        if self._pending is not None:
+            self._pending.clear()  # the writer's frame still refers to the same object
+        self._pending = None
+        if self._deferred is not None:
+            self._deferred.close()
+            self._deferred = None
+        self._file = (path, _identity(path))
+
+    def _load_from_file(self) -> None:
+        """Read the whole model in before its (staged) file goes away."""
+        path, _ = self._file
+        self._model, self._file = load_model(path), None
+
+    def _renamed(self, path: str) -> None:
+        if self._file is not None:  # a rename keeps the identity (device, inode, size, mtime)
+            self._file = (path, self._file[1])
 
     def __repr__(self) -> str:
         summary = self.report.to_dict()["summary"]
@@ -153,8 +181,11 @@ def fold_file(
             return True
         from bnfold.verification import verify as run_verify
 
+        result._move_to_file(staged_path)
         outcome = run_verify(input_path, staged_path, **(verify_options or {}))
         result.report.verification = outcome.to_dict()
+        if not outcome.ok:
+            result._load_from_file()  # the caller may want to look at the failed fold
         return outcome.ok
 
     try:
@@ -166,11 +197,21 @@ def fold_file(
         deferred.close()
         raise
     result.output_path = output_path if written else None
-    if not replaces_input:
+    if written:
+        result._renamed(os.path.abspath(output_path))
+    if not replaces_input and result._deferred is not None:
         # Reopened (and checked unchanged) if result.model is asked for. After --in-place the
         # input's old bytes are only reachable through the open descriptor, so it stays open.
         deferred.release_files()
     return result
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ()
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -487,6 +487,10 @@ class PendingTensors:
             return bfloat16_bits_to_float32(stored)
         return stored
 
+    def clear(self) -> None:
+        """Forget every value (the caller has them elsewhere, e.g. in a written file)."""
+        self._items.clear()
+
     def apply(self, graph: onnx.GraphProto) -> None:
         """Write every pending value into `graph`'s initializers and forget them."""
         for tensor in graph.initializer:
