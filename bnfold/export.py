@@ -108,7 +108,7 @@ def export_onnx(
         _materialise_identity_constants(proto)
         bn_nodes = _check_bn_nodes(proto, usage)
         max_abs, max_rel, checked = parity(torch, call, proto, specs, examples, names, seed,
-                                           _tolerance(flat))
+                                           _tolerance(flat), notes)
 
     from bnfold.io import save_model
 
@@ -282,14 +282,10 @@ def _materialise_identity_constants(model: onnx.ModelProto) -> None:
 
 
 def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage) -> int:
+    """Every batch_norm the eval forward calls has an inference BatchNormalization node with
+    its running statistics (identical calls on identical inputs may share one: the exporter
+    merges common subexpressions)."""
     bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    if len(bn) != usage.calls:
-        raise BnfoldError(
-            f"the eval forward calls batch_norm {usage.calls} time(s) ({usage.describe()}) but "
-            f"the ONNX export has {len(bn)} BatchNormalization node(s): torch's exporter "
-            f"{'fused or dropped some' if len(bn) < usage.calls else 'added some'}; "
-            "please report the model with your torch version"
-        )
     for node in bn:
         training = [a.i for a in node.attribute if a.name == "training_mode"]
         if (training and training[0] != 0) or len(node.output) != 1:
@@ -298,4 +294,21 @@ def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage) -> int:
                 "eval forward uses running statistics: please report the model (bnfold exports "
                 "an eval copy)"
             )
+    initializers = {t.name: t for t in model.graph.initializer}
+    exported = []
+    for node in bn:
+        if len(node.input) == 5 and all(n in initializers for n in node.input[3:5]):
+            exported.append(tuple(numpy_helper.to_array(initializers[n]).astype(np.float64)
+                                  for n in node.input[3:5]))
+    missing = [who for who, mean, var in usage.statistics.values()
+               if not any(m.shape == mean.shape and np.array_equal(m, mean)
+                          and np.array_equal(v, var) for m, v in exported)]
+    if missing or len(bn) > usage.calls or (usage.calls and not bn):
+        raise BnfoldError(
+            f"the eval forward calls batch_norm {usage.calls} time(s) ({usage.describe()}) but "
+            f"the ONNX export has {len(bn)} BatchNormalization node(s)"
+            + (f", none with the statistics of {', '.join(missing[:3])}" if missing else "")
+            + ": torch's exporter fused or changed them; please report the model with your "
+            "torch version"
+        )
     return len(bn)

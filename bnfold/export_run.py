@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,6 +168,8 @@ def describe_inputs(tensors, specs) -> str:
 class BnUsage:
     calls: int = 0
     modules: dict[str, int] = field(default_factory=dict)  # BN module name -> calls
+    # id(running_mean) -> (who: module name or "F.batch_norm #k", running_mean, running_var)
+    statistics: dict[int, tuple[str, np.ndarray, np.ndarray]] = field(default_factory=dict)
     batch_statistics: list[str] = field(default_factory=list)  # calls normalising by the batch
 
     @property
@@ -178,6 +181,11 @@ class BnUsage:
         if self.functional:
             parts.append(f"{self.functional} F.batch_norm without a module")
         return ", ".join(parts) or "none"
+
+
+def _aten_bn(input, weight, bias, running_mean, running_var, training, momentum, eps,
+             cudnn_enabled):
+    """torch.batch_norm's argument order, for binding its arguments by name."""
 
 
 def run_counting(torch, model, call, tensors, specs):
@@ -193,11 +201,15 @@ def run_counting(torch, model, call, tensors, specs):
             kwargs = kwargs or {}
             if func is F.batch_norm or func is torch.batch_norm:
                 usage.calls += 1
-                bound = inspect.signature(F.batch_norm).bind(*args, **kwargs) \
-                    if func is F.batch_norm else None
-                if bound is not None and (bound.arguments.get("training", False)
-                                          or bound.arguments.get("running_mean") is None):
+                signature = inspect.signature(F.batch_norm if func is F.batch_norm else _aten_bn)
+                bound = signature.bind(*args, **kwargs).arguments
+                mean, var = bound.get("running_mean"), bound.get("running_var")
+                if bound.get("training", False) or mean is None or var is None:
                     usage.batch_statistics.append("F.batch_norm(training=True)")
+                elif id(mean) not in usage.statistics:
+                    who = owners.get(id(mean), f"F.batch_norm #{usage.functional}")
+                    usage.statistics[id(mean)] = (who, mean.detach().double().numpy().copy(),
+                                                  var.detach().double().numpy().copy())
             return func(*args, **kwargs)
 
     def count(name):
@@ -207,6 +219,8 @@ def run_counting(torch, model, call, tensors, specs):
 
     handles = [m.register_forward_pre_hook(count(name))
                for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    owners = {id(m.running_mean): name for name, m in model.named_modules()
+              if isinstance(m, _BatchNorm) and m.running_mean is not None}
     try:
         with torch.no_grad(), CountBatchNorm():
             output = call(*tensors)
@@ -254,7 +268,9 @@ def check_bn_usage(model, usage: BnUsage) -> list[str]:
     return notes
 
 
-def _session(proto):
+def _runner(proto, notes: list[str]):
+    """run(names, feed) on ONNX Runtime (optimisation off); onnx's reference evaluator where
+    ORT's CPU provider has no kernel for the graph's dtype (float64 Conv, for one)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -262,12 +278,24 @@ def _session(proto):
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(proto.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
+                                    providers=["CPUExecutionProvider"]).run
     except Exception as exc:  # ORT's exception types share no useful base
-        raise BnfoldError(
-            f"ONNX Runtime cannot load the exported model ({_first_line(exc)}): please report the "
-            "model with your torch and onnxruntime versions"
-        ) from None
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise BnfoldError(
+                f"ONNX Runtime cannot load the exported model ({_first_line(exc)}): please "
+                "report the model with your torch and onnxruntime versions"
+            ) from None
+        detail = re.search(r"implementation for (\w+\(\d+\))", str(exc))
+        notes.append(f"ONNX Runtime's CPU provider has no kernel for "
+                     f"{detail.group(1) if detail else 'an operator'} in this dtype: parity was "
+                     "checked with onnx's reference evaluator instead")
+    from bnfold.float64 import evaluate_float64
+
+    def run(names, feed):
+        values = evaluate_float64(proto, feed)
+        return [values[n] for n in names]
+
+    return run
 
 
 def _size_change(specs) -> str:
@@ -278,19 +306,19 @@ def _size_change(specs) -> str:
     return ", ".join(f"{s}={2 * d} instead of {d}" for s, d in seen.items())
 
 
-def _baked(specs, what: str) -> BnfoldError:
+def _baked(specs, what: str, detail: str = "") -> BnfoldError:
     return BnfoldError(
-        f"{what} with {_size_change(specs)}: the model fixes that size (e.g. reshape(1, -1), "
+        f"{what} with {_size_change(specs)}{f' ({detail})' if detail else ''}: the model fixes that size (e.g. reshape(1, -1), "
         "view(8, -1) or int(x.shape[2])); make it size-generic (x.flatten(1), x.shape[0] without "
         "int()) or do not mark that dim dynamic"
     )
 
 
-def parity(torch, call, proto, specs, examples, names, seed, rtol):
+def parity(torch, call, proto, specs, examples, names, seed, rtol, notes):
     """(max abs error, scale-relative error, input shapes checked); marks moving output dims."""
     from bnfold.zoo.prepare import flatten_outputs
 
-    session = _session(proto)
+    run = _runner(proto, notes)
     dynamic = any(s.symbols for s in specs)
     runs = [(examples, False), (example_inputs(torch, call, specs, seed, offset=1), False)]
     if dynamic:
@@ -302,17 +330,16 @@ def parity(torch, call, proto, specs, examples, names, seed, rtol):
                 expected = [t for _, t in flatten_outputs(call(*tensors))]
         except Exception as exc:  # the user's forward can raise anything
             if doubled:
-                raise _baked(specs, f"the model does not run ({_first_line(exc)})") from None
+                raise _baked(specs, "the model does not run", _first_line(exc)) from None
             raise BnfoldError(f"the model fails on random inputs ({describe_inputs(tensors, specs)}"
                               f"; {_first_line(exc)}): pass real ones with --inputs file.npz") \
                 from None
         feed = {s.name: t.numpy() for s, t in zip(specs, tensors)}
         try:
-            got = session.run(names, feed)
+            got = run(names, feed)
         except Exception as exc:  # ORT's exception types share no useful base
             if doubled:
-                raise _baked(specs, f"the exported graph does not run ({_first_line(exc)})") \
-                    from None
+                raise _baked(specs, "the exported graph does not run", _first_line(exc)) from None
             raise BnfoldError(f"ONNX Runtime cannot run the export ({_first_line(exc)}): please "
                               "report the model") from None
         for name, e, g in zip(names, expected, got):
@@ -350,5 +377,5 @@ def _mark_output_dims(proto: onnx.ModelProto, specs, names, first, doubled) -> N
         dims = outputs[name].type.tensor_type.shape.dim
         for axis, (a, b) in enumerate(zip(before, after)):
             if a != b and axis < len(dims):
-                dims[axis].dim_param = symbols.get((a, b), dims[axis].dim_param or
-                                                   f"{name}_dim{axis}")
+                # Ours, not the exporter's names (BatchNormalizationoutput_0_dim_2).
+                dims[axis].dim_param = symbols.get((a, b), f"{name}_dim{axis}")

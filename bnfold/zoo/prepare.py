@@ -85,6 +85,10 @@ def _remove_parametrizations(torch, model) -> list[str]:
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
+        # deepcopy shares the injected Parametrized* class with the caller's module, and
+        # removal deletes the weight property from that class: give the copy a class of its own.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         for tensor_name in list(module.parametrizations.keys()):
             with torch.no_grad():
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
