@@ -30,8 +30,17 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: " + (text.splitlines()[0][:limit] if text else "no message")
 
 
-def resolve_inputs(torch, model, specs, dynamic, dynamic_batch):
-    """(named, typed specs in forward order, the callable to export taking them positionally)."""
+EXPORT_HINT = ("--input-shape {name}:DIMS[:DTYPE], or an array named {name} in --inputs",
+               "--input-shape [NAME:]DIMS[:DTYPE] (one per argument) or --inputs file.npz")
+BENCH_HINT = ("--shape {name}=DxD..., or an array named {name} in --inputs",
+              "--shape NAME=DxD... (one per forward argument, float) or --inputs file.npz "
+              "(any dtype, e.g. int64 token ids)")
+
+
+def resolve_inputs(torch, model, specs, dynamic, dynamic_batch, hint=EXPORT_HINT):
+    """(named, typed specs in forward order, the callable to export taking them positionally).
+
+    `hint`: how the user gives (one named input, all inputs) in the command at hand."""
     from bnfold.zoo.prepare import forward_parameters
 
     params = forward_parameters(model)
@@ -40,7 +49,7 @@ def resolve_inputs(torch, model, specs, dynamic, dynamic_batch):
             spec.name = spec.name or ("input" if len(specs) == 1 else f"input_{i}")
         call = model
     else:
-        specs = _match_signature(specs, params)
+        specs = _match_signature(specs, params, hint)
         positional = [p.name for p in params if p.kind != p.KEYWORD_ONLY]
         names = [s.name for s in specs]
         call = model if names == positional[:len(names)] else _keyword_call(torch, model, names)
@@ -51,7 +60,7 @@ def resolve_inputs(torch, model, specs, dynamic, dynamic_batch):
     return specs, call
 
 
-def _match_signature(specs: list[InputSpec], params) -> list[InputSpec]:
+def _match_signature(specs: list[InputSpec], params, hint) -> list[InputSpec]:
     by_name = {p.name: p for p in params}
     taken = {s.name for s in specs if s.name is not None}
     for name in taken:
@@ -74,7 +83,7 @@ def _match_signature(specs: list[InputSpec], params) -> list[InputSpec]:
         if p.name not in given and p.default is p.empty:
             raise BnfoldError(
                 f"forward() needs argument {p.name!r}, which was not given: add an input for it "
-                f"(--input-shape {p.name}:DIMS[:DTYPE], or an array named {p.name} in --inputs)"
+                f"({hint[0].format(name=p.name)})"
             )
     order = {p.name: i for i, p in enumerate(params)}
     return sorted(specs, key=lambda s: order[s.name])
@@ -188,7 +197,7 @@ def _aten_bn(input, weight, bias, running_mean, running_var, training, momentum,
     """torch.batch_norm's argument order, for binding its arguments by name."""
 
 
-def run_counting(torch, model, call, tensors, specs):
+def run_counting(torch, model, call, tensors, specs, hint=EXPORT_HINT):
     """(the eval forward's output, BnUsage) for one run of `call` (which runs `model`)."""
     import torch.nn.functional as F
     from torch.nn.modules.batchnorm import _BatchNorm
@@ -229,8 +238,7 @@ def run_counting(torch, model, call, tensors, specs):
     except Exception as exc:  # the user's forward can raise anything
         raise BnfoldError(
             f"the model fails on the example inputs ({describe_inputs(tensors, specs)}) "
-            f"({_first_line(exc)}): give inputs that fit forward() with --input-shape "
-            "[NAME:]DIMS[:DTYPE] (one per argument) or --inputs file.npz"
+            f"({_first_line(exc)}): give inputs that fit forward() with {hint[1]}"
         ) from None
     finally:
         for handle in handles:
