@@ -199,27 +199,24 @@ def _refuse_keys(path, missing: list[str], unexpected: list[str]) -> None:
 
 
 def _strip_prefix(state: dict, expected: dict, notes: list[str] | None) -> dict:
-    """Drop a prefix every key shares when that makes the keys match the model's better."""
+    """Drop the wrapper prefixes all keys share (`module.`, `model.module.`, ...) when that
+    makes more of them match the model's keys."""
     def matches(keys) -> int:
         return len(set(keys) & set(expected))
 
-    stripped = []
-    while True:
-        best = None
-        for prefix in KEY_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                candidate = {k[len(prefix):]: v for k, v in state.items()}
-                if matches(candidate) > matches(state):
-                    best = (prefix, candidate)
-                    break
-        if best is None:
+    levels = [("", state)]
+    while len(levels) < 4:
+        prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in levels[-1][1])),
+                      None)
+        if prefix is None:
             break
-        stripped.append(best[0])
-        state = best[1]
+        levels.append((levels[-1][0] + prefix,
+                       {k[len(prefix):]: v for k, v in levels[-1][1].items()}))
+    stripped, best = max(levels, key=lambda level: matches(level[1]))  # first of equals: less
     if stripped and notes is not None:
-        notes.append(f"stripped the key prefix {''.join(stripped)!r} from the checkpoint "
+        notes.append(f"stripped the key prefix {stripped!r} from the checkpoint "
                      "(saved from a wrapper such as DataParallel or Lightning)")
-    return state
+    return best
 
 
 def _few(items: list[str], limit: int = 3) -> str:
