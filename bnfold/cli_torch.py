@@ -92,7 +92,7 @@ def export_command(spec, checkpoint, input_specs, inputs_path, dynamic, dynamic_
 
 
 @click.command("train")
-@click.argument("target", metavar="paper|NAME")
+@click.argument("target", metavar="paper|NAME|module:factory")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--data", default=None, help="'digits' (sklearn 8×8, paper only) or a .npz file "
               "with x_train, y_train, x_test, y_test.  [paper: digits]")
@@ -104,7 +104,8 @@ def train_command(target, out_dir, data, steps, batch_size, lr, seed):
     """Train a sample network; `paper` reproduces the BN paper §4.1 (BN vs no BN).
 
     `bnfold train paper --out DIR` trains Ioffe & Szegedy 2015's sigmoid MLP with and without
-    BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample and writes DIR/NAME.pt.
+    BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample (or module:factory,
+    a function taking no arguments) and writes DIR/NAME.pt (module.factory.pt).
     """
     if target == PAPER_TARGET:
         _train_paper(out_dir, data or "digits", steps, batch_size, lr, seed)
@@ -151,30 +152,33 @@ def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
 
     if name not in SAMPLE_NAMES and ":" not in name:
         raise BnfoldError(
-            f"unknown sample {name!r}: train 'paper' or one of {', '.join(SAMPLE_NAMES)}"
+            f"unknown sample {name!r}: train 'paper', one of {', '.join(SAMPLE_NAMES)}, "
+            "or module:factory"
         )
 
     if data is None or (data == "digits" and name != "paper-mlp"):
         raise BnfoldError(f"training {name} needs --data file.npz (x_train, y_train, x_test, y_test)")
-    steps = loop.DEFAULT_STEPS if steps is None else steps
+    # Everything that can be refused is refused here, before the progress bar is drawn.
+    job = loop.prepare_training(
+        name, data, steps=loop.DEFAULT_STEPS if steps is None else steps,
+        batch_size=loop.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+        lr=loop.DEFAULT_LR if lr is None else lr, seed=seed,
+    )
     with _progress() as bar:
-        task = bar.add_task(f"train {name}", total=steps)
-        result = loop.train_sample(
-            name, data, out_dir, steps=steps,
-            batch_size=loop.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
-            lr=loop.DEFAULT_LR if lr is None else lr, seed=seed,
-            progress=lambda done: bar.update(task, completed=done),
-        )
+        task = bar.add_task(f"train {name}", total=job.steps)
+        result = loop.run_training(job, out_dir,
+                                   progress=lambda done: bar.update(task, completed=done))
     console.print(f"{name}: {result.steps} steps, final loss {result.final_loss:.4g}, "
-                  f"{result.metric_name} {result.metric:.4g}")
-    console.print(f"wrote {result.checkpoint}")
+                  f"{result.metric_name} {result.metric:.4g}", markup=False)
+    console.print(f"wrote {result.checkpoint}", markup=False)
 
 
 @click.command("recalibrate")
-@click.option("--model", "spec", required=True, metavar="NAME|module:factory")
+@click.option("--model", "spec", required=True, metavar="NAME|module:factory", help=MODEL_HELP)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A state_dict .pt.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="A .npz with x_train (or x): samples shaped like the model input.")
+              help="A .npz with x_train (or x): samples shaped like the model input (integer "
+                   "arrays, e.g. token ids, stay integer).")
 @click.option("--batches", default=100, show_default=True, type=int, help="Mini-batches to average.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch sampling.")
@@ -188,8 +192,11 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
 
     if os.path.abspath(output) == os.path.abspath(checkpoint):
         raise BnfoldError(f"output {output!r} is the input checkpoint: choose another -o")
-    model = create(spec, checkpoint)
-    x = load_inputs(data)
+    notes: list[str] = []
+    model = create(spec, checkpoint, notes=notes)
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+    x = load_inputs(data, float_dtype=_float_dtype(model))
     try:
         result = recalibrate_batchnorm(model, sample_batches(x, batches, batch_size, seed))
     except RuntimeError as exc:
@@ -203,6 +210,14 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
     for name, (d_mean, d_var) in largest:
         console.print(f"  {name}: mean |Δ running_mean| {d_mean:.4g}, |Δ running_var| {d_var:.4g}")
     console.print(f"wrote {save_state_dict(model, output)}")
+
+
+def _float_dtype(model) -> str:
+    """The model's floating dtype (float samples are cast to it; integer ones are kept)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return str(tensor.dtype).replace("torch.", "")
+    return "float32"
 
 
 def _progress():

@@ -238,3 +238,26 @@ def float64_conv():
 def with_width(width):
     """A factory that needs an argument (refused: factories are called with none)."""
     return conv_bn()
+
+
+class TokenOnly(nn.Module):
+    """Token ids only (for recalibration from an .npz of integer ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.conv, self.bn = nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+
+    def forward(self, ids):
+        return self.bn(self.conv(self.embed(ids).transpose(1, 2))).mean(2)
+
+
+def token_only():
+    return _ready(TokenOnly())
+
+
+def classifier():
+    """A small image classifier (4 classes) for `bnfold train module:factory`."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    return _ready(net)
