@@ -74,7 +74,8 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
               help="torch engine: zoo name (resnet18, paper-mlp) or module:factory.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="torch engine: weights.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD..",
-              help="Input shape (symbolic dims; batch defaults to 2).")
+              help="Input shape (symbolic dims; batch defaults to 2). torch engine: one per "
+                   "forward argument, by name.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
               help="A .npz file with one array per model input.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
@@ -114,12 +115,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
             raise BnfoldError("--engine torch needs --model SPEC (e.g. resnet18 or module:factory)")
         from bnfold.engines.torch_engine import torch_models
 
-        unknown = sorted(set(shape_map) - {"input"})
-        if unknown:
-            raise BnfoldError(f"--engine torch feeds one tensor named 'input', not {unknown[0]!r}: "
-                              f"give --shape input=DxD...")
-        shape = shape_map.get("input")
-        models, feed = torch_models(torch_spec, checkpoint, shape, seed)
+        models, feed, torch_notes = torch_models(torch_spec, checkpoint, shape_map, seed,
+                                                 inputs_path)
         inputs = feed
     else:
         if torch_spec or checkpoint:
@@ -130,6 +127,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         inputs = inputs_path
     result = bench_models(models, engine, inputs=inputs, shapes=shape_map, seed=seed, runs=runs,
                           min_time=min_time, warmup_time=warmup_time, options=options)
+    if engine == "torch":
+        result.notes += torch_notes
     render(result, console)
     if json_path:
         from bnfold.io import write_text_atomic

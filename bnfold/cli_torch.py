@@ -16,52 +16,83 @@ from bnfold.errors import BnfoldError
 PAPER_TARGET = "paper"
 
 
-def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'1x3x224x224' -> (1, 3, 224, 224)."""
+def parse_input_shape(text: str):
+    """'1x3x224x224', 'ids:2x16:int64' or 'batch=1x3xheight=64xwidth=64' -> InputSpec."""
+    from bnfold.export_inputs import parse_input_spec
+
     try:
-        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: write dims joined by x, e.g. 1x3x224x224") from None
-    if not dims or any(d < 1 for d in dims):
-        raise click.BadParameter(f"{text!r}: every dim must be at least 1, e.g. 1x3x224x224")
-    return dims
+        return parse_input_spec(text)
+    except BnfoldError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
-def _input_shape_option(ctx, param, value):
-    return None if value is None else parse_input_shape(value)
+def _input_shape_option(ctx, param, values):
+    return [parse_input_shape(v) for v in values]
+
+
+def _dynamic_option(ctx, param, values):
+    from bnfold.export_inputs import parse_dynamic
+
+    try:
+        return tuple(parse_dynamic(v) for v in values)
+    except BnfoldError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+MODEL_HELP = ("A sample (bnfold.zoo), module:factory (a function taking no arguments that "
+              "returns the nn.Module), or torchvision:NAME.")
 
 
 @click.command("export")
-@click.option("--model", "spec", required=True, metavar="NAME|module:factory",
-              help="A sample (bnfold.zoo), module:factory, or torchvision:NAME.")
+@click.option("--model", "spec", required=True, metavar="NAME|module:factory", help=MODEL_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="A state_dict .pt to load.")
-@click.option("--input-shape", callback=_input_shape_option, metavar="DxDx..",
-              help="Input shape with batch, e.g. 1x3x224x224 [the sample's default].")
-@click.option("--dynamic-batch", is_flag=True, help="Make the batch dim symbolic.")
+@click.option("--input-shape", "input_specs", multiple=True, callback=_input_shape_option,
+              metavar="[NAME:]DIMS[:DTYPE]",
+              help="One per forward argument, in order or by name: 1x3x224x224, ids:2x16:int64; "
+                   "NAME=SIZE dims stay symbolic (batch=1x3xheight=64xwidth=64) "
+                   "[the sample's default; dtype: the model's].")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
+              help="A .npz with one example array per forward argument (by name, or arr_0, "
+                   "arr_1, ... in order): fixes shapes and dtypes.")
+@click.option("--dynamic", "dynamic", multiple=True, callback=_dynamic_option,
+              metavar="[INPUT:]AXIS[=NAME]",
+              help="Keep this dim symbolic (repeatable), e.g. 2=height or ids:1=length.")
+@click.option("--dynamic-batch", is_flag=True, help="Make dim 0 of every input symbolic.")
+@click.option("--output-name", "output_names", multiple=True,
+              help="Name the outputs (repeat once per output) [dict keys, else output_0, ...].")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.onnx")
-def export_command(spec, checkpoint, input_shape, dynamic_batch, opset, output):
+def export_command(spec, checkpoint, input_specs, inputs_path, dynamic, dynamic_batch,
+                   output_names, opset, output):
     """Export a PyTorch model to ONNX with every BatchNorm kept, and check it against torch."""
     from bnfold.export import export_onnx
     from bnfold.zoo import create, model_input_shape
 
-    model = create(spec, checkpoint)
-    shape = input_shape or model_input_shape(spec, model)
-    result = export_onnx(model, shape, output, opset=opset, dynamic_batch=dynamic_batch)
-    console.print(
-        f"BatchNorm: {result.bn_modules} modules → {result.bn_nodes} ONNX BatchNormalization nodes "
-        f"(all kept, inference mode)"
-    )
+    if input_specs and inputs_path:
+        raise BnfoldError("give --input-shape or --inputs, not both: the .npz fixes the shapes")
+    notes: list[str] = []
+    model = create(spec, checkpoint, notes=notes)
+    inputs = inputs_path or input_specs or model_input_shape(spec, model)
+    result = export_onnx(model, inputs, output, opset=opset, dynamic_batch=dynamic_batch,
+                         dynamic=dynamic, output_names=list(output_names) or None)
+    for note in notes + result.notes:
+        console.print(f"note: {note}", markup=False)
+    counted = (f"{result.bn_modules} modules" if result.bn_calls == result.bn_modules else
+               f"{result.bn_calls} calls in the eval forward ({result.bn_modules} modules)")
+    console.print(f"BatchNorm: {counted} → {result.bn_nodes} ONNX BatchNormalization nodes "
+                  "(all kept, inference mode)")
+    shapes = "; ".join(", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in run.items())
+                       for run in result.checked_shapes)
     console.print(
         f"parity torch vs ONNX Runtime (optimisation off): max abs error {result.max_abs_error:.3g} "
-        f"({result.max_rel_error:.2g} of output scale), input {'x'.join(map(str, result.input_shape))}"
-        + (" (dynamic batch)" if dynamic_batch else "")
-    )
-    console.print(f"wrote {result.path}")
+        f"({result.max_rel_error:.2g} of output scale), inputs {shapes}", markup=False)
+    console.print(f"inputs {', '.join(s.describe() for s in result.inputs)} → outputs "
+                  f"{', '.join(result.output_names)}", markup=False)
+    console.print(f"wrote {result.path}", markup=False)
 
 
 @click.command("train")
-@click.argument("target", metavar="paper|NAME")
+@click.argument("target", metavar="paper|NAME|module:factory")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--data", default=None, help="'digits' (sklearn 8×8, paper only) or a .npz file "
               "with x_train, y_train, x_test, y_test.  [paper: digits]")
@@ -73,7 +104,8 @@ def train_command(target, out_dir, data, steps, batch_size, lr, seed):
     """Train a sample network; `paper` reproduces the BN paper §4.1 (BN vs no BN).
 
     `bnfold train paper --out DIR` trains Ioffe & Szegedy 2015's sigmoid MLP with and without
-    BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample and writes DIR/NAME.pt.
+    BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample (or module:factory,
+    a function taking no arguments) and writes DIR/NAME.pt (module.factory.pt).
     """
     if target == PAPER_TARGET:
         _train_paper(out_dir, data or "digits", steps, batch_size, lr, seed)
@@ -120,30 +152,33 @@ def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
 
     if name not in SAMPLE_NAMES and ":" not in name:
         raise BnfoldError(
-            f"unknown sample {name!r}: train 'paper' or one of {', '.join(SAMPLE_NAMES)}"
+            f"unknown sample {name!r}: train 'paper', one of {', '.join(SAMPLE_NAMES)}, "
+            "or module:factory"
         )
 
     if data is None or (data == "digits" and name != "paper-mlp"):
         raise BnfoldError(f"training {name} needs --data file.npz (x_train, y_train, x_test, y_test)")
-    steps = loop.DEFAULT_STEPS if steps is None else steps
+    # Everything that can be refused is refused here, before the progress bar is drawn.
+    job = loop.prepare_training(
+        name, data, steps=loop.DEFAULT_STEPS if steps is None else steps,
+        batch_size=loop.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+        lr=loop.DEFAULT_LR if lr is None else lr, seed=seed,
+    )
     with _progress() as bar:
-        task = bar.add_task(f"train {name}", total=steps)
-        result = loop.train_sample(
-            name, data, out_dir, steps=steps,
-            batch_size=loop.DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
-            lr=loop.DEFAULT_LR if lr is None else lr, seed=seed,
-            progress=lambda done: bar.update(task, completed=done),
-        )
+        task = bar.add_task(f"train {name}", total=job.steps)
+        result = loop.run_training(job, out_dir,
+                                   progress=lambda done: bar.update(task, completed=done))
     console.print(f"{name}: {result.steps} steps, final loss {result.final_loss:.4g}, "
-                  f"{result.metric_name} {result.metric:.4g}")
-    console.print(f"wrote {result.checkpoint}")
+                  f"{result.metric_name} {result.metric:.4g}", markup=False)
+    console.print(f"wrote {result.checkpoint}", markup=False)
 
 
 @click.command("recalibrate")
-@click.option("--model", "spec", required=True, metavar="NAME|module:factory")
+@click.option("--model", "spec", required=True, metavar="NAME|module:factory", help=MODEL_HELP)
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A state_dict .pt.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="A .npz with x_train (or x): samples shaped like the model input.")
+              help="A .npz with x_train (or x): samples shaped like the model input (integer "
+                   "arrays, e.g. token ids, stay integer).")
 @click.option("--batches", default=100, show_default=True, type=int, help="Mini-batches to average.")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch sampling.")
@@ -157,8 +192,11 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
 
     if os.path.abspath(output) == os.path.abspath(checkpoint):
         raise BnfoldError(f"output {output!r} is the input checkpoint: choose another -o")
-    model = create(spec, checkpoint)
-    x = load_inputs(data)
+    notes: list[str] = []
+    model = create(spec, checkpoint, notes=notes)
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+    x = load_inputs(data, float_dtype=_float_dtype(model))
     try:
         result = recalibrate_batchnorm(model, sample_batches(x, batches, batch_size, seed))
     except RuntimeError as exc:
@@ -172,6 +210,14 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
     for name, (d_mean, d_var) in largest:
         console.print(f"  {name}: mean |Δ running_mean| {d_mean:.4g}, |Δ running_var| {d_var:.4g}")
     console.print(f"wrote {save_state_dict(model, output)}")
+
+
+def _float_dtype(model) -> str:
+    """The model's floating dtype (float samples are cast to it; integer ones are kept)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return str(tensor.dtype).replace("torch.", "")
+    return "float32"
 
 
 def _progress():

@@ -84,11 +84,16 @@ def _bench(original: str, folded: str, shape, out_dir: str, console: Console) ->
     from bnfold.engines import best_available
     from bnfold.io import write_text_atomic
 
+    from bnfold.inputs import graph_inputs
+    from bnfold.io import load_model
+
     engine, why = best_available()
     console.print(f"engine [bold]{engine}[/]: {escape(why)}")
+    # The built sample calls its input "input"; an export names it after forward's argument.
+    input_name = graph_inputs(load_model(original))[0].name
     result = bench_models(
         [("original", original), ("folded", folded)], engine,
-        shapes={"input": shape}, runs=200, min_time=1.0,
+        shapes={input_name: shape}, runs=200, min_time=1.0,
     )
     render(result, console)
     bench_path = os.path.join(out_dir, "bench.json")

@@ -9,27 +9,40 @@ skips the eval-only BN fusion, the eval-mode model makes every BN an inference n
 into a plain MatMul weight. (dynamo with optimize=False keeps BN too, but feeds bias-less Convs
 a zero bias computed at run time, which blocks folding; it is also ~100× slower to export.)
 
-The result is checked, not trusted: #BatchNormalization nodes must equal #BN modules, each in
-inference mode, and ONNX Runtime (graph optimisation off, so ORT does not fold BN itself) must
-match torch on seeded random inputs.
+The copy is a plain module: DataParallel unwrapped, parametrizations made permanent
+(bnfold.zoo.prepare). Inputs are one `InputSpec` per forward argument (bnfold.export_inputs):
+several, integer, float64/float16, named after the forward signature, with symbolic dims.
+Outputs (tensors, tuples, dicts, nested) get stable names: dict keys, else output_0, ….
+
+The result is checked, not trusted: the eval forward's batch_norm calls (counted as they
+happen, so a BN called twice counts twice and an unused auxiliary head's not at all) must
+equal the ONNX BatchNormalization nodes, each in inference mode, and ONNX Runtime (graph
+optimisation off) must match torch on the example inputs, fresh random ones, and — when dims
+are dynamic — inputs with every symbolic dim doubled. Whatever torch or ORT print meanwhile is
+swallowed, so nothing reaches stdout.
 
     >>> result = export_onnx(model, (1, 3, 32, 32), "model.onnx")
-    >>> result.bn_modules == result.bn_nodes, result.max_abs_error
+    >>> result = export_onnx(model, [InputSpec((2, 16), "ids", "int64", {1: "length"})], "m.onnx")
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.export_inputs import InputSpec, load_example_npz, specs_from_arrays
+from bnfold.export_run import (
+    BnUsage, check_bn_usage, example_inputs, parity, resolve_inputs, run_counting,
+)
 
 # Scale-relative parity bound torch vs ORT: float32 kernels differ in summation order only.
 PARITY_RTOL = 1e-4
@@ -38,7 +51,7 @@ PARITY_RTOL = 1e-4
 @dataclass
 class ExportResult:
     path: str
-    bn_modules: int
+    bn_modules: int  # BatchNorm modules the eval forward calls
     bn_nodes: int
     max_abs_error: float  # torch vs ONNX Runtime, worst over the checked inputs and outputs
     max_rel_error: float  # max_abs_error / max|torch output|
@@ -47,6 +60,10 @@ class ExportResult:
     input_shape: tuple[int, ...]
     dynamic_batch: bool
     output_names: list[str]
+    bn_calls: int = 0  # batch_norm calls in the eval forward (a module called twice counts 2)
+    inputs: list[InputSpec] = field(default_factory=list)
+    checked_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def count_bn_modules(model) -> int:
@@ -57,95 +74,190 @@ def count_bn_modules(model) -> int:
 
 def export_onnx(
     model,
-    input_shape: tuple[int, ...],
+    inputs,
     path: str | os.PathLike,
     *,
     opset: int = 17,
     dynamic_batch: bool = False,
-    input_name: str = "input",
+    dynamic: tuple[tuple[str | None, int, str | None], ...] = (),
+    output_names: list[str] | None = None,
     seed: int = 0,
 ) -> ExportResult:
-    """Export `model` (not modified: an eval-mode copy is exported) to `path`, written atomically."""
+    """Export `model` (not modified: a prepared eval-mode copy is exported) to `path`, atomically.
+
+    `inputs`: a shape tuple (one input), a list of shapes / InputSpecs (one per forward
+    argument), a dict of example arrays by name, or a .npz path. `dynamic`: extra dynamic
+    dims as (input name or None for the first input, axis, symbol or None).
+    """
     from bnfold.zoo import require_torch
+    from bnfold.zoo.prepare import eval_copy, flatten_outputs
 
     torch = require_torch()
-    input_shape = tuple(int(d) for d in input_shape)
-    if not input_shape or any(d < 1 for d in input_shape):
-        raise BnfoldError(f"input shape {input_shape} is empty or has a zero dim: e.g. 1x3x224x224")
     if opset < 9:
         raise BnfoldError(f"opset {opset} is too old: use --opset 9 or newer (17 is the default)")
-    model = copy.deepcopy(model).eval()
-    _check_running_stats(model)
-    bn_modules = count_bn_modules(model)
-    example = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
-    proto = _torchscript_export(torch, model, example, opset, dynamic_batch, input_name)
-    _materialise_identity_constants(proto)
-    bn_nodes = _check_bn_nodes(proto, bn_modules)
-    max_abs, max_rel = _parity(torch, model, proto, input_shape, dynamic_batch, input_name, seed)
+    specs = _as_specs(inputs)
+    with _quiet(torch):
+        model, notes = eval_copy(model)
+        specs, call = resolve_inputs(torch, model, specs, dynamic, dynamic_batch)
+        examples = example_inputs(torch, model, specs, seed)
+        reference, usage = run_counting(torch, model, call, examples, specs)
+        notes += check_bn_usage(model, usage)
+        flat = flatten_outputs(reference)
+        names = _output_names(flat, output_names, [s.name for s in specs])
+        proto = _torchscript_export(torch, call, examples, specs, names, opset)
+        _materialise_identity_constants(proto)
+        bn_nodes = _check_bn_nodes(proto, usage)
+        max_abs, max_rel, checked = parity(torch, call, proto, specs, examples, names, seed,
+                                           _tolerance(flat), notes)
 
     from bnfold.io import save_model
 
     save_model(proto, path)
     return ExportResult(
         path=os.fspath(path),
-        bn_modules=bn_modules,
+        bn_modules=len(usage.modules),
         bn_nodes=bn_nodes,
         max_abs_error=max_abs,
         max_rel_error=max_rel,
         opset=opset,
-        input_name=input_name,
-        input_shape=input_shape,
+        input_name=specs[0].name,
+        input_shape=specs[0].dims,
         dynamic_batch=dynamic_batch,
         output_names=[o.name for o in proto.graph.output],
+        bn_calls=usage.calls,
+        inputs=specs,
+        checked_shapes=checked,
+        notes=notes,
     )
 
 
-def _check_running_stats(model) -> None:
-    from torch.nn.modules.batchnorm import _BatchNorm
+def _as_specs(inputs) -> list[InputSpec]:
+    if isinstance(inputs, (str, os.PathLike)):
+        return load_example_npz(inputs)
+    if isinstance(inputs, dict):
+        return specs_from_arrays(inputs)
+    if isinstance(inputs, InputSpec):
+        return [inputs]
+    items = list(inputs)
+    if items and all(isinstance(d, (int, np.integer)) for d in items):
+        items = [tuple(items)]
+    specs = []
+    for item in items:
+        if isinstance(item, InputSpec):
+            specs.append(InputSpec(item.dims, item.name, item.dtype, dict(item.symbols),
+                                   item.example))
+        else:
+            dims = tuple(int(d) for d in item)
+            specs.append(InputSpec(dims))
+    if not specs:
+        raise BnfoldError("no input given: pass the input shape, e.g. 1x3x224x224")
+    for spec in specs:
+        if not spec.dims and spec.example is None or any(d < 1 for d in spec.dims):
+            raise BnfoldError(f"input shape {spec.dims} is empty or has a zero dim: "
+                              "e.g. 1x3x224x224")
+    return specs
 
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and (
-            module.running_mean is None or module.running_var is None
-        ):
-            raise BnfoldError(
-                f"BatchNorm {name!r} has no running statistics (track_running_stats=False), so it "
-                "normalises with batch statistics even in eval mode: it cannot be exported as an "
-                "inference BatchNormalization; retrain it with track_running_stats=True"
-            )
 
+@contextlib.contextmanager
+def _quiet(torch):
+    """Swallow what torch and ORT print (Python and C++, stdout and stderr) and their warnings.
 
-def _torchscript_export(torch, model, example, opset, dynamic_batch, input_name) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    dynamic_axes = {input_name: {0: "batch"}} if dynamic_batch else None
+    On failure the exporter dumps TorchScript IR to stdout; nothing of it may reach the user's
+    output, which bnfold's own messages (and, on error, one stderr line) own.
+    """
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript exporter is deprecated in favour of dynamo, which folds BN away.
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                _flush_c_stdio()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library handle (Windows): nothing buffered
+        pass
+
+
+def _output_names(flat, given, input_names) -> list[str]:
+    names = [name for name, _ in flat] if given is None else list(given)
+    if not flat:
+        raise BnfoldError("the model returns no tensor: return the outputs from forward")
+    if len(names) != len(flat):
+        raise BnfoldError(
+            f"{len(names)} output names given for {len(flat)} outputs "
+            f"({', '.join(n for n, _ in flat)}): give one --output-name per output"
+        )
+    clashes = sorted({n for n in names if names.count(n) > 1 or n in input_names})
+    if clashes:
+        raise BnfoldError(f"output name {clashes[0]!r} is used twice (or is an input's name): "
+                          "give distinct --output-name values")
+    return names
+
+
+def _tolerance(flat) -> float:
+    import torch
+
+    dtypes = {t.dtype for _, t in flat}
+    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else PARITY_RTOL
+
+
+def _torchscript_export(torch, call, examples, specs, output_names, opset) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    dynamic_axes = {s.name: dict(s.symbols) for s in specs if s.symbols} or None
+    try:
+        with torch.no_grad():
             torch.onnx.export(
-                model,
-                (example,),
+                call,
+                tuple(examples),
                 buffer,
                 dynamo=False,
                 training=torch.onnx.TrainingMode.PRESERVE,
                 do_constant_folding=True,
                 opset_version=opset,
-                input_names=[input_name],
+                input_names=[s.name for s in specs],
+                output_names=output_names,
                 dynamic_axes=dynamic_axes,
             )
-    except RuntimeError as exc:
-        first_line = (str(exc).strip().splitlines() or ["RuntimeError"])[0]
-        raise BnfoldError(
-            f"torch could not run or export the model with input shape {tuple(example.shape)} "
-            f"({first_line[:200]}): check --input-shape and --opset"
-        ) from None
-    proto = onnx.load_model_from_string(buffer.getvalue())
-    if dynamic_batch:
-        # dynamic_axes names the input's batch dim; name the outputs' too, so runtimes agree.
-        for output in proto.graph.output:
-            dims = output.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value"):
-                dims[0].dim_param = "batch"
-    return proto
+    except Exception as exc:  # the exporter raises RuntimeError, OnnxExporterError, TypeError, …
+        raise BnfoldError(_export_failure(exc, opset)) from None
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _export_failure(exc: BaseException, opset: int) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    operator = re.search(r"operator '?([\w:.]+)'?", text)
+    if operator or "UnsupportedOperator" in type(exc).__name__:
+        op = operator.group(1) if operator else "?"
+        added = re.search(r"added in (?:opset )?version (\d+)", text)
+        if added and int(added.group(1)) > opset:
+            return (f"torch's ONNX exporter supports {op} only from opset {added.group(1)} "
+                    f"(asked: {opset}): use --opset {added.group(1)}")
+        return (f"torch's ONNX exporter (TorchScript, opset {opset}) has no ONNX form for {op}: "
+                "replace it in the model with supported operations, or register one with "
+                "torch.onnx.register_custom_op_symbolic")
+    return (f"torch's ONNX exporter (TorchScript, opset {opset}) failed although the model runs "
+            f"in eval mode ({type(exc).__name__}: {first}): change the part of the model it "
+            "names; tracing records tensor operations only")
 
 
 def _materialise_identity_constants(model: onnx.ModelProto) -> None:
@@ -169,58 +281,34 @@ def _materialise_identity_constants(model: onnx.ModelProto) -> None:
         graph.node.extend(kept)
 
 
-def _check_bn_nodes(model: onnx.ModelProto, bn_modules: int) -> int:
+def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage) -> int:
+    """Every batch_norm the eval forward calls has an inference BatchNormalization node with
+    its running statistics (identical calls on identical inputs may share one: the exporter
+    merges common subexpressions)."""
     bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    if len(bn) != bn_modules:
-        raise BnfoldError(
-            f"the export kept {len(bn)} BatchNormalization nodes for {bn_modules} BatchNorm modules "
-            "(torch fused some away): export with a torch version whose TorchScript exporter "
-            "is available (torch 2.3–2.13 tested)"
-        )
     for node in bn:
         training = [a.i for a in node.attribute if a.name == "training_mode"]
         if (training and training[0] != 0) or len(node.output) != 1:
             raise BnfoldError(
-                f"BatchNormalization {node.name!r} was exported in training mode: call "
-                "model.eval() before exporting (bnfold exports an eval copy; this is a bug if seen)"
+                f"BatchNormalization {node.name!r} was exported in training mode although the "
+                "eval forward uses running statistics: please report the model (bnfold exports "
+                "an eval copy)"
             )
-    return len(bn)
-
-
-def _parity(torch, model, proto, input_shape, dynamic_batch, input_name, seed):
-    """Worst torch-vs-ORT error over two seeded inputs (and a second batch size if dynamic)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    shapes = [input_shape, input_shape]
-    if dynamic_batch:
-        shapes.append((input_shape[0] + 2,) + input_shape[1:])
-    max_abs, scale = 0.0, 0.0
-    for i, shape in enumerate(shapes):
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1 + i))
-        with torch.no_grad():
-            expected = model(x)
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-        got = session.run(None, {input_name: x.numpy()})
-        for e, g in zip(expected, got):
-            e = e.detach().double().numpy()
-            if e.shape != g.shape:
-                raise BnfoldError(
-                    f"ONNX output shape {g.shape} differs from torch {e.shape} at input {shape}: "
-                    "export without --dynamic-batch, the model is not batch-independent"
-                )
-            max_abs = max(max_abs, float(np.max(np.abs(e - g.astype(np.float64)), initial=0.0)))
-            scale = max(scale, float(np.max(np.abs(e), initial=0.0)))
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    if not np.isfinite(max_rel) or max_rel > PARITY_RTOL:
+    initializers = {t.name: t for t in model.graph.initializer}
+    exported = []
+    for node in bn:
+        if len(node.input) == 5 and all(n in initializers for n in node.input[3:5]):
+            exported.append(tuple(numpy_helper.to_array(initializers[n]).astype(np.float64)
+                                  for n in node.input[3:5]))
+    missing = [who for who, mean, var in usage.statistics.values()
+               if not any(m.shape == mean.shape and np.array_equal(m, mean)
+                          and np.array_equal(v, var) for m, v in exported)]
+    if missing or len(bn) > usage.calls or (usage.calls and not bn):
         raise BnfoldError(
-            f"the exported ONNX model differs from torch (max abs error {max_abs:.3g}, "
-            f"{max_rel:.3g} of the output scale): the model may be input-dependent in Python "
-            "(tracing records one path); export a traceable model"
+            f"the eval forward calls batch_norm {usage.calls} time(s) ({usage.describe()}) but "
+            f"the ONNX export has {len(bn)} BatchNormalization node(s)"
+            + (f", none with the statistics of {', '.join(missing[:3])}" if missing else "")
+            + ": torch's exporter fused or changed them; please report the model with your "
+            "torch version"
         )
-    return max_abs, max_rel
+    return len(bn)

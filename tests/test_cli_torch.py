@@ -68,7 +68,8 @@ def test_export_with_checkpoint_and_shape(cli, tmp_path):
         (["--model", "resnet18", "--checkpoint", "missing.pt"], "does not exist"),
         (["--model", "no_such_mod_q:build"], "cannot import 'no_such_mod_q'"),
         (["--model", "bnfold.errors:BnfoldError"], "not a torch.nn.Module"),
-        (["--model", "resnet18", "--input-shape", "1x7x32x32"], "check --input-shape"),
+        (["--model", "resnet18", "--input-shape", "1x7x32x32"],
+         "fails on the example inputs (x 1x7x32x32 float32)"),
         (["--model", "bnfold.zoo.nets:ResNet18"], "pass one with --input-shape"),
     ],
 )
@@ -134,3 +135,110 @@ def test_train_sample_and_recalibrate(cli, tmp_path):
                              "--data", data, "-o", checkpoint), "is the input checkpoint")
     assert_user_error(invoke(cli, "recalibrate", "--model", "resnet18", "--checkpoint", out,
                              "--data", data, "-o", tmp_path / "y.pt"), "does not fit the model")
+
+
+def test_export_cli_named_integer_inputs_dynamic_dims_and_output_names(cli, tmp_path):
+    out = tmp_path / "t.onnx"
+    result = invoke(cli, "export", "--model", "user_models:token_conv",
+                    "--input-shape", "ids:batch=2xlength=7:int64", "--input-shape", "mask:2x7",
+                    "--dynamic", "mask:0=batch", "--dynamic", "mask:1=length",
+                    "--output-name", "h", "--output-name", "mean", "--output-name", "last",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "inputs ids 2x7, mask 2x7; ids 2x7, mask 2x7; ids 4x14, mask 4x14" in output
+    assert ("inputs ids:batch=2xlength=7:int64, mask:batch=2xlength=7:float32 → outputs h, "
+            "mean, last") in output
+    graph = onnx.load(str(out)).graph
+    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in graph.input] == [["batch", "length"], ["batch", "length"]]
+    assert [o.name for o in graph.output] == ["h", "mean", "last"]
+
+
+def test_export_cli_example_inputs_from_npz(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, ids=rng.integers(0, 30, (1, 5)), mask=np.ones((1, 5), np.float32))
+    result = invoke(cli, "export", "--model", "user_models:token_conv", "--inputs", npz,
+                    "-o", tmp_path / "t.onnx")
+    assert result.exit_code == 0, result.output
+    assert "ids:1x5:int64, mask:1x5:float32" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "user_models:uses_vdot", "--input-shape", "1x3x6x6"],
+     "torch's ONNX exporter (TorchScript, opset 17) has no ONNX form for aten::vdot: replace it "
+     "in the model with supported operations, or register one with "
+     "torch.onnx.register_custom_op_symbolic"),
+    (["--model", "user_models:baked_reshape", "--input-shape", "1x3x6x6", "--dynamic-batch"],
+     "the model does not run with batch=2 instead of 1 (RuntimeError: mat1 and mat2 shapes "
+     "cannot be multiplied (1x128 and 64x5))"),
+    (["--model", "user_models:two_inputs", "--input-shape", "2x3x8x8"],
+     "forward() needs argument 'side', which was not given: add an input for it (--input-shape "
+     "side:DIMS[:DTYPE], or an array named side in --inputs)"),
+    (["--model", "user_models:with_width", "--input-shape", "1x3x8x8"],
+     "user_models:with_width needs arguments (width) but a factory is called with none: add one "
+     "that takes none, e.g. def build(): return with_width(width=...)"),
+    (["--model", "user_models:conv_bn", "--input-shape", "1x3x8x8:float16"],
+     "the model fails on the example inputs (input 1x3x8x8 float16) (RuntimeError: Input type "
+     "(c10::Half) and bias type (float) should be the same)"),
+    (["--model", "user_models:conv_bn", "--input-shape", "1x3x8x8", "--inputs", "x.npz"],
+     "give --input-shape or --inputs, not both: the .npz fixes the shapes"),
+])
+def test_export_failures_are_one_line_with_nothing_on_stdout(cli, tmp_path, capfd, args, message):
+    result = invoke(cli, "export", *args, "-o", tmp_path / "x.onnx")
+    assert_user_error(result, message)
+    assert result.stdout == ""
+    captured = capfd.readouterr()  # what torch's C++ side would print bypasses sys.stdout
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_factory_help_says_it_takes_no_arguments(cli):
+    result = invoke(cli, "export", "--help")
+    assert ("module:factory (a function taking no arguments that returns the nn.Module)"
+            in " ".join(result.output.split()))
+
+
+def test_train_factory_with_data_writes_a_checkpoint(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=rng.standard_normal((32, 3, 8, 8)), y_train=rng.integers(0, 4, 32),
+             x_test=rng.standard_normal((8, 3, 8, 8)), y_test=rng.integers(0, 4, 8))
+    result = invoke(cli, "train", "user_models:classifier", "--data", data, "--out", tmp_path,
+                    "--steps", "2", "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    checkpoint = tmp_path / "user_models.classifier.pt"
+    assert checkpoint.is_file()
+    zoo.create("user_models:classifier", str(checkpoint))  # loads back strictly
+
+
+def test_train_refuses_before_any_work(cli, tmp_path):
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x_train=rng.standard_normal((8, 5)), y_train=rng.integers(0, 2, 8),
+             x_test=rng.standard_normal((4, 5)), y_test=rng.integers(0, 2, 4))
+    for args, fragment in [
+        (["user_models:classifier", "--out", tmp_path], "needs --data file.npz"),
+        (["no_such_mod_q:build", "--data", data, "--out", tmp_path],
+         "cannot import 'no_such_mod_q'"),
+        (["user_models:classifier", "--data", data, "--out", tmp_path, "--batch-size", "4"],
+         "samples of shape (5,) do not fit the model"),
+    ]:
+        result = invoke(cli, "train", *args)
+        assert_user_error(result, fragment)
+        assert "train " not in result.stdout  # no progress bar was drawn
+
+
+def test_recalibrate_keeps_integer_inputs(cli, tmp_path):
+    from bnfold.train.files import save_state_dict
+
+    checkpoint = tmp_path / "t.pt"
+    save_state_dict(zoo.create("user_models:token_only"), checkpoint)
+    data = tmp_path / "ids.npz"
+    np.savez(data, x_train=np.random.default_rng(0).integers(0, 30, (64, 7)))
+    result = invoke(cli, "recalibrate", "--model", "user_models:token_only", "--checkpoint",
+                    checkpoint, "--data", data, "--batches", "2", "--batch-size", "16",
+                    "-o", tmp_path / "r.pt")
+    assert result.exit_code == 0, result.output
+    assert "recalibrated 1 BatchNorm layers over 2 batches of 16" in result.output

@@ -81,10 +81,11 @@ def test_fuse_bn_fuses_conv_and_linear_pairs_exactly():
     from bnfold.engines.torch_engine import fuse_bn
 
     net = make_tiny_net()
-    fused, count = fuse_bn(net)
-    assert count == 2
-    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules())
     x = torch.randn(4, 3, 8, 8)
+    fusion = fuse_bn(net, [x])
+    fused, count = fusion.module, len(fusion.fused)
+    assert count == 2 and fusion.skipped == []
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules())
     with torch.no_grad():
         expected, got = net(x), fused(x)
     assert float((expected - got).abs().max()) <= 1e-5 * float(expected.abs().max())
@@ -102,14 +103,16 @@ def test_fuse_bn_leaves_a_shared_conv_output_alone():
             y = self.conv(x)
             return self.bn(y) + y
 
-    _, count = fuse_bn(Branchy().eval())
-    assert count == 0
+    fusion = fuse_bn(Branchy().eval())
+    assert fusion.fused == []
+    assert fusion.skipped == ["conv→bn: the producer's output also feeds something else"]
 
 
 def test_torch_engine_benches_original_and_fused():
     from bnfold.engines.torch_engine import torch_models
 
-    models, feed = torch_models("test_engines:make_tiny_net", None, (2, 3, 8, 8), seed=0)
+    models, feed, notes = torch_models("test_engines:make_tiny_net", None, (2, 3, 8, 8), seed=0)
+    assert notes == []
     assert [label for label, _ in models] == ["original", "fused (2 BN)"]
     result = bench_models(models, "torch", inputs=feed, **BUDGET)
     assert all(m.host.runs >= 20 for m in result.models)

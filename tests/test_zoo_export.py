@@ -108,7 +108,9 @@ def test_bn_without_running_stats_is_refused(tmp_path):
 
 
 def test_wrong_input_shape_is_a_user_error(tmp_path):
-    with pytest.raises(BnfoldError, match="input shape"):
+    with pytest.raises(BnfoldError, match=r"fails on the example inputs \(x 1x5x32x32 float32\)"
+                       r" \(RuntimeError: Given groups=1.*expected input\[1, 5, 32, 32\] to have 3 "
+                       r"channels.*give inputs that fit forward\(\) with --input-shape"):
         export_onnx(zoo.create("resnet18"), (1, 5, 32, 32), str(tmp_path / "x.onnx"))
     assert not os.path.exists(tmp_path / "x.onnx")
 
@@ -140,7 +142,7 @@ def test_paper_mlp_checkpoint_sets_input_width_and_arm(tmp_path):
     "setup, message",
     [
         (lambda p: None, "does not exist"),
-        (lambda p: p.write_bytes(b"not a zip or pickle"), "cannot read checkpoint"),
+        (lambda p: p.write_bytes(b"not a zip or pickle"), "is not a PyTorch checkpoint"),
         (lambda p: torch.save([torch.zeros(1)], p), "not a state_dict"),
         (lambda p: torch.save({"fc.weight": torch.zeros(10, 64)}, p), "missing stem.0.weight"),
     ],

@@ -8,6 +8,7 @@ when the module runs on CUDA; that path is unverified on hardware here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,17 +24,27 @@ def require_torch():
     return torch
 
 
-def fuse_bn(module):
-    """An eval-mode copy of `module` with every Conv→BN and Linear→BN pair fused.
+@dataclass
+class Fusion:
+    module: object  # the fused fx.GraphModule (eval mode)
+    fused: list[str] = field(default_factory=list)  # "conv+bn" per fused call site
+    skipped: list[str] = field(default_factory=list)  # "fc→bn: why not"
 
-    Returns (fused module, number of pairs fused). A BN whose input also feeds something
-    else is left alone: fusing it would change what the other consumer sees.
+
+def fuse_bn(module, example_inputs=None) -> Fusion:
+    """An eval-mode copy of `module` with Conv/ConvTranspose/Linear→BN pairs fused, per call site.
+
+    `module` should be plain (see bnfold.zoo.prepare.eval_copy). A pair is fused only where it
+    is exactly one affine map: the producer's output feeds the BN alone; a Conv module called
+    at several sites gets one fused copy per site (the other calls keep the original); a Linear
+    only when its output is 2-D (N, F), so BatchNorm1d's channel axis 1 is the feature axis —
+    on (N, C, L) BN normalises C while the Linear mixes L. That needs shapes: give
+    `example_inputs` (positional tensors) or Linear pairs are skipped.
     """
     require_torch()
     import copy
 
     from torch import fx, nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     module = copy.deepcopy(module).eval()
     try:
@@ -43,35 +54,94 @@ def fuse_bn(module):
             f"torch.fx cannot trace the model ({first_line(exc)}): bench its ONNX export "
             f"with --engine ort-cpu instead"
         ) from None
-    modules = dict(traced.named_modules())
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    bns = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    fused = 0
+    shapes = _output_shapes(traced, example_inputs)
+    result = Fusion(traced)
     for node in list(traced.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), bns):
+        if node.op != "call_module":
             continue
-        producer = node.args[0]
-        if not isinstance(producer, fx.Node) or producer.op != "call_module":
+        bn = traced.get_submodule(node.target)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             continue
-        if len(producer.users) != 1:
+        producer = node.args[0] if node.args else None
+        label = f"{getattr(producer, 'target', producer)}→{node.target}"
+        reason, replacement = _fusion_for(traced, producer, bn, shapes)
+        if reason is not None:
+            if reason:  # "" = not a pair at all (BN after a ReLU, an add, an input)
+                result.skipped.append(f"{label}: {reason}")
             continue
-        first, bn = modules[producer.target], modules[node.target]
-        if not bn.track_running_stats or bn.running_mean is None:
-            continue
-        if isinstance(first, convs):
-            replacement = fuse_conv_bn_eval(first, bn)
-        elif isinstance(first, nn.Linear):
-            replacement = fuse_linear_bn_eval(first, bn)
-        else:
-            continue
-        _set_submodule(traced, producer.target, replacement)
+        _install(traced, producer, replacement)
         node.replace_all_uses_with(producer)
         traced.graph.erase_node(node)
-        fused += 1
+        result.fused.append(label.replace("→", "+"))
     traced.graph.lint()
     traced.recompile()
     traced.delete_all_unused_submodules()  # the fused-away BNs would still hold state
-    return traced.eval(), fused
+    return result
+
+
+def _output_shapes(traced, example_inputs) -> dict:
+    """node name -> output shape, from one run on the example (empty when not given)."""
+    if example_inputs is None:
+        return {}
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        ShapeProp(traced).propagate(*example_inputs)
+    except Exception:  # shapes are an aid: without them Linear pairs are skipped, not guessed
+        return {}
+    return {n.name: tuple(n.meta["tensor_meta"].shape) for n in traced.graph.nodes
+            if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+
+def _fusion_for(traced, producer, bn, shapes):
+    """(None, fused module) if the pair fuses; else (reason, None), reason "" if no pair."""
+    from torch import fx, nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    if not isinstance(producer, fx.Node) or producer.op != "call_module":
+        return "", None
+    first = traced.get_submodule(producer.target)
+    if not isinstance(first, (*convs, *transposed, nn.Linear)):
+        return "", None
+    if len(producer.users) != 1:
+        return "the producer's output also feeds something else", None
+    if not bn.track_running_stats or bn.running_mean is None:
+        return "the BN has no running statistics", None
+    width = first.out_features if isinstance(first, nn.Linear) else first.out_channels
+    if bn.num_features != width:
+        return f"BN has {bn.num_features} channels, the producer {width}", None
+    if isinstance(first, nn.Linear):
+        shape = shapes.get(producer.name)
+        if shape is None:
+            return "the Linear's output shape is unknown (no example input)", None
+        if len(shape) != 2:
+            return (f"the Linear's output is {len(shape)}-D {shape}: BN normalises axis 1, "
+                    "the Linear's features are the last axis"), None
+        return None, fuse_linear_bn_eval(first, bn)
+    if isinstance(first, transposed):
+        if first.groups != 1:
+            return "grouped ConvTranspose (torch's fuser scales the wrong weight axis)", None
+        return None, fuse_conv_bn_eval(first, bn, transpose=True)
+    return None, fuse_conv_bn_eval(first, bn)
+
+
+def _install(traced, producer, replacement) -> None:
+    """Put the fused module where this call site (only) will use it."""
+    target = producer.target
+    other_uses = [n for n in traced.graph.nodes if n is not producer and (
+        (n.op == "call_module" and n.target == target)
+        or (n.op == "get_attr" and str(n.target).startswith(target + ".")))]
+    if not other_uses:
+        _set_submodule(traced, target, replacement)
+        return
+    base = target.replace(".", "_") + "_fused"
+    index = 0
+    while hasattr(traced, f"{base}{index}"):
+        index += 1
+    traced.add_submodule(f"{base}{index}", replacement)
+    producer.target = f"{base}{index}"
 
 
 def _set_submodule(root, target: str, module) -> None:
@@ -80,33 +150,31 @@ def _set_submodule(root, target: str, module) -> None:
     setattr(parent, leaf, module)
 
 
-def _check_same(original, fused, inputs, label: str) -> None:
+def _check_same(original, fused, args, kwargs, label: str) -> None:
     torch = require_torch()
-    try:
-        with torch.no_grad():
-            a = original(*inputs)
-            b = fused(*inputs)
-    except RuntimeError as exc:  # torch reports shape/type mismatches as RuntimeError
+    from bnfold.zoo.prepare import flatten_outputs
+
+    with torch.no_grad():
+        a = flatten_outputs(original(*args, **kwargs))
+        b = flatten_outputs(fused(*args, **kwargs))
+    worst = 0.0
+    for (name, x), (_, y) in zip(a, b):
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        error = float((x.double() - y.double()).abs().max()) / (scale or 1.0) if x.numel() else 0.0
+        worst = max(worst, error) if error == error else float("nan")
+    if len(a) != len(b) or not worst <= 1e-4:
         raise BnfoldError(
-            f"{label} cannot run on input {list(inputs[0].shape)} ({first_line(exc)}): "
-            f"give the right --shape input=DxD..."
-        ) from None
-    a_t = a if isinstance(a, torch.Tensor) else a[0]
-    b_t = b if isinstance(b, torch.Tensor) else b[0]
-    scale = float(a_t.abs().max()) or 1.0
-    error = float((a_t.double() - b_t.double()).abs().max()) / scale
-    if not error <= 1e-4:
-        raise BnfoldError(
-            f"the fused {label} differs from the original (scale-relative error {error:.2g}): "
+            f"the fused {label} differs from the original (scale-relative error {worst:.2g}): "
             f"please report the model"
         )
 
 
 class TorchSession:
-    def __init__(self, label, module, inputs, timer):
+    def __init__(self, label, module, inputs, timer, keywords: dict | None = None):
         self.label = label
         self._module = module
         self._inputs = inputs
+        self._keywords = keywords or {}
         self._timer = timer
         self._torch = require_torch()
 
@@ -114,7 +182,7 @@ class TorchSession:
         torch = self._torch
         with torch.inference_mode():
             if self._timer is None:
-                self._module(*self._inputs)
+                self._module(*self._inputs, **self._keywords)
                 return None
             timer = self._timer
             with torch.cuda.stream(timer.stream):
@@ -122,7 +190,7 @@ class TorchSession:
                 import time
 
                 start = time.perf_counter()
-                self._module(*self._inputs)
+                self._module(*self._inputs, **self._keywords)
                 enqueue_ms = (time.perf_counter() - start) * 1e3
             return Timing(timer.stop(), enqueue_ms)
 
@@ -131,7 +199,8 @@ class TorchSession:
 
 
 class TorchEngine:
-    """Opens torch.nn.Module models; the feed is numpy arrays in forward-argument order."""
+    """Opens torch.nn.Module models; the feed is numpy arrays by forward-argument name (passed
+    by keyword when forward names them all, else in order)."""
 
     name = "torch"
 
@@ -155,19 +224,20 @@ class TorchEngine:
         if not isinstance(model, torch.nn.Module):
             raise BnfoldError(f"the torch engine takes torch modules (--model SPEC), not {label}")
         module = model.eval().to(self.device)
-        inputs = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-                  for a in feed.values()]
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                   for name, a in feed.items()}
+        args, keywords = split_call(module, tensors)
         if self.options.torch_compile:
             try:
                 module = torch.compile(module)
                 with torch.inference_mode():
-                    module(*inputs)
+                    module(*args, **keywords)
             except Exception as exc:  # compile errors come from many layers (dynamo, inductor)
                 raise BnfoldError(
                     f"torch.compile failed on {label} ({first_line(exc)}): drop --torch-compile "
                     f"(inductor needs a C++ compiler on CPU)"
                 ) from None
-        return TorchSession(label, module, inputs, self._timer)
+        return TorchSession(label, module, args, self._timer, keywords)
 
     def environment(self) -> dict:
         torch = self._torch
@@ -179,23 +249,74 @@ class TorchEngine:
         return env
 
 
-def torch_models(spec: str, checkpoint: str | None, shape: tuple[int, ...] | None, seed: int):
-    """(models [(label, module)], feed) for `bench --engine torch --model SPEC`.
+def split_call(module, tensors: dict) -> tuple[list, dict]:
+    """(positional, keyword) arguments: by keyword when forward names every input."""
+    from bnfold.zoo.prepare import forward_parameters
 
-    The original and its fused version; the fused one is checked against the original first.
+    params = forward_parameters(module)
+    if params is not None and set(tensors) <= {p.name for p in params}:
+        return [], dict(tensors)
+    return list(tensors.values()), {}
+
+
+def torch_models(spec: str, checkpoint: str | None, shapes, seed: int,
+                 inputs_path: str | None = None):
+    """(models [(label, module)], feed {name: array}, notes) for `bench --engine torch`.
+
+    The model is prepared as for export (DataParallel unwrapped, parametrizations made
+    permanent: both the original and the fused copy time that), inputs are matched to forward's
+    arguments (`shapes` {name: dims}, or an .npz), and the fused copy — when any pair fused —
+    is checked against the original on the feed before it is timed. `notes` say what was not
+    fused and why (all of it, when nothing fused).
     """
     torch = require_torch()
     from bnfold import zoo
+    from bnfold.export_inputs import InputSpec, load_example_npz
+    from bnfold.export_run import BENCH_HINT, example_inputs, resolve_inputs, run_counting
+    from bnfold.zoo.prepare import eval_copy, forward_parameters
 
-    module = zoo.create(spec, checkpoint)  # the same loader as `bnfold export`
-    if shape is None:
-        if ":" in spec:
-            raise BnfoldError(f"give the input shape for {spec!r} with --shape input=DxD...")
-        shape = zoo.model_input_shape(spec, module)
-    feed = {"input": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-    fused, count = fuse_bn(module)
-    if count == 0:
-        return [(spec, module)], feed
-    example = [torch.from_numpy(feed["input"])]
-    _check_same(module.eval(), fused, example, spec)
-    return [("original", module), (f"fused ({count} BN)", fused)], feed
+    if isinstance(shapes, tuple):  # one shape, the old signature
+        shapes = {"input": shapes}
+    shapes = dict(shapes or {})
+    notes: list[str] = []
+    module = zoo.create(spec, checkpoint, notes=notes)  # the same loader as `bnfold export`
+    module, prepared = eval_copy(module)
+    notes += prepared
+    if inputs_path:
+        specs = load_example_npz(inputs_path)
+    elif shapes:
+        params = forward_parameters(module) or []
+        names = {p.name for p in params}
+        specs = [InputSpec(tuple(dims), None if name == "input" and name not in names else name)
+                 for name, dims in shapes.items()]
+    elif ":" in spec:
+        raise BnfoldError(f"give the input shape for {spec!r} with --shape NAME=DxD... "
+                          "(one per forward argument) or --inputs file.npz")
+    else:
+        specs = [InputSpec(zoo.model_input_shape(spec, module))]
+    specs, _ = resolve_inputs(torch, module, specs, (), False, BENCH_HINT)
+    tensors = example_inputs(torch, module, specs, seed)
+    run_counting(torch, module, module, tensors, specs, BENCH_HINT)  # a wrong shape fails here, in one line
+    feed = {s.name: t.numpy() for s, t in zip(specs, tensors)}
+    args, keywords = split_call(module, dict(zip(feed, tensors)))
+    fusion = fuse_bn(module, tensors if not keywords else _positional(module, keywords))
+    notes += [f"not fused: {reason}" for reason in fusion.skipped]
+    if not fusion.fused:
+        notes.append("nothing fused: the model has no Conv/ConvTranspose/Linear→BatchNorm pair "
+                     "that fuses exactly" + ("" if fusion.skipped else " (no such pair at all)")
+                     + "; timing the original alone")
+        return [(spec, module)], feed, notes
+    _check_same(module, fusion.module, args, keywords, spec)
+    return [("original", module), (f"fused ({len(fusion.fused)} BN)", fusion.module)], feed, notes
+
+
+def _positional(module, keywords: dict) -> list | None:
+    """The keyword inputs in forward order, for ShapeProp (None if a gap needs a default)."""
+    from bnfold.zoo.prepare import forward_parameters
+
+    ordered = []
+    for param in forward_parameters(module) or []:
+        if param.name not in keywords:
+            break
+        ordered.append(keywords[param.name])
+    return ordered if len(ordered) == len(keywords) else None

@@ -86,14 +86,20 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     return Dataset(name, x_train, y_train, x_test, y_test)
 
 
-def load_inputs(path: str | os.PathLike) -> np.ndarray:
-    """Only the inputs (x_train, else x) of a .npz file, e.g. for BN recalibration."""
+def load_inputs(path: str | os.PathLike, float_dtype: str = "float32") -> np.ndarray:
+    """Only the inputs (x_train, else x) of a .npz file, e.g. for BN recalibration.
+
+    Integer and bool arrays (token ids, masks) keep their dtype: casting ids to float would
+    feed an Embedding floats. Float arrays become `float_dtype` (the model's)."""
     name = os.path.basename(os.fspath(path))
     arrays = _read_npz(path, ())
     key = "x_train" if "x_train" in arrays else "x" if "x" in arrays else None
     if key is None:
         raise BnfoldError(f"{name} has no x_train (or x) array: save one with np.savez(path, x_train=...)")
-    x = _float_array(name, key, arrays[key])
+    if np.issubdtype(arrays[key].dtype, np.integer) or arrays[key].dtype == np.bool_:
+        x = arrays[key]
+    else:
+        x = _float_array(name, key, arrays[key]).astype(float_dtype)
     if x.ndim < 2 or len(x) == 0:
         raise BnfoldError(f"{name}: {key} has shape {x.shape}: it needs one row per sample")
     return x

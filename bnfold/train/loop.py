@@ -31,6 +31,54 @@ class TrainResult:
     metric: float
 
 
+@dataclass
+class TrainingJob:
+    """Everything checked and built before the first step (so a CLI can refuse before any work)."""
+
+    name: str
+    model: object
+    dataset: object
+    loss_fn: object
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+
+
+def prepare_training(
+    name: str,
+    data: str,
+    *,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    seed: int = 0,
+) -> TrainingJob:
+    """Check the options, load `data`, build the sample or `module:factory` model `name`, and
+    check that the data fits it; raises BnfoldError before any training."""
+    from bnfold.zoo import SAMPLE_NAMES, create, require_torch
+
+    torch = require_torch()
+    if name not in SAMPLE_NAMES and ":" not in name:
+        raise BnfoldError(f"unknown sample {name!r}: choose one of paper, {', '.join(SAMPLE_NAMES)} "
+                          "or module:factory")
+    if steps < 1 or batch_size < 2 or not lr > 0:
+        raise BnfoldError("use --steps ≥ 1, --batch-size ≥ 2 and a positive --lr")
+    dataset = load_dataset(data)
+    torch.manual_seed(seed)
+    model = create(name)
+    if name == "paper-mlp" and dataset.x_train[0].size != model.in_features:
+        from bnfold.zoo.nets import PaperMLP
+
+        model = PaperMLP(in_features=int(dataset.x_train[0].size))
+    if batch_size > len(dataset.x_train):
+        raise BnfoldError(f"--batch-size {batch_size} exceeds the {len(dataset.x_train)} "
+                          "training samples")
+    x, y = torch.from_numpy(dataset.x_train[:2]), torch.from_numpy(dataset.y_train[:2])
+    loss_fn = _loss_for(torch, model, dataset, x, y)
+    return TrainingJob(name, model, dataset, loss_fn, steps, batch_size, lr, seed)
+
+
 def train_sample(
     name: str,
     data: str,
@@ -42,34 +90,27 @@ def train_sample(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train the sample network `name` on the .npz `data`; writes OUT_DIR/NAME.pt (state_dict)."""
+    """Train the sample (or module:factory) network `name` on the .npz `data`; writes
+    OUT_DIR/NAME.pt (state_dict; `module:factory` becomes module.factory.pt)."""
+    job = prepare_training(name, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    return run_training(job, out_dir, progress)
+
+
+def run_training(job: TrainingJob, out_dir: str | os.PathLike,
+                 progress: Callable[[int], None] | None = None) -> TrainResult:
     from bnfold.train.files import save_state_dict
-    from bnfold.zoo import SAMPLE_NAMES, create, require_torch
+    from bnfold.zoo import require_torch
 
     torch = require_torch()
-    if name not in SAMPLE_NAMES:
-        raise BnfoldError(f"unknown sample {name!r}: choose one of paper, {', '.join(SAMPLE_NAMES)}")
-    if steps < 1 or batch_size < 2 or not lr > 0:
-        raise BnfoldError("use --steps ≥ 1, --batch-size ≥ 2 and a positive --lr")
-    dataset = load_dataset(data)
-    torch.manual_seed(seed)
-    model = create(name)
-    if name == "paper-mlp" and dataset.x_train[0].size != model.in_features:
-        from bnfold.zoo.nets import PaperMLP
-
-        model = PaperMLP(in_features=int(dataset.x_train[0].size))
+    model, dataset, loss_fn = job.model, job.dataset, job.loss_fn
     x_train, y_train = torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)
     x_test, y_test = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
-    loss_fn = _loss_for(torch, model, dataset, x_train[:2], y_train[:2])
-    if batch_size > len(x_train):
-        raise BnfoldError(f"--batch-size {batch_size} exceeds the {len(x_train)} training samples")
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    order = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=MOMENTUM)
+    order = torch.Generator().manual_seed(job.seed + 1)
     loss = torch.tensor(float("nan"))
-    for step in range(1, steps + 1):
+    for step in range(1, job.steps + 1):
         model.train()
-        index = torch.randint(0, len(x_train), (batch_size,), generator=order)
+        index = torch.randint(0, len(x_train), (job.batch_size,), generator=order)
         loss = loss_fn(model(x_train[index]), y_train[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,8 +127,8 @@ def train_sample(
         else:
             metric_name, metric = "test_mse", torch.nn.functional.mse_loss(output, y_test).item()
     ensure_folder(out_dir)
-    path = save_state_dict(model, os.path.join(out_dir, f"{name}.pt"))
-    return TrainResult(name, path, steps, float(loss.item()), metric_name, float(metric))
+    path = save_state_dict(model, os.path.join(out_dir, f"{job.name.replace(':', '.')}.pt"))
+    return TrainResult(job.name, path, job.steps, float(loss.item()), metric_name, float(metric))
 
 
 def _loss_for(torch, model, dataset, x, y):

@@ -14,7 +14,9 @@ installed; bnfold never depends on it). torch itself is imported on first use on
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import re
 import sys
 
 from bnfold.errors import BnfoldError
@@ -42,8 +44,9 @@ def require_torch():
     return torch
 
 
-def create(spec: str, checkpoint: str | None = None):
-    """Build the model named by `spec`, load `checkpoint` into it if given, and return it in eval mode."""
+def create(spec: str, checkpoint: str | None = None, notes: list[str] | None = None):
+    """Build the model named by `spec`, load `checkpoint` into it if given, and return it in
+    eval mode. What was adapted on the way (a stripped key prefix, a container) goes to `notes`."""
     torch = require_torch()
     if spec in SAMPLE_NAMES:
         model = _create_sample(spec, checkpoint)
@@ -62,7 +65,7 @@ def create(spec: str, checkpoint: str | None = None):
             "make the factory return the model"
         )
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, notes)
     return model.eval()
 
 
@@ -87,38 +90,102 @@ def model_input_shape(spec: str, model) -> tuple[int, ...]:
     return default_input_shape(spec)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """The state_dict saved at `path` (plain, or under a "state_dict" key), loaded weights-only."""
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")  # tried in this order
+# Prefixes wrappers add to every key: DataParallel/DDP, Lightning and most trainers, torch.compile.
+KEY_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+ZIP_MAGIC = b"PK\x03\x04"
+SAVE_HINT = "save it with torch.save(model.state_dict(), path)"
+
+
+def read_state_dict(path: str | os.PathLike, notes: list[str] | None = None) -> dict:
+    """The state_dict saved at `path`, loaded weights-only (never runs pickled code).
+
+    Plain, or inside a common container ("state_dict", "model_state_dict", "model"), as
+    Lightning and most training scripts save it; the container is noted in `notes`.
+    """
     torch = require_torch()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BnfoldError(f"checkpoint {path!r} does not exist: check the path")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
+        raise BnfoldError(_unreadable(path, exc)) from None
+    if _is_state_dict(torch, data):
+        return data
+    if isinstance(data, dict):
+        for key in CONTAINER_KEYS:
+            if _is_state_dict(torch, data.get(key)):
+                if notes is not None:
+                    notes.append(f"loaded the state_dict under the checkpoint's {key!r} key")
+                return data[key]
+        keys = [str(k) for k in data]
         raise BnfoldError(
-            f"cannot read checkpoint {path!r} ({first_line[:160]}): save it with "
-            "torch.save(model.state_dict(), path)"
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
-    ):
-        raise BnfoldError(
-            f"checkpoint {path!r} is not a state_dict of tensors: save it with "
-            "torch.save(model.state_dict(), path)"
+            f"checkpoint {path!r} holds no state_dict of tensors (top-level keys: "
+            f"{_few(keys, 8)}; none of {', '.join(CONTAINER_KEYS)} holds one): {SAVE_HINT}"
         )
-    return data
+    raise BnfoldError(f"checkpoint {path!r} holds a {type(data).__name__}, not a state_dict "
+                      f"of tensors: {SAVE_HINT}")
 
 
-def load_checkpoint(model, path: str | os.PathLike) -> None:
-    """Load a checkpoint strictly: every key present, no extras, every shape equal."""
-    state = read_state_dict(path)
+def _is_state_dict(torch, data) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+
+
+def _unreadable(path: str, exc: BaseException) -> str:
+    """The real reason torch.load(weights_only=True) refused `path`, in one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if "Weights only load failed" in text and "GLOBAL" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" (it needs class {found.group(1)})" if found else ""
+        return (f"checkpoint {path!r} is a pickled Python object{what}, not a state_dict: bnfold "
+                "loads weights only (weights_only=True) and never runs a file's code; where the "
+                f"model is built, {SAVE_HINT}")
+    if head == ZIP_MAGIC:
+        detail = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
+        return (f"checkpoint {path!r} is a damaged or truncated torch.save archive ({detail}): "
+                "copy it again or re-save it")
+    if not head or head[0] != 0x80:  # neither a zip archive nor a pickle (protocol 2+)
+        return (f"checkpoint {path!r} is not a PyTorch checkpoint (neither a torch.save zip "
+                f"archive nor a pickle; it starts with {head!r}): {SAVE_HINT}")
+    return (f"checkpoint {path!r} is a legacy pickle that weights-only loading rejects "
+            f"({(text.strip().splitlines() or ['?'])[-1][:120]}): load it once in Python and "
+            f"re-save with torch.save(model.state_dict(), path)")
+
+
+def load_checkpoint(model, path: str | os.PathLike, notes: list[str] | None = None) -> None:
+    """Load a checkpoint as load_state_dict(strict=True) would, after unwrapping containers
+    and stripping a wrapper's key prefix (`module.`, `model.`): every key present (or filled
+    in by the module, as BN's num_batches_tracked is for older checkpoints), no extras, every
+    shape equal."""
+    state = read_state_dict(path, notes)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    state = _strip_prefix(state, expected, notes)
+    # BatchNorm fills in a missing num_batches_tracked (checkpoints older than torch 0.4.1), so
+    # load_state_dict(strict=True) accepts its absence: so do we.
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
+    _refuse_keys(path, missing, unexpected)
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise BnfoldError(
+            f"checkpoint {os.fspath(path)!r} has wrong shapes ({_few(wrong)}; checkpoint vs model): "
+            "use the checkpoint saved from this model"
+        )
+    # strict=False returns what strict=True would refuse (after the modules' own legacy
+    # handling) instead of raising a multi-line error.
+    result = model.load_state_dict(state, strict=False)
+    _refuse_keys(path, list(result.missing_keys), list(result.unexpected_keys))
+
+
+def _refuse_keys(path, missing: list[str], unexpected: list[str]) -> None:
     if missing or unexpected:
         parts = []
         if missing:
@@ -129,17 +196,27 @@ def load_checkpoint(model, path: str | os.PathLike) -> None:
             f"checkpoint {os.fspath(path)!r} does not fit the model ({'; '.join(parts)}): "
             "use the checkpoint saved from this model"
         )
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if wrong:
-        raise BnfoldError(
-            f"checkpoint {os.fspath(path)!r} has wrong shapes ({_few(wrong)}; checkpoint vs model): "
-            "use the checkpoint saved from this model"
-        )
-    model.load_state_dict(state, strict=True)
+
+
+def _strip_prefix(state: dict, expected: dict, notes: list[str] | None) -> dict:
+    """Drop the wrapper prefixes all keys share (`module.`, `model.module.`, ...) when that
+    makes more of them match the model's keys."""
+    def matches(keys) -> int:
+        return len(set(keys) & set(expected))
+
+    levels = [("", state)]
+    while len(levels) < 4:
+        prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in levels[-1][1])),
+                      None)
+        if prefix is None:
+            break
+        levels.append((levels[-1][0] + prefix,
+                       {k[len(prefix):]: v for k, v in levels[-1][1].items()}))
+    stripped, best = max(levels, key=lambda level: matches(level[1]))  # first of equals: less
+    if stripped and notes is not None:
+        notes.append(f"stripped the key prefix {stripped!r} from the checkpoint "
+                     "(saved from a wrapper such as DataParallel or Lightning)")
+    return best
 
 
 def _few(items: list[str], limit: int = 3) -> str:
@@ -154,6 +231,7 @@ def _create_sample(name: str, checkpoint: str | None):
     if name == "paper-mlp" and checkpoint is not None:
         # The paper net's input width (64 for digits, 784 for MNIST) and arm come from the checkpoint.
         state = read_state_dict(checkpoint)
+        state = _strip_prefix(state, {"hidden.0.linear.weight": None}, None)
         weight = state.get("hidden.0.linear.weight")
         if weight is not None and weight.dim() == 2:
             batchnorm = any(k.startswith("hidden.0.bn.") for k in state)
@@ -198,6 +276,18 @@ def _create_from_factory(spec: str):
     if not callable(factory):
         raise BnfoldError(
             f"{module_name!r} has no callable {factory_name!r}: name a function that returns the model"
+        )
+    try:
+        required = [p.name for p in inspect.signature(factory).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                           p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # builtins without a signature: just call it
+        required = []
+    if required:
+        raise BnfoldError(
+            f"{spec} needs arguments ({', '.join(required)}) but a factory is called with none: "
+            f"add one that takes none, e.g. def build(): return {factory_name}("
+            f"{', '.join(f'{r}=...' for r in required)})"
         )
     return factory()
 
