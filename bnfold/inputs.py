@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,6 +101,7 @@ class InputPlan:
     """How to generate every input of a model; open dims are filled in by `settle`."""
 
     specs: list[InputSpec]
+    batch: int = DEFAULT_BATCH
     chosen: dict[str, int] = field(default_factory=dict)  # open dim label -> value
     notes: list[str] = field(default_factory=list)
 
@@ -130,26 +131,35 @@ class InputPlan:
         tried: list[int] = []
         first_problem = ""
         for size in SIZE_LADDER:
-            fill = {label: size for label in labels}
-            if self._bytes(fill) > MAX_GENERATED_BYTES:
-                continue  # never allocated
-            problem = try_feed(self.feed(seed, 0, fill))
-            if problem is None:
-                self.chosen.update(fill)
-                shown = ", ".join(_label_text(label) for label in labels)
-                self.notes.append(
-                    f"symbolic dims {shown} set to {size}: the first size of {_ladder_text()} "
-                    f"that ONNX Runtime ran; choose with --shape NAME=DxD..."
-                )
-                return
+            for fill in self._fills(labels, size):
+                if self._bytes(fill) > MAX_GENERATED_BYTES:
+                    continue  # never allocated
+                problem = try_feed(self.feed(seed, 0, fill))
+                if problem is None:
+                    self.chosen.update(fill)
+                    self.notes.append(_chosen_note(fill, size))
+                    return
+                first_problem = first_problem or problem
             tried.append(size)
-            first_problem = first_problem or problem
+        hint = ""
+        if self.generated_non_float:
+            hint = (f"; the values generated for {names_of(self.generated_non_float)} may be "
+                    f"what it rejects")
         raise BnfoldError(
             f"no size for the symbolic dims {', '.join(_label_text(x) for x in labels)} lets "
-            f"ONNX Runtime run the model (tried {', '.join(map(str, tried))}; at {tried[0] if tried else '-'}: "
-            f"{first_problem or 'inputs too large'}): give concrete shapes with --shape NAME=DxD... "
-            f"or real data with --inputs data.npz"
+            f"ONNX Runtime run the model (tried {', '.join(map(str, tried))}; at "
+            f"{tried[0] if tried else '-'}: {first_problem or 'inputs too large'}{hint}): give "
+            f"concrete shapes with --shape NAME=DxD... or real data with --inputs data.npz"
         )
+
+    def _fills(self, labels: list[str], size: int) -> Iterator[dict[str, int]]:
+        """Every open dim at `size`; then, for unnamed dims that may be a batch exporters did
+        not name (silero's state [2, ?, 128]), each one in turn at the batch size."""
+        yield {label: size for label in labels}
+        if len(labels) > 1:
+            for batch_label in labels:
+                if ":" in batch_label and size != self.batch:
+                    yield {label: self.batch if label == batch_label else size for label in labels}
 
     def _bytes(self, fill: dict[str, int] | None = None) -> int:
         total = 0
@@ -196,7 +206,7 @@ def plan_inputs(
         )
     bounds = _gather_bounds(model)
     metadata_size = _metadata_size(model)
-    plan = InputPlan([])
+    plan = InputPlan([], batch)
     for value in inputs:
         if not value.type.HasField("tensor_type"):
             raise BnfoldError(
@@ -313,6 +323,15 @@ def _generate(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator,
     unbounded = spec.int_high == _INT_HIGH
     high = 256 if elem == onnx.TensorProto.UINT8 and unbounded else max(1, spec.int_high)
     return rng.integers(0, high, size=shape).astype(dtype)
+
+
+def _chosen_note(fill: dict[str, int], size: int) -> str:
+    parts = {}
+    for label, value in fill.items():
+        parts.setdefault(value, []).append(_label_text(label))
+    text = "; ".join(f"{', '.join(labels)} set to {value}" for value, labels in parts.items())
+    return (f"symbolic dims: {text} (the first sizes of {_ladder_text()} that ONNX Runtime ran; "
+            f"choose with --shape NAME=DxD...)")
 
 
 def _label_text(label: str) -> str:

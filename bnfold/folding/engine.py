@@ -46,6 +46,7 @@ def fold_model(
     """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
     frozen = freeze_initializer_inputs(model, freeze_inputs)
+    report.frozen_inputs = frozen
     if frozen:
         report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
     folder = _ModelFolder(model, lower_standalone, report, pending, deferred)

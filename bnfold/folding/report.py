@@ -29,6 +29,12 @@ class FoldReport:
     params_after: int = 0
     verification: dict | None = None  # VerifyResult.to_dict() when verified
     notes: list[str] = field(default_factory=list)  # what the fold decided beyond each BN
+    frozen_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the fold edited the model at all (else it is written back unchanged)."""
+        return bool(self.folded or self.lowered or self.frozen_inputs)
 
     @property
     def folded(self) -> list[FoldEntry]:
