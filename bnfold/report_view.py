@@ -69,6 +69,17 @@ def render_verification(result: dict, console: Console) -> None:
     for out in result["outputs"]:
         if out.get("note"):
             console.print(Text(f"{out['name']}: {out['note']}", style="dim"))
+    sites = result.get("sites") or []
+    if sites:
+        failed = [s for s in sites if not s["ok"]]
+        worst = max(sites, key=lambda s: s["max_rel_error"])
+        console.print(Text(
+            f"fold sites: {len(sites)} compared, {len(failed)} not equivalent; worst max rel err "
+            f"{worst['max_rel_error']:.3g} at {worst['name']}",
+            style="red" if failed else "dim"))
+        for site in failed[:10]:
+            console.print(Text(f"  {site['name']}: max abs err {site['max_abs_error']:.3g} > "
+                               f"{site['tolerance']:.3g} {site['note']}", style="red"))
     for note in result.get("notes", ()):
         console.print(Text(note, style="dim"))
     truth = result.get("ground_truth")

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -56,6 +58,7 @@ class VerifyResult:
     ground_truth_skipped: str | None = None
     notes: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # the input shapes run
+    sites: list[OutputMetrics] = field(default_factory=list)  # fold sites, when compared
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,26 +76,52 @@ def verify(
     shapes: dict[str, tuple[int, ...]] | None = None,
     ground_truth: bool | None = None,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    sites: Sequence[str] = (),
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
     `inputs` is a .npz path or a feed dict; otherwise `runs` seeded feeds are generated
     (seed, seed+1, …; at least 2 when a bool input needs both values). `ground_truth=None`
     runs the float64 check when the model is small. `timeout` bounds each model run (seconds).
+    `sites` names inner tensors both models compute (fold sites): when an output passes only
+    against the model's own noise (a saturated sigmoid hides a wrong fold), they are compared
+    too, since there the signal is whole.
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
     ref_model, ref_payload = _load(reference)
+    _, cand_payload = _load(candidate)
     runner = _Runner(timeout)
-    session = runner.session(ref_payload, "reference")
-    feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
-    ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
+    holder = [runner.session(ref_payload, "reference")]
+    feeds, notes = _feeds(ref_model, holder[0], runner, inputs, seed, runs, shapes)
+    outputs, ref_first, cand_first = _judge(runner, holder, ref_payload, cand_payload, feeds,
+                                            atol, rtol)
+    result = VerifyResult(all(m.ok for m in outputs), outputs, len(feeds), seed, notes=notes,
+                          shapes={k: list(v.shape) for k, v in feeds[0].items()})
+    graph_outputs = {m.name for m in outputs}
+    sites = [name for name in dict.fromkeys(sites) if name not in graph_outputs]
+    if sites and any(m.noise_floor is not None for m in outputs):
+        result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol)
+        result.ok = result.ok and all(m.ok for m in result.sites)
+        notes.append(f"the outputs passed only against the model's own float32 noise, so the "
+                     f"{len(sites)} fold site(s) were compared as well")
+    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first, cand_first)
+    return result
+
+
+def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
+           names: list[str] | None = None):
+    """Worst metrics per output over `feeds` (noise-floor judged where needed), and the first
+    feed's outputs of both. `holder` passes the reference session in, so that dropping it here
+    frees it: the two sessions never coexist, peak memory is one model."""
+    session = holder.pop() if holder else runner.session(ref_payload, "reference")
+    ref_outputs = [runner.run(session, feed, "reference", names) for feed in feeds]
     ref_interface = _interface(session)
-    del session  # one session at a time: peak memory is one model, not two
-    _, cand_payload = _load(candidate, header_only=True)
+    del session
     cand_session = runner.session(cand_payload, "candidate")
-    _check_interfaces(ref_interface, _interface(cand_session))
-    cand_outputs = [runner.run(cand_session, feed, "candidate") for feed in feeds]
+    if names is None:
+        _check_interfaces(ref_interface, _interface(cand_session))
+    cand_outputs = [runner.run(cand_session, feed, "candidate", names) for feed in feeds]
     del cand_session
     explicit = atol is not None or rtol is not None
     worst: dict[str, OutputMetrics] = {}
@@ -107,12 +136,40 @@ def verify(
         for name in failing:
             dtype = ref_outputs[0][name].dtype
             worst[name] = apply_noise_floor(worst[name], floors[name], dtype)
-    outputs = list(worst.values())
-    result = VerifyResult(all(m.ok for m in outputs), outputs, len(feeds), seed, notes=notes,
-                          shapes={k: list(v.shape) for k, v in feeds[0].items()})
-    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
-                  cand_outputs[0])
-    return result
+    return list(worst.values()), ref_outputs[0], cand_outputs[0]
+
+
+def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol) -> list[OutputMetrics]:
+    """Compare fold sites: both models rewritten with the sites as extra outputs (weights
+    copied file to file, beside the candidate when it is a file)."""
+    beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
+    with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
+        ref_payload = _with_outputs(reference, sites, os.path.join(folder, "reference.onnx"))
+        cand_payload = _with_outputs(candidate, sites, os.path.join(folder, "candidate.onnx"))
+        metrics, _, _ = _judge(runner, [], ref_payload, cand_payload, feeds, atol, rtol, sites)
+    return metrics
+
+
+def _is_path(source: ModelSource) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
+def _with_outputs(source: ModelSource, names: list[str], path: str) -> str | bytes:
+    """`source` with `names` appended to its graph outputs, as what ORT takes."""
+    if not _is_path(source):
+        model = onnx.ModelProto()
+        model.CopyFrom(source if isinstance(source, onnx.ModelProto) else _load(source)[0])
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        return model.SerializeToString()
+    from bnfold.io import load_model_deferred, save_model
+
+    model, deferred, _ = load_model_deferred(source)
+    try:
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        save_model(model, path, deferred=deferred)
+    finally:
+        deferred.close()
+    return path
 
 
 def _worse(new: OutputMetrics, old: OutputMetrics) -> bool:
@@ -174,9 +231,10 @@ class _Runner:
             return _first_line(exc)
         return None
 
-    def run(self, session, feed: dict[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
+    def run(self, session, feed: dict[str, np.ndarray], role: str,
+            names: list[str] | None = None) -> dict[str, np.ndarray]:
         try:
-            return self._run(session, feed)
+            return self._run(session, feed, names)
         except _Timeout:
             raise BnfoldError(
                 f"the {role} model ran longer than {self.timeout:g} s on one input set: "
@@ -189,8 +247,8 @@ class _Runner:
                 f"or skip verification with --no-verify"
             ) from None
 
-    def _run(self, session, feed):
-        names = [o.name for o in session.get_outputs()]
+    def _run(self, session, feed, names: list[str] | None = None):
+        names = names or [o.name for o in session.get_outputs()]
         options = self.ort.RunOptions()
         options.log_severity_level = 4
         timer = None

@@ -196,3 +196,35 @@ def test_plain_fold_command_prints_the_chosen_sizes(tmp_path):
     result = CliRunner().invoke(cli, ["fold", str(src)], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "set to 64" in result.output and "wrote" in result.output
+
+
+def two_layer_saturated_head():
+    r = rng(4)
+    inits = [tensor("W1", r.standard_normal((8, 16, 3, 3)) * 0.2), *bn_params("bn1", 8, seed=5),
+             tensor("W2", r.standard_normal((8, 8, 3, 3)) * 0.1),
+             tensor("bn2_scale", r.uniform(0.5, 1.5, 8)), tensor("bn2_bias", np.full(8, -15.0)),
+             tensor("bn2_mean", r.normal(0, 0.5, 8)), tensor("bn2_var", r.uniform(0.5, 2.0, 8))]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+             bn_node("c1", "b1", prefix="bn1", name="bn1"),
+             helper.make_node("Relu", ["b1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+             bn_node("c2", "b2", prefix="bn2", name="bn2"),
+             helper.make_node("Sigmoid", ["b2"], ["y"])]
+    return make(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 8, 8, 8])], inits)
+
+
+def test_fold_sites_catch_a_wrong_fold_that_a_saturated_output_hides(tmp_path):
+    m = two_layer_saturated_head()
+    src = tmp_path / "head.onnx"
+    save_model(m, src)
+    result = bnfold.fold_file(src)
+    verification = result.report.verification
+    assert verification["ok"] and {s["name"] for s in verification["sites"]} == {"b1", "b2"}
+    wrong = result.model
+    bias = next(t for t in wrong.graph.initializer if t.name == wrong.graph.node[0].input[2])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[1] += 0.05  # one channel's shift off by 5% of its activations' scale
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    outcome = bnfold.verify(m, wrong, sites=["b1", "b2"])
+    assert not outcome.ok
+    assert "b1" in [s.name for s in outcome.sites if not s.ok]

@@ -190,7 +190,8 @@ def fold_file(
         from bnfold.verification import verify as run_verify
 
         result._move_to_file(staged_path)
-        outcome = run_verify(input_path, staged_path, **(verify_options or {}))
+        outcome = run_verify(input_path, staged_path, sites=fold_sites(model, report),
+                             **(verify_options or {}))
         result.report.verification = outcome.to_dict()
         if not outcome.ok:
             result._load_from_file()  # the caller may want to look at the failed fold
@@ -212,6 +213,13 @@ def fold_file(
         # input's old bytes are only reachable through the open descriptor, so it stays open.
         deferred.release_files()
     return result
+
+
+def fold_sites(model: onnx.ModelProto, report: FoldReport) -> list[str]:
+    """Tensors that both the original and the folded main graph compute at each fold: the
+    output of a folded BN/Mul/Add, now produced by the node it folded into."""
+    produced = {name for node in model.graph.node for name in node.output}
+    return [e.output for e in report.folded if e.graph == "main" and e.output in produced]
 
 
 def _identity(path: str) -> tuple[int, ...]:

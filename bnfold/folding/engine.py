@@ -119,7 +119,8 @@ class _ModelFolder:
                 label = rule.name if node.op_type == "BatchNormalization" else rule.name.replace(
                     "bn", node.op_type.lower())
                 self.report.entries.append(
-                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, label)
+                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, label,
+                              output=node.output[0])
                 )
                 changed = True
                 break

@@ -18,6 +18,7 @@ class FoldEntry:
     into: str | None = None  # the node it folded into
     rule: str | None = None
     reasons: list[str] = field(default_factory=list)  # why it was kept
+    output: str | None = None  # the tensor it produced (after a fold, the target produces it)
 
 
 @dataclass
