@@ -71,11 +71,14 @@ def _write_json(path: str, data: dict) -> None:
     "--lower-standalone", is_flag=True, help="Turn a BN with nothing to fold into into Mul+Add."
 )
 @click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--list", "list_all", is_flag=True,
+              help="List every BatchNormalization, folded ones too (default: counts per rule "
+                   "and every one kept).")
 @click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME|all",
               help="Treat a graph input that has an initializer as a constant (IR >= 4), so it "
                    "can fold; 'all' for every such input.")
 @_verify_options
-def fold_command(model, output, report_path, no_verify, lower_standalone, in_place,
+def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, list_all,
                  freeze_inputs, seed, runs, atol, rtol, shapes, inputs_path, timeout):
     """Fold every foldable BatchNormalization in MODEL and write the result."""
     from bnfold.folding.api import fold_file
@@ -87,7 +90,8 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
                        in_place=in_place, verify_options=options, freeze_inputs=freeze)
-    render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(model)}")
+    render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(model)}",
+                       full=list_all)
     if result.report.verification is not None:
         render_verification(result.report.verification, console)
     if report_path:
@@ -96,7 +100,7 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
         console.print("[red]verification failed: nothing was written[/] (inspect with "
                       "`bnfold verify`, or write anyway with --no-verify)")
         raise SystemExit(1)
-    console.print(f"wrote {escape(result.output_path)}")
+    console.print(f"wrote {escape(result.output_path)}", soft_wrap=True)
 
 
 @cli.command("verify")

@@ -53,7 +53,7 @@ def _fold_and_verify(path: str, out_dir: str, console: Console) -> str:
     write_text_atomic(report_path, json.dumps(result.report.to_dict(), indent=2, default=float) + "\n")
     if result.output_path is None:
         raise BnfoldError(f"the folded {path} did not verify: this is a bnfold bug, please report it")
-    console.print(f"wrote {escape(folded)} and {escape(report_path)}")
+    console.print(f"wrote {escape(folded)} and {escape(report_path)}", soft_wrap=True)
     return folded
 
 
@@ -98,4 +98,4 @@ def _bench(original: str, folded: str, shape, out_dir: str, console: Console) ->
     render(result, console)
     bench_path = os.path.join(out_dir, "bench.json")
     write_text_atomic(bench_path, json.dumps(result.to_dict(), indent=2, default=float) + "\n")
-    console.print(f"wrote {escape(bench_path)}")
+    console.print(f"wrote {escape(bench_path)}", soft_wrap=True)

@@ -12,12 +12,25 @@ from bnfold.folding.report import FOLDED, LOWERED, FoldReport
 _STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
 
 
-def render_fold_report(report: FoldReport, console: Console, title: str = "bnfold") -> None:
+def render_fold_report(
+    report: FoldReport, console: Console, title: str = "bnfold", full: bool = True
+) -> None:
+    """The report as a table. `full=False` lists only what a user must read (every kept or
+    lowered node with its reason) and counts the folds per rule, so a 4,000-BN model prints a
+    few lines; the JSON report always has every entry."""
+    entries = report.entries if full else [e for e in report.entries if e.status != FOLDED]
+    if not full:
+        console.print(Text(title, style="italic"), soft_wrap=True)
+        _print_fold_counts(report, console)
+        if not entries:
+            _print_summary(report, console)
+            return
+        title = ""
     # The op and graph columns only appear when they say something (a Mul/Add fold, a BN inside
     # a subgraph): a 100-BN report stays readable, and renders in half the time.
-    show_op = any(e.op_type != "BatchNormalization" for e in report.entries)
-    show_graph = any(e.graph != "main" for e in report.entries)
-    table = Table(title=escape(title), title_justify="left", show_lines=False)
+    show_op = any(e.op_type != "BatchNormalization" for e in entries)
+    show_graph = any(e.graph != "main" for e in entries)
+    table = Table(title=escape(title) or None, title_justify="left", show_lines=False)
     table.add_column("node")
     if show_op:
         table.add_column("op")
@@ -25,7 +38,7 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
     table.add_column("into / why kept", overflow="fold")
     if show_graph:
         table.add_column("graph", style="dim")
-    for entry in report.entries:
+    for entry in entries:
         style = _STATUS_STYLE.get(entry.status, "red")
         detail = f"{entry.into} ({entry.rule})" if entry.into else "; ".join(entry.reasons)
         # Node names and reasons are the model's text, not markup: plain Text, never parsed.
@@ -36,17 +49,32 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
         if show_graph:
             cells.append(Text(entry.graph))
         table.add_row(*cells)
-    if not report.entries:
+    if not entries:
         table.add_row("-", "-", "no BatchNormalization or foldable Mul/Add found")
     console.print(table)
+    _print_summary(report, console)
+
+
+def _print_fold_counts(report: FoldReport, console: Console) -> None:
+    by_rule: dict[str, int] = {}
+    for entry in report.folded:
+        by_rule[entry.rule or "?"] = by_rule.get(entry.rule or "?", 0) + 1
+    counts = ", ".join(f"{rule} {count}" for rule, count in sorted(by_rule.items(),
+                                                                    key=lambda i: -i[1]))
+    text = f"folded {len(report.folded)}" + (f": {counts}" if counts else "")
+    console.print(Text(text + " (every entry: --list or --report)", style="green"),
+                  soft_wrap=True)
+
+
+def _print_summary(report: FoldReport, console: Console) -> None:
     for note in report.notes:
-        console.print(Text(note, style="dim"))
+        console.print(Text(note, style="dim"), soft_wrap=True)
     summary = report.to_dict()["summary"]
     console.print(
         f"BatchNormalization: {summary['batchnorm']}  folded: {summary['folded']}  "
         f"lowered: {summary['lowered']}  kept: {summary['kept']}   "
         f"nodes: {report.nodes_before} → {report.nodes_after}   "
-        f"parameters: {report.params_before:,} → {report.params_after:,}"
+        f"parameters: {report.params_before:,} → {report.params_after:,}", soft_wrap=True
     )
 
 

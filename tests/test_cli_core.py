@@ -64,13 +64,25 @@ def test_fold_writes_beside_input_and_reports(model_path):
     assert result.exit_code == 0, result.output
     out = model_path.parent / "M.folded.onnx"
     assert sorted(os.listdir(model_path.parent)) == ["M.folded.onnx", "M.onnx"]
-    for name in BN_NAMES:
-        assert name in result.stdout
+    # by default: counts per rule, and the kept BN with its reason
+    assert "folded 6: conv-bn 3, bn-conv 1, convtranspose-bn 1, gemm-bn 1" in result.stdout
+    assert "preact_bn" in result.stdout and "stem_bn" not in result.stdout
     assert "folded: 6" in result.stdout and "kept: 1" in result.stdout
     assert "equivalent" in result.stdout and "NOT equivalent" not in result.stdout
     assert f"wrote {out}" in result.stdout.replace("\n", "")
     assert count_bn(out) == 1
     onnx.checker.check_model(load_model(out))
+
+
+def test_fold_list_shows_every_bn_and_long_paths_stay_on_one_line(model_path, tmp_path):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 6)
+    deep.mkdir()
+    out = deep / "model-with-a-long-name.folded.onnx"
+    result = bnfold("fold", model_path, "--list", "-o", out)
+    assert result.exit_code == 0, result.output
+    for name in BN_NAMES:
+        assert name in result.stdout
+    assert f"wrote {out}\n" in result.stdout  # never wrapped, so it can be copied
 
 
 def test_fold_output_and_json_report(model_path, tmp_path):

@@ -60,6 +60,12 @@ TOOLS = (
          "import sys, bnfold; bnfold.fold_file(sys.argv[1], sys.argv[2], verify=False)"),
     Tool("bnfold CLI --no-verify", ("bnfold",), "bnfold",
          module_args=("bnfold", "fold", "{src}", "-o", "{dst}", "--no-verify")),
+    # What a user runs: the fold plus ONNX Runtime verification of the written file. Judged
+    # against the peers (which verify nothing), not against the I/O floor.
+    Tool("bnfold CLI default (fold + verify)", ("bnfold", "onnxruntime"), "bnfold-default",
+         module_args=("bnfold", "fold", "{src}", "-o", "{dst}")),
+    Tool("python + import onnxruntime", ("onnxruntime",), "reference",
+         "import onnx, onnxruntime"),
     Tool("onnxoptimizer fuse_bn_into_conv", ("onnx", "onnxoptimizer"), "python",
          "import sys, onnx, onnxoptimizer\n"
          "model = onnxoptimizer.optimize(onnx.load(sys.argv[1]), ['fuse_bn_into_conv'])\n"
@@ -93,6 +99,9 @@ TOOLS = (
 )
 
 TARGET_TIME, TARGET_RSS, TARGET_ERROR = 1.10, 2.5, 1e-6
+# The default command (fold + verify): no slower than the fastest Python peer (geomean), and
+# peak RSS <= 3x the model size on models of 30 MB and up.
+TARGET_DEFAULT_RSS, DEFAULT_RSS_FROM_BYTES = 3.0, 30_000_000
 
 
 @dataclasses.dataclass
@@ -341,7 +350,40 @@ def summary(results: dict[str, tuple[int, dict[str, Outcome]]], tools: list[Tool
     for tool in tools:
         if tool.kind == "bnfold":
             text += "\n\n" + _targets(tool, results, ratios, tools)
+        elif tool.kind == "bnfold-default":
+            text += "\n\n" + _default_targets(tool, results, ratios, tools)
     return text
+
+
+def _default_targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
+    models = list(results)
+    mine = ratios[tool.name]
+    lines = [f"targets for {tool.name}:"]
+    if len(mine) < len(models):
+        lines.append(f"  FAIL  ran on {len(mine)} of {len(models)} models")
+        return "\n".join(lines)
+    mean = _geomean(list(mine.values()))
+    peers = {t.name: _geomean(list(ratios[t.name].values())) for t in tools
+             if t.kind == "python" and len(ratios[t.name]) == len(models)}
+    if peers:
+        fastest = min(peers, key=peers.get)
+        lines.append(f"  {_verdict(mean <= peers[fastest])}  time: geomean {mean:.2f}x the floor, "
+                     f"fastest Python peer {fastest} {peers[fastest]:.2f}x")
+    else:
+        lines.append(f"  info  time: geomean {mean:.2f}x the floor (no Python peer ran)")
+    baseline = next((t for t in tools if t.name == "python + import onnxruntime"), None)
+    for model in models:
+        size, outcomes = results[model]
+        if size < DEFAULT_RSS_FROM_BYTES:
+            continue
+        rss = max(r.peak_rss for r in outcomes[tool.name].runs) / size
+        extra = ""
+        if baseline is not None and outcomes[baseline.name].runs:
+            base = statistics.median(r.peak_rss for r in outcomes[baseline.name].runs)
+            extra = f", {(rss * size - base) / size:.2f}x above python + import onnxruntime"
+        lines.append(f"  {_verdict(rss <= TARGET_DEFAULT_RSS)}  peak RSS on {model}: {rss:.2f}x "
+                     f"the model size (target <= {TARGET_DEFAULT_RSS}x{extra})")
+    return "\n".join(lines)
 
 
 def _targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
