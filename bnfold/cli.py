@@ -130,13 +130,16 @@ def verify_command(reference, candidate, json_path, ground_truth, seed, runs, at
 @cli.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
-def inspect_command(model, json_path):
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME|all",
+              help="As for fold: treat a graph input that has an initializer as a constant.")
+def inspect_command(model, json_path, freeze_inputs):
     """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
     from bnfold.folding.api import fold
     from bnfold.report_view import render_fold_report
 
     _require_folder_of(json_path, "--json")
-    result = fold(model)
+    freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
+    result = fold(model, freeze_inputs=freeze)
     render_fold_report(result.report, console, title=f"bnfold inspect {os.path.basename(model)}")
     if json_path:
         _write_json(json_path, result.report.to_dict())
