@@ -82,6 +82,7 @@ def verify(
     engine: str | None = None,
     engine_options=None,
     tolerance_precision: str | None = None,
+    torch_checkpoint: str | None = None,
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
@@ -105,7 +106,8 @@ def verify(
         return verify_on_engine(reference, candidate, engine, inputs=inputs, seed=seed, runs=runs,
                                 atol=atol, rtol=rtol, shapes=shapes, ground_truth=ground_truth,
                                 timeout=timeout, options=engine_options,
-                                tolerance_precision=tolerance_precision)
+                                tolerance_precision=tolerance_precision,
+                                torch_checkpoint=torch_checkpoint)
     ref_model, ref_payload = _load(reference)
     _, cand_payload = _load(candidate)
     runner = _Runner(timeout)

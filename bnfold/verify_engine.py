@@ -62,7 +62,7 @@ class OutputCheck:
 def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: int = 0,
                      runs: int = 1, atol=None, rtol=None, shapes=None, ground_truth=None,
                      timeout=None, options: EngineOptions | None = None,
-                     tolerance_precision: str | None = None):
+                     tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.verify)."""
     from bnfold.verification import (
         VerifyResult, _feeds, _ground_truth, _load, _Runner, judge_outputs,
@@ -77,6 +77,11 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
     del session  # the reference's session goes before the engine loads the candidate
     backend = get_engine(engine, options)
+    if engine == "torch" and isinstance(candidate, str):
+        from bnfold.engines.torch_engine import fused_candidate
+
+        candidate, fusion_notes = fused_candidate(candidate, torch_checkpoint, feeds[0])
+        notes += fusion_notes
     opened = backend.open("the candidate", candidate, feeds[0])
     try:
         if hasattr(opened, "output_names") and opened.output_names is None:
@@ -137,6 +142,12 @@ def _vetted_candidate(candidate, engine: str):
     folder) before an engine reads it; TensorRT engine files and torch modules pass as they are."""
     from bnfold.verification import _load
 
+    if engine == "torch":
+        if isinstance(candidate, os.PathLike) or (isinstance(candidate, str)
+                                                   and candidate.endswith(".onnx")):
+            raise BnfoldError("--engine torch runs a PyTorch module: give CANDIDATE as a model "
+                              "SPEC (zoo name or module:factory, weights with --checkpoint)")
+        return candidate
     if isinstance(candidate, (str, os.PathLike)):
         from bnfold.engines.trt import ENGINE_SUFFIXES
 

@@ -133,7 +133,7 @@ class OpenVinoEngine:
             ) from None
         precision = compiled_precision(compiled)
         self._compiled_properties[label] = {
-            "inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "inference_precision": _hint_of(compiled),
             "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
             "num_streams": int(compiled.get_property("NUM_STREAMS")),
             "layer_precisions": precision.layers,
@@ -157,7 +157,7 @@ class OpenVinoEngine:
 
 def compiled_precision(compiled) -> Precision:
     """The compiled model's inference precision, and its runtime layers counted by precision."""
-    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = _hint_of(compiled)
     layers: Counter = Counter()
     try:
         for op in compiled.get_runtime_model().get_ordered_ops():
@@ -175,3 +175,9 @@ def compiled_precision(compiled) -> Precision:
 
 def _name(port) -> str:
     return port.get_any_name()
+
+
+def _hint_of(compiled) -> str:
+    """The compiled model's INFERENCE_PRECISION_HINT as OpenVINO spells it: f32, bf16, f16."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)

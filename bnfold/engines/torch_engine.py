@@ -352,6 +352,24 @@ def torch_models(spec: str, checkpoint: str | None, shapes, seed: int,
     return [("original", module), (f"fused ({len(fusion.fused)} BN)", fusion.module)], feed, notes
 
 
+def fused_candidate(spec: str, checkpoint: str | None, feed: dict) -> tuple[object, list[str]]:
+    """(the BN-fused module of `spec`, notes): what `verify --engine torch` runs against the
+    ONNX export, prepared as `bnfold export` and `bench --engine torch` prepare it."""
+    torch = require_torch()
+    from bnfold import zoo
+    from bnfold.zoo.prepare import eval_copy
+
+    notes: list[str] = []
+    module, prepared = eval_copy(zoo.create(spec, checkpoint, notes=notes))
+    notes += prepared
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in feed.items()}
+    args, keywords = split_call(module, tensors)
+    fusion = fuse_bn(module, args if not keywords else _positional(module, keywords))
+    notes.append(f"torch: {len(fusion.fused)} Conv/Linear+BN pair(s) fused in the candidate"
+                 + (f"; not fused: {'; '.join(fusion.skipped)}" if fusion.skipped else ""))
+    return fusion.module, notes
+
+
 def _positional(module, keywords: dict) -> list | None:
     """The keyword inputs in forward order, for ShapeProp (None if a gap needs a default)."""
     from bnfold.zoo.prepare import forward_parameters
