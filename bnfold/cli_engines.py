@@ -69,7 +69,8 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
               help="Another model to measure beside MODEL (repeatable). Without it, a MODEL "
                    "with BatchNormalization is compared with its folded version.")
 @click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto",
-              show_default=True, help="auto: trt, else ort-cuda, else ort-cpu.")
+              show_default=True, help="auto: trt, else ort-cuda, else ort-cpu (openvino only "
+                                      "when asked).")
 @click.option("--model", "torch_spec", metavar="SPEC",
               help="torch engine: zoo name (resnet18, paper-mlp) or module:factory.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="torch engine: weights.")
@@ -89,14 +90,24 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
 @click.option("--include-transfers", is_flag=True, help="GPU: time host↔device copies too.")
 @click.option("--cuda-graphs", is_flag=True, help="GPU: replay runs from a CUDA graph.")
 @click.option("--torch-compile", is_flag=True, help="torch engine: torch.compile the modules.")
+@click.option("--inference-precision", type=click.Choice(["f32", "f16", "bf16"]),
+              help="openvino: inference precision hint (default f32); trt: f16 builds fp16.")
+@click.option("--no-check", is_flag=True,
+              help="Skip checking each model's outputs on the engine against the reference "
+                   "(ORT CPU, optimisation off) before timing.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write statistics (ms) and raw samples as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a latency CDF plot (PNG; needs matplotlib).")
 def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs_path, seed, runs,
                   min_time, warmup_time, threads, include_transfers, cuda_graphs, torch_compile,
-                  json_path, plot_path):
-    """Measure MODEL's latency beside its folded version (or --compare models), interleaved."""
+                  inference_precision, no_check, json_path, plot_path):
+    """Measure MODEL's latency beside its folded version (or --compare models), interleaved.
+
+    Each model's outputs on the engine are first checked against MODEL run by ONNX Runtime on
+    the CPU (optimisation off); one that fails is marked, gets no speed-up, and the command
+    exits 1 after writing its results.
+    """
     from bnfold.bench import bench_models, comparison_models
     from bnfold.bench_view import plot, render
     from bnfold.engines import EngineOptions, best_available
@@ -106,7 +117,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         engine, why = best_available()
         console.print(f"engine: {engine} ({why})")
     options = EngineOptions(threads=threads, include_transfers=include_transfers,
-                            cuda_graphs=cuda_graphs, torch_compile=torch_compile)
+                            cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+                            inference_precision=inference_precision)
     if engine == "torch":
         if model or compare:
             raise BnfoldError("--engine torch measures PyTorch modules: give --model SPEC "
@@ -126,7 +138,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         models = comparison_models(model, tuple(compare))
         inputs = inputs_path
     result = bench_models(models, engine, inputs=inputs, shapes=shape_map, seed=seed, runs=runs,
-                          min_time=min_time, warmup_time=warmup_time, options=options)
+                          min_time=min_time, warmup_time=warmup_time, options=options,
+                          check=not no_check)
     if engine == "torch":
         result.notes += torch_notes
     render(result, console)
@@ -138,3 +151,5 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
     if plot_path:
         plot(result, plot_path)
         console.print(f"wrote {plot_path}")
+    if result.failed_checks:
+        raise SystemExit(1)
