@@ -36,8 +36,17 @@ def _usage_error(param: str, func, value):
               help="Timing cache file: read if it exists, written after the build.")
 @click.option("--fp16", is_flag=True,
               help="fp16 engine (TRT 10: builder flag; TRT 11: model converted to fp16, I/O fp32).")
-def build_command(model, output, profiles, workspace, opt_level, timing_cache, fp16):
-    """Build a TensorRT engine from MODEL (ONNX); report the precision the layers really got."""
+@click.option("--no-verify", is_flag=True,
+              help="Skip running the engine against MODEL (ORT CPU) before writing it.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD..",
+              help="Input shape to verify at (default: each profile's opt shape).")
+def build_command(model, output, profiles, workspace, opt_level, timing_cache, fp16, no_verify,
+                  shapes):
+    """Build a TensorRT engine from MODEL (ONNX); report the precision the layers really got.
+
+    The engine is verified against MODEL (ORT CPU, optimisation off) at the tolerance of the
+    precision its layers got, and written only if equivalent (--no-verify skips the check).
+    """
     from bnfold.build import BuildOptions, build, parse_profiles, parse_size
 
     options = BuildOptions(
@@ -48,8 +57,13 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
         fp16=fp16,
     )
     output = output or os.path.splitext(model)[0] + ".engine"
-    report = build(model, output, options)
-    console.print(f"TensorRT {report.tensorrt_version}: wrote {report.output}")
+    report = build(model, output, options, verify=not no_verify,
+                   verify_options={"shapes": parse_shapes(shapes)})
+    if report.output:
+        console.print(f"TensorRT {report.tensorrt_version}: wrote {report.output}")
+    else:
+        console.print(f"TensorRT {report.tensorrt_version}: built, [red]NOT written[/]: the "
+                      f"engine is not equivalent to {model}")
     for p in report.profiles:
         console.print(f"  profile {p.name}: min {p.min} opt {p.opt} max {p.max}")
     if report.fp16_requested:
@@ -61,6 +75,15 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
         console.print(f"  timing cache saved to {timing_cache}")
     for note in report.notes:
         console.print(f"[yellow]warning:[/] {note}")
+    if report.verification is not None:
+        from bnfold.report_view import render_verification
+
+        console.print(f"verified against {model}:")
+        render_verification(report.verification, console)
+        if not report.verification["ok"]:
+            console.print("inspect with `bnfold verify MODEL ENGINE --engine trt`, build without "
+                          "--fp16, or write it anyway with --no-verify")
+            raise SystemExit(1)
 
 
 @click.command("bench")
