@@ -69,6 +69,13 @@ class ModelBench:
     enqueue: Stats | None = None  # host time until the run call returned
     batch: int = 1
     samples: dict[str, list[float]] = field(default_factory=dict)
+    # Its outputs on this engine against the ONNX reference, checked once before timing
+    # (bnfold.verify_engine.OutputCheck); None when not checked.
+    check: Any = None
+
+    @property
+    def equivalent(self) -> bool:
+        return self.check is None or self.check.ok
 
     @property
     def primary(self) -> Stats:
@@ -89,11 +96,18 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def speedup(self, label: str, baseline: str | None = None) -> float:
-        """p50 of `baseline` (default: the first model) over p50 of `label`."""
+    def speedup(self, label: str, baseline: str | None = None) -> float | None:
+        """p50 of `baseline` (default: the first model) over p50 of `label`; None when either
+        failed its output check: a wrong model's speed is no speed-up."""
         by_label = {m.label: m for m in self.models}
-        base = by_label[baseline or self.models[0].label].primary.p50
-        return base / by_label[label].primary.p50
+        base, model = by_label[baseline or self.models[0].label], by_label[label]
+        if not (base.equivalent and model.equivalent):
+            return None
+        return base.primary.p50 / model.primary.p50
+
+    @property
+    def failed_checks(self) -> list[ModelBench]:
+        return [m for m in self.models if not m.equivalent]
 
     def to_dict(self) -> dict:
         models = []
@@ -103,6 +117,9 @@ class BenchResult:
                 stats = getattr(m, kind)
                 entry[kind] = asdict(stats) if stats is not None else None
             entry.update({k: v for k, v in asdict(m.primary).items()})
+            entry["outputs_ok"] = None if m.check is None else m.check.ok
+            entry["outputs_check"] = None if m.check is None else m.check.to_dict()
+            entry["speedup_vs_first"] = self.speedup(m.label) if len(self.models) > 1 else None
             entry["samples_ms"] = m.samples
             models.append(entry)
         return {
@@ -215,11 +232,16 @@ def bench_models(
     warmup_time: float = MIN_WARMUP_TIME,
     options: EngineOptions | None = None,
     block: int | None = None,
+    check: bool = True,
+    reference: Any = None,
 ) -> BenchResult:
     """Measure `models` (label, ModelProto | path | torch module) side by side on `engine`.
 
     `inputs` is a feed dict or a .npz path; otherwise one seeded random feed is generated from
     the first model's declared inputs (`shapes` fills symbolic dims). All models get that feed.
+    With `check`, each ONNX model's outputs on the engine's own session are compared once with
+    `reference` (default: the first model) run by ORT on the CPU, optimisation off, before any
+    timing; a model that fails is timed but gets no speed-up (bnfold.verify_engine).
     """
     if not models:
         raise BnfoldError("nothing to benchmark: give at least one model")
@@ -230,6 +252,12 @@ def bench_models(
     try:
         for label, model in models:
             sessions.append(backend.open(label, model, feed))
+        checks = [None] * len(models)
+        if check and _is_onnx(reference if reference is not None else models[0][1]):
+            from bnfold.verify_engine import check_sessions
+
+            checks = check_sessions(reference if reference is not None else models[0][1],
+                                    sessions, feed)
         samples = measure(sessions, runs=runs, min_time=min_time, warmup_time=warmup_time,
                           block=block)
     finally:
@@ -237,13 +265,25 @@ def bench_models(
             session.close()
     batch = _batch_size(feed)
     results = [_model_bench(label, s, batch) for (label, _), s in zip(models, samples)]
+    for result_model, found in zip(results, checks):
+        result_model.check = found
     settings = {"runs": runs, "min_time_s": min_time, "warmup_time_s": max(warmup_time,
                 MIN_WARMUP_TIME), "warmup_runs_min": MIN_WARMUP_RUNS, "seed": seed,
                 "input_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
                 "interleaved": True, **asdict(options)}
+    settings["outputs_checked"] = checks[0] is not None
     result = BenchResult(engine, results, environment(backend), settings, list(backend.notes))
+    if checks[0] is not None:
+        result.notes.append("outputs checked once on this engine's sessions against the "
+                            "reference in ONNX Runtime CPU, optimisation off, before timing")
     result.warnings = warnings_for(result)
     return result
+
+
+def _is_onnx(model) -> bool:
+    import onnx
+
+    return isinstance(model, (onnx.ModelProto, str, os.PathLike, bytes))
 
 
 def _feed(model, inputs, shapes, seed) -> dict:
@@ -285,6 +325,9 @@ def warnings_for(result: BenchResult) -> list[str]:
     """Noisy timings (CoV > 2.5%) and GPU runs whose host enqueue dominates device time."""
     found = []
     for m in result.models:
+        if not m.equivalent:
+            found.append(f"{m.label}: outputs on {result.engine} are NOT equivalent to the "
+                         f"reference ({m.check.summary()}); no speed-up reported for it")
         if m.primary.cov > COV_WARN:
             found.append(
                 f"{m.label}: timings are noisy (CoV {m.primary.cov:.1%} > {COV_WARN:.1%}); "

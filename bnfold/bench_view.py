@@ -32,10 +32,13 @@ def render(result: BenchResult, console: Console) -> None:
     table.add_row("runs", *(str(stats.runs) for _, _, stats in columns))
     table.add_row("items/s", *(f"{stats.throughput(model.batch):,.0f}"
                                for _, model, stats in columns))
+    if any(model.check is not None for model in result.models):
+        table.add_row("outputs", *(_check_cell(model) if stats is model.primary else ""
+                                   for _, model, stats in columns))
     if len(result.models) > 1:
         base = result.models[0].label
         table.add_row(f"p50 vs {base}", *(
-            f"{result.speedup(model.label):.2f}×" if stats is model.primary else ""
+            _speedup_cell(result.speedup(model.label)) if stats is model.primary else ""
             for _, model, stats in columns))
     console.print(table)
     env = result.environment
@@ -49,6 +52,18 @@ def render(result: BenchResult, console: Console) -> None:
         console.print(f"[dim]note:[/] {note}")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _check_cell(model) -> str:
+    check = model.check
+    if check is None:
+        return "not checked"
+    return (f"[green]ok[/] ({check.precision})" if check.ok
+            else f"[red]NOT equivalent[/] ({check.precision})")
+
+
+def _speedup_cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
 
 
 def plot(result: BenchResult, path: str) -> None:

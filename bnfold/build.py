@@ -55,6 +55,8 @@ class BuildReport:
     layer_precisions: dict[str, int]  # from the engine inspector, e.g. {"Half": 40, "Float": 2}
     timing_cache_saved: bool
     notes: list[str] = field(default_factory=list)
+    # The built engine against the ONNX it came from (VerifyResult.to_dict()); None: not run.
+    verification: dict | None = None
 
 
 def parse_dims(text: str) -> tuple[int, ...]:
@@ -155,8 +157,17 @@ def check_in_profile(profile: ShapeProfile, shape: tuple[int, ...]) -> None:
         )
 
 
-def build(model_path: str, output: str, options: BuildOptions) -> BuildReport:
-    """Build `model_path` into a serialized TensorRT engine at `output` (written atomically)."""
+def build(model_path: str, output: str, options: BuildOptions, verify: bool = True,
+          verify_options: dict | None = None) -> BuildReport:
+    """Build `model_path` into a serialized TensorRT engine at `output` (written atomically).
+
+    With `verify`, the engine is first written beside `output`, run by TensorRT against
+    `model_path` run by ORT on the CPU (bnfold.verify_engine, at each profile's opt shape,
+    tolerances of the precision the inspector reports), and only moved to `output` when
+    equivalent; otherwise nothing is left at `output` and `report.verification` says why.
+    """
+    import os
+
     from bnfold.engines import trt as trt_engine
     from bnfold.io import load_model
 
@@ -164,9 +175,33 @@ def build(model_path: str, output: str, options: BuildOptions) -> BuildReport:
     model = load_model(model_path)
     options.profiles = profiles_for_model(model, options.profiles)
     plan, report = trt_engine.build_serialized(model, options)
-    write_bytes_atomic(output, plan)
+    del model
     report.output = output
+    if not verify:
+        write_bytes_atomic(output, plan)
+        return report
+    unverified = output + ".unverified.engine"
+    write_bytes_atomic(unverified, plan)
+    try:
+        report.verification = _verify_engine_file(model_path, unverified, options.profiles,
+                                                   verify_options or {})
+        if report.verification["ok"]:
+            os.replace(unverified, output)
+        else:
+            report.output = ""
+    finally:
+        if os.path.exists(unverified):
+            os.remove(unverified)
     return report
+
+
+def _verify_engine_file(model_path: str, engine_path: str, profiles, verify_options) -> dict:
+    from bnfold.verification import verify
+
+    shapes = dict(verify_options.pop("shapes", None) or {})
+    for profile in profiles:
+        shapes.setdefault(profile.name, profile.opt)
+    return verify(model_path, engine_path, engine="trt", shapes=shapes, **verify_options).to_dict()
 
 
 def _declared_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:

@@ -36,8 +36,17 @@ def _usage_error(param: str, func, value):
               help="Timing cache file: read if it exists, written after the build.")
 @click.option("--fp16", is_flag=True,
               help="fp16 engine (TRT 10: builder flag; TRT 11: model converted to fp16, I/O fp32).")
-def build_command(model, output, profiles, workspace, opt_level, timing_cache, fp16):
-    """Build a TensorRT engine from MODEL (ONNX); report the precision the layers really got."""
+@click.option("--no-verify", is_flag=True,
+              help="Skip running the engine against MODEL (ORT CPU) before writing it.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD..",
+              help="Input shape to verify at (default: each profile's opt shape).")
+def build_command(model, output, profiles, workspace, opt_level, timing_cache, fp16, no_verify,
+                  shapes):
+    """Build a TensorRT engine from MODEL (ONNX); report the precision the layers really got.
+
+    The engine is verified against MODEL (ORT CPU, optimisation off) at the tolerance of the
+    precision its layers got, and written only if equivalent (--no-verify skips the check).
+    """
     from bnfold.build import BuildOptions, build, parse_profiles, parse_size
 
     options = BuildOptions(
@@ -48,8 +57,13 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
         fp16=fp16,
     )
     output = output or os.path.splitext(model)[0] + ".engine"
-    report = build(model, output, options)
-    console.print(f"TensorRT {report.tensorrt_version}: wrote {report.output}")
+    report = build(model, output, options, verify=not no_verify,
+                   verify_options={"shapes": parse_shapes(shapes)})
+    if report.output:
+        console.print(f"TensorRT {report.tensorrt_version}: wrote {report.output}")
+    else:
+        console.print(f"TensorRT {report.tensorrt_version}: built, [red]NOT written[/]: the "
+                      f"engine is not equivalent to {model}")
     for p in report.profiles:
         console.print(f"  profile {p.name}: min {p.min} opt {p.opt} max {p.max}")
     if report.fp16_requested:
@@ -61,6 +75,15 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
         console.print(f"  timing cache saved to {timing_cache}")
     for note in report.notes:
         console.print(f"[yellow]warning:[/] {note}")
+    if report.verification is not None:
+        from bnfold.report_view import render_verification
+
+        console.print(f"verified against {model}:")
+        render_verification(report.verification, console)
+        if not report.verification["ok"]:
+            console.print("inspect with `bnfold verify MODEL ENGINE --engine trt`, build without "
+                          "--fp16, or write it anyway with --no-verify")
+            raise SystemExit(1)
 
 
 @click.command("bench")
@@ -69,7 +92,8 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
               help="Another model to measure beside MODEL (repeatable). Without it, a MODEL "
                    "with BatchNormalization is compared with its folded version.")
 @click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto",
-              show_default=True, help="auto: trt, else ort-cuda, else ort-cpu.")
+              show_default=True, help="auto: trt, else ort-cuda, else ort-cpu (openvino only "
+                                      "when asked).")
 @click.option("--model", "torch_spec", metavar="SPEC",
               help="torch engine: zoo name (resnet18, paper-mlp) or module:factory.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="torch engine: weights.")
@@ -89,14 +113,24 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
 @click.option("--include-transfers", is_flag=True, help="GPU: time host↔device copies too.")
 @click.option("--cuda-graphs", is_flag=True, help="GPU: replay runs from a CUDA graph.")
 @click.option("--torch-compile", is_flag=True, help="torch engine: torch.compile the modules.")
+@click.option("--inference-precision", type=click.Choice(["f32", "f16", "bf16"]),
+              help="openvino: inference precision hint (default f32); trt: f16 builds fp16.")
+@click.option("--no-check", is_flag=True,
+              help="Skip checking each model's outputs on the engine against the reference "
+                   "(ORT CPU, optimisation off) before timing.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write statistics (ms) and raw samples as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a latency CDF plot (PNG; needs matplotlib).")
 def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs_path, seed, runs,
                   min_time, warmup_time, threads, include_transfers, cuda_graphs, torch_compile,
-                  json_path, plot_path):
-    """Measure MODEL's latency beside its folded version (or --compare models), interleaved."""
+                  inference_precision, no_check, json_path, plot_path):
+    """Measure MODEL's latency beside its folded version (or --compare models), interleaved.
+
+    Each model's outputs on the engine are first checked against MODEL run by ONNX Runtime on
+    the CPU (optimisation off); one that fails is marked, gets no speed-up, and the command
+    exits 1 after writing its results.
+    """
     from bnfold.bench import bench_models, comparison_models
     from bnfold.bench_view import plot, render
     from bnfold.engines import EngineOptions, best_available
@@ -106,7 +140,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         engine, why = best_available()
         console.print(f"engine: {engine} ({why})")
     options = EngineOptions(threads=threads, include_transfers=include_transfers,
-                            cuda_graphs=cuda_graphs, torch_compile=torch_compile)
+                            cuda_graphs=cuda_graphs, torch_compile=torch_compile,
+                            inference_precision=inference_precision)
     if engine == "torch":
         if model or compare:
             raise BnfoldError("--engine torch measures PyTorch modules: give --model SPEC "
@@ -126,7 +161,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         models = comparison_models(model, tuple(compare))
         inputs = inputs_path
     result = bench_models(models, engine, inputs=inputs, shapes=shape_map, seed=seed, runs=runs,
-                          min_time=min_time, warmup_time=warmup_time, options=options)
+                          min_time=min_time, warmup_time=warmup_time, options=options,
+                          check=not no_check)
     if engine == "torch":
         result.notes += torch_notes
     render(result, console)
@@ -138,3 +174,5 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
     if plot_path:
         plot(result, plot_path)
         console.print(f"wrote {plot_path}")
+    if result.failed_checks:
+        raise SystemExit(1)

@@ -2,7 +2,9 @@
 
 1. the built-in ONNX sample, which exercises every fold direction and one BN that cannot fold;
 2. with torch installed, a ResNet-18-style PyTorch network exported with its BNs kept;
-3. original vs folded latency, side by side, on the best engine present.
+3. original vs folded latency, side by side, on the best engine present;
+4. the folded model on the best engine present (openvino on a CPU machine when installed)
+   against the original in ONNX Runtime, judged at the precision that engine reports.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def run_demo(out_dir: str, console: Console) -> None:
 
     console.rule("[bold]3. latency, original vs folded, side by side")
     _bench(*bench_pair, shape, out_dir, console)
+
+    console.rule("[bold]4. what is deployed: the folded model on an engine vs the original")
+    _cross_engine(*bench_pair, shape, out_dir, console)
 
 
 def _fold_and_verify(path: str, out_dir: str, console: Console) -> str:
@@ -99,3 +104,35 @@ def _bench(original: str, folded: str, shape, out_dir: str, console: Console) ->
     bench_path = os.path.join(out_dir, "bench.json")
     write_text_atomic(bench_path, json.dumps(result.to_dict(), indent=2, default=float) + "\n")
     console.print(f"wrote {escape(bench_path)}", soft_wrap=True)
+
+
+def deploy_engine() -> tuple[str, str]:
+    """The best engine present for the cross-engine check: a GPU engine when there is one,
+    else OpenVINO when installed, else ORT CPU with full optimisation."""
+    from bnfold.engines import best_available
+    from bnfold.engines.openvino import available as openvino_available
+
+    engine, why = best_available()
+    if engine == "ort-cpu" and openvino_available():
+        return "openvino", "no GPU engine; OpenVINO is installed"
+    return engine, why
+
+
+def _cross_engine(original: str, folded: str, shape, out_dir: str, console: Console) -> None:
+    from bnfold.inputs import graph_inputs
+    from bnfold.io import load_model, write_text_atomic
+    from bnfold.report_view import render_verification
+    from bnfold.verification import verify
+
+    engine, why = deploy_engine()
+    console.print(f"engine [bold]{engine}[/]: {escape(why)}")
+    input_name = graph_inputs(load_model(original))[0].name
+    result = verify(original, folded, engine=engine, shapes={input_name: shape},
+                    ground_truth=False)
+    render_verification(result.to_dict(), console)
+    path = os.path.join(out_dir, "verify-engine.json")
+    write_text_atomic(path, json.dumps(result.to_dict(), indent=2, default=float) + "\n")
+    console.print(f"wrote {escape(path)}", soft_wrap=True)
+    if not result.ok:
+        raise BnfoldError(f"the folded model is not equivalent on {engine}: please report it "
+                          f"with {path}")

@@ -80,7 +80,12 @@ def _print_summary(report: FoldReport, console: Console) -> None:
 
 def render_verification(result: dict, console: Console) -> None:
     """`result` is VerifyResult.to_dict() (what reports carry)."""
-    table = Table(title="verification (ONNX Runtime, graph optimisation off)", title_justify="left")
+    engine = result.get("engine")
+    title = "verification (ONNX Runtime, graph optimisation off)"
+    if engine:
+        title = (f"verification: candidate on {engine['name']} ({engine['precision']}) vs "
+                 f"reference on ONNX Runtime CPU, graph optimisation off")
+    table = Table(title=escape(title), title_justify="left")
     for column in ("output", "max abs err", "max rel err", "cosine", "tolerance", "ok"):
         table.add_column(column, justify="right" if column != "output" else "left")
     for out in result["outputs"]:
@@ -110,14 +115,31 @@ def render_verification(result: dict, console: Console) -> None:
                                f"{site['tolerance']:.3g} {site['note']}", style="red"))
     for note in result.get("notes", ()):
         console.print(Text(note, style="dim"))
+    if engine:
+        _print_engine_precision(engine, console)
     truth = result.get("ground_truth")
     if truth:
         for name, errors in truth.items():
             console.print(
-                f"float64 ground truth, {escape(name)}: original {errors['reference_rel_error']:.3g}, "
-                f"folded {errors['candidate_rel_error']:.3g} (scale-relative error)"
+                f"float64 ground truth, {escape(name)}: {'reference' if engine else 'original'} "
+                f"{errors['reference_rel_error']:.3g}, {'candidate' if engine else 'folded'} "
+                f"{errors['candidate_rel_error']:.3g} (scale-relative error)"
             )
     elif result.get("ground_truth_skipped"):
         console.print(f"[dim]float64 ground truth skipped: {escape(result['ground_truth_skipped'])}[/]")
     verdict = "[green]equivalent[/]" if result["ok"] else "[red]NOT equivalent[/]"
     console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")
+
+
+def _print_engine_precision(engine: dict, console: Console) -> None:
+    """Which precision the engine computes in, where that was read, and which tolerance ran."""
+    layers = engine.get("layer_precisions") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(layers.items()))
+    console.print(Text(f"engine precision: {engine['precision']} (from {engine['precision_source']})"
+                       + (f"; layers: {shown}" if shown else ""), style="dim"), soft_wrap=True)
+    if engine.get("explicit_tolerance"):
+        how = "given with --rtol/--atol"
+    else:
+        how = f"{engine['tolerance_precision']} tolerances, from {engine['tolerance_from']}"
+    console.print(Text(f"tolerance: rtol {engine['rtol']:.3g} (scale-relative), atol "
+                       f"{engine['atol']:.3g}: {how}"), soft_wrap=True)

@@ -59,6 +59,8 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # the input shapes run
     sites: list[OutputMetrics] = field(default_factory=list)  # fold sites, when compared
+    # `verify --engine`: the candidate's engine, the precision read from it, the tolerance used.
+    engine: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +79,10 @@ def verify(
     ground_truth: bool | None = None,
     timeout: float | None = DEFAULT_TIMEOUT_S,
     sites: Sequence[str] = (),
+    engine: str | None = None,
+    engine_options=None,
+    tolerance_precision: str | None = None,
+    torch_checkpoint: str | None = None,
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
@@ -86,9 +92,22 @@ def verify(
     `sites` names inner tensors both models compute (fold sites): when an output passes only
     against the model's own noise (a saturated sigmoid hides a wrong fold), they are compared
     too, since there the signal is whole.
+
+    `engine` ("ort-cpu", "ort-cuda", "openvino", "trt", "torch") runs the candidate on that
+    engine instead (the reference stays in ORT on the CPU, optimisation off) and judges it with
+    the tolerance of the precision the engine reports, or of `tolerance_precision` when given
+    (bnfold.verify_engine).
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
+    if engine is not None:
+        from bnfold.verify_engine import verify_on_engine
+
+        return verify_on_engine(reference, candidate, engine, inputs=inputs, seed=seed, runs=runs,
+                                atol=atol, rtol=rtol, shapes=shapes, ground_truth=ground_truth,
+                                timeout=timeout, options=engine_options,
+                                tolerance_precision=tolerance_precision,
+                                torch_checkpoint=torch_checkpoint)
     ref_model, ref_payload = _load(reference)
     _, cand_payload = _load(candidate)
     runner = _Runner(timeout)
@@ -123,11 +142,20 @@ def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
         _check_interfaces(ref_interface, _interface(cand_session))
     cand_outputs = [runner.run(cand_session, feed, "candidate", names) for feed in feeds]
     del cand_session
+    metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol)
+    return metrics, ref_outputs[0], cand_outputs[0]
+
+
+def judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
+                  precision: str | None = None) -> list[OutputMetrics]:
+    """Worst metrics per reference output over the feeds; an output that fails the fixed
+    tolerance is judged again against the reference's own float32 noise (measured here).
+    `precision` is the candidate's compute precision (None: each output dtype's own)."""
     explicit = atol is not None or rtol is not None
     worst: dict[str, OutputMetrics] = {}
     for ref_out, cand_out in zip(ref_outputs, cand_outputs):
         for name in ref_out:
-            metrics = compare(name, ref_out[name], cand_out[name], atol, rtol)
+            metrics = compare(name, ref_out[name], cand_out[name], atol, rtol, precision)
             if name not in worst or _worse(metrics, worst[name]):
                 worst[name] = metrics
     failing = [n for n, m in worst.items() if needs_noise_floor(m, explicit)]
@@ -135,8 +163,8 @@ def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
         floors = _noise_floors(ref_payload, runner, feeds, ref_outputs, failing)
         for name in failing:
             dtype = ref_outputs[0][name].dtype
-            worst[name] = apply_noise_floor(worst[name], floors[name], dtype)
-    return list(worst.values()), ref_outputs[0], cand_outputs[0]
+            worst[name] = apply_noise_floor(worst[name], floors[name], dtype, precision)
+    return list(worst.values())
 
 
 def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol) -> list[OutputMetrics]:

@@ -25,3 +25,7 @@ def test_demo_runs_end_to_end(tmp_path):
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert [m["label"] for m in bench["models"]] == ["original", "folded"]
     assert all(m["runs"] >= 200 and m["p50"] > 0 for m in bench["models"])
+    assert all(m["outputs_ok"] for m in bench["models"])
+    cross = json.loads((tmp_path / "verify-engine.json").read_text())
+    assert cross["ok"] and cross["engine"]["name"] in ("openvino", "ort-cpu", "ort-cuda", "trt")
+    assert "what is deployed" in result.output

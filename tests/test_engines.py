@@ -28,7 +28,7 @@ def test_importing_the_cli_loads_neither_torch_nor_tensorrt():
 
 
 def test_registry_is_explicit_and_unknown_engine_is_refused():
-    assert set(ENGINES) == {"ort-cpu", "ort-cuda", "trt", "torch"}
+    assert set(ENGINES) == {"ort-cpu", "ort-cuda", "trt", "torch", "openvino"}
     with pytest.raises(BnfoldError, match="unknown engine 'tvm'.*ort-cpu"):
         get_engine("tvm")
 

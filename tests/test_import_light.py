@@ -1,5 +1,5 @@
-"""`import bnfold` and `bnfold --help` stay light: no torch, tensorrt, onnxruntime, graphsurgeon or
-matplotlib, whatever command modules get registered. Each check runs in a fresh interpreter.
+"""`import bnfold` and `bnfold --help` stay light: no torch, tensorrt, openvino, onnxruntime,
+graphsurgeon or matplotlib, whatever command modules get registered. Each check runs in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-HEAVY = ("torch", "tensorrt", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
+HEAVY = ("torch", "tensorrt", "openvino", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
 
 # Prints the heavy top-level packages in sys.modules as JSON, after running `body`.
 PROBE = textwrap.dedent("""
@@ -90,3 +90,25 @@ def test_bnfold_verify_stays_the_function_after_its_module_is_imported():
     assert callable(bnfold.verify), bnfold.verify
     """
     assert loaded_heavy(body) == []
+
+
+def test_probe_sees_openvino():
+    # Control for the openvino entry: the probe notices it when it is really imported.
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (pip install bnfold[openvino])")
+    assert "openvino" in loaded_heavy("import bnfold\nimport openvino")
+
+
+def test_engine_registry_and_verify_help_load_no_engine_library():
+    body = """
+    import bnfold.engines, bnfold.verify_engine, bnfold.engines.openvino
+    from click.testing import CliRunner
+    import bnfold.cli
+    assert CliRunner().invoke(bnfold.cli.cli, ["verify", "--help"]).exit_code == 0
+    """
+    loaded = [m for m in loaded_heavy(body) if not m.startswith("onnxruntime")]
+    assert loaded == [], loaded

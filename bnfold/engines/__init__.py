@@ -2,17 +2,22 @@
 
 An engine opens one `Session` per model; the harness in `bnfold.bench` calls `session.run()`
 and times it on the host. GPU sessions also return a `Timing` with the device time measured by
-CUDA events and the time the host spent enqueueing the work.
+CUDA events and the time the host spent enqueueing the work. `session.outputs(feed)` runs the
+same session once more and returns its outputs on the host, so what is verified
+(`bnfold verify --engine`, bench's output check, `bnfold build`) is what is timed, and
+`session.precision` says in which precision the engine really computes, read from the engine
+(TensorRT's inspector, OpenVINO's compiled model, the ONNX graph's own types for ORT).
 
 Adding a backend = one module with a class that has `name`, `open(label, model, feed)` and
 `environment()`, plus one line in `ENGINES`. Modules are imported only when chosen, and each
-imports its library inside its own functions, so `import bnfold` never loads torch or tensorrt.
+imports its library inside its own functions, so `import bnfold` never loads torch, tensorrt
+or openvino.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bnfold.errors import BnfoldError
@@ -32,13 +37,39 @@ class EngineOptions:
     include_transfers: bool = False  # GPU: copy inputs in and outputs out on every run
     cuda_graphs: bool = False
     torch_compile: bool = False
+    # Requested compute precision ("f32", "f16", "bf16"): OpenVINO's inference precision hint,
+    # TensorRT's fp16 build. What the engine really chose is read back into Session.precision.
+    inference_precision: str | None = None
+
+
+# Compute precisions bnfold knows tolerances for (bnfold.comparison.PRECISION_TOLERANCES).
+PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision an engine computes in, as read from the engine (never from the request).
+
+    `compute` is the lowest floating-point precision any layer runs in ("float32", "tf32",
+    "float16", "bfloat16"); `layers` counts layers per precision where the engine says so;
+    `source` names where it was read, for the report.
+    """
+
+    compute: str
+    source: str
+    layers: dict[str, int] = field(default_factory=dict)
 
 
 class Session(Protocol):
     label: str
+    precision: Precision
 
     def run(self) -> Timing | None:
         """Run the model once on the feed given to `open`; block until it has finished."""
+
+    def outputs(self, feed: dict | None = None) -> dict[str, Any]:
+        """Run once on `feed` (default: the feed given to `open`; same shapes) and return every
+        output as a host numpy array, by the model's output name."""
 
     def close(self) -> None: ...
 
@@ -59,6 +90,7 @@ ENGINES: dict[str, tuple[str, str, str]] = {
     "ort-cuda": ("bnfold.engines.ort", "OrtCudaEngine", "ONNX Runtime, CUDA execution provider"),
     "trt": ("bnfold.engines.trt", "TrtEngine", "TensorRT engines built from the ONNX models"),
     "torch": ("bnfold.engines.torch_engine", "TorchEngine", "PyTorch eager (or torch.compile)"),
+    "openvino": ("bnfold.engines.openvino", "OpenVinoEngine", "OpenVINO, CPU plugin"),
 }
 
 INSTALL_HINTS = {
@@ -66,6 +98,7 @@ INSTALL_HINTS = {
     "onnxruntime-gpu": "pip uninstall onnxruntime && pip install bnfold[gpu] "
     "(onnxruntime-gpu replaces onnxruntime; both provide the same module)",
     "torch": "pip install bnfold[torch]",
+    "openvino": "pip install 'bnfold[openvino]' (the openvino package, CPU plugin)",
 }
 
 
@@ -91,6 +124,14 @@ def best_available() -> tuple[str, str]:
     if ort_engine.cuda_provider_available():
         return "ort-cuda", f"CUDAExecutionProvider is available ({trt_reason})"
     return "ort-cpu", f"no GPU engine available ({trt_reason}; no CUDAExecutionProvider)"
+
+
+def lowest_precision(found) -> str:
+    """The lowest of the floating-point precisions in `found` (float32 when none is lower)."""
+    for name in ("bfloat16", "float16", "tf32"):
+        if name in found:
+            return name
+    return "float32"
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

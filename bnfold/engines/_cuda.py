@@ -48,3 +48,8 @@ def cuda_timer() -> CudaTimer | None:
 def device_name() -> str | None:
     torch = torch_cuda()
     return torch.cuda.get_device_name(0) if torch is not None else None
+
+
+def compute_capability() -> tuple[int, int] | None:
+    torch = torch_cuda()
+    return tuple(torch.cuda.get_device_capability(0)) if torch is not None else None

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Timing, first_line
+from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 OPTIMISATION_NOTE = (
@@ -75,6 +75,46 @@ def _checked_run(session, feed: dict, label: str) -> list[np.ndarray]:
         ) from None
 
 
+def graph_precision(model) -> Precision:
+    """ORT computes in the types the graph declares: float16/bfloat16 weights or casts mean
+    that precision (e.g. a model made by bnfold.fp16, fp32 I/O around an fp16 body)."""
+    import onnx
+
+    from bnfold.engines import lowest_precision
+
+    if isinstance(model, (str, os.PathLike)):
+        from bnfold.io import load_model_deferred
+
+        model, deferred, _ = load_model_deferred(model)  # types only: no weights are read
+        deferred.close()
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    names = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    counts: dict[str, int] = {}
+
+    def visit(graph):
+        for tensor in graph.initializer:
+            if tensor.data_type in names:
+                counts[names[tensor.data_type]] = counts.get(names[tensor.data_type], 0) + 1
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i in names:
+                    counts[names[attr.i]] = counts.get(names[attr.i], 0) + 1
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                for sub in attr.graphs:
+                    visit(sub)
+
+    visit(model.graph)
+    return Precision(lowest_precision(counts), "the ONNX graph's own types (ORT runs them as "
+                     "declared)", counts)
+
+
+def _host_outputs(session, feed: dict, label: str) -> dict:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, _checked_run(session, feed, label)))
+
+
 def _environment(threads_requested: int | None) -> dict:
     import onnxruntime as ort
 
@@ -94,9 +134,13 @@ class OrtCpuSession:
         self._session = session
         self._feed = feed
         self._outputs = [o.name for o in session.get_outputs()]
+        self.precision = Precision("float32", "")
 
     def run(self) -> None:
         self._session.run(self._outputs, self._feed)
+
+    def outputs(self, feed: dict | None = None) -> dict:
+        return _host_outputs(self._session, self._feed if feed is None else feed, self.label)
 
     def close(self) -> None:
         self._session = None
@@ -110,15 +154,26 @@ class OrtCpuEngine:
         self.notes = [OPTIMISATION_NOTE]
         if options.cuda_graphs or options.include_transfers:
             self.notes.append("--cuda-graphs/--include-transfers do nothing on ort-cpu")
+        _refuse_precision_request(options)
 
     def open(self, label: str, model, feed: dict) -> OrtCpuSession:
         options = session_options(self.options.threads)
         session = _create_session(model, options, ["CPUExecutionProvider"], label)
         _checked_run(session, feed, label)
-        return OrtCpuSession(label, session, feed)
+        opened = OrtCpuSession(label, session, feed)
+        opened.precision = graph_precision(model)
+        return opened
 
     def environment(self) -> dict:
         return _environment(self.options.threads)
+
+
+def _refuse_precision_request(options: EngineOptions) -> None:
+    if options.inference_precision not in (None, "f32"):
+        raise BnfoldError(
+            "ONNX Runtime computes in the model's own types: drop --inference-precision, or "
+            "give it a float16 model (e.g. the one `bnfold build --fp16` converts)"
+        )
 
 
 class OrtCudaSession:
@@ -134,6 +189,8 @@ class OrtCudaSession:
         self._include_transfers = include_transfers
         self._outputs = [o.name for o in session.get_outputs()]
         self._run_options = ort.RunOptions()
+        self.precision = Precision("float32", "")
+        self._inputs = {}  # name -> the device OrtValue bound to it
         self._binding = None
         self._keep = []  # OrtValues must outlive the binding
         if include_transfers:
@@ -143,6 +200,7 @@ class OrtCudaSession:
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
             self._binding.bind_ortvalue_input(name, value)
             self._keep.append(value)
+            self._inputs[name] = value
         for name in self._outputs:
             if output_shapes is not None:
                 # CUDA graphs replay fixed addresses: outputs must be allocated up front.
@@ -173,6 +231,25 @@ class OrtCudaSession:
             return Timing(None, enqueue_ms)
         return Timing(timer.stop(), enqueue_ms)
 
+    def outputs(self, feed: dict | None = None) -> dict:
+        """The same session (and, with CUDA graphs, the same captured graph) on `feed`: the
+        inputs are copied into the bound device buffers, the outputs back to the host."""
+        feed = self._feed if feed is None else feed
+        if self._binding is None:
+            return _host_outputs(self._session, feed, self.label)
+        for name, value in self._inputs.items():
+            array = np.ascontiguousarray(feed[name])
+            if tuple(value.shape()) != array.shape:
+                raise BnfoldError(
+                    f"{self.label}: input {name!r} is bound as {value.shape()}, the feed has "
+                    f"{list(array.shape)}: outputs are checked at the shape the session opened with"
+                )
+            value.update_inplace(array)
+        self._session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+        values = self._binding.copy_outputs_to_cpu()
+        return dict(zip(self._outputs, values))
+
     def close(self) -> None:
         self._binding = None
         self._keep = []
@@ -190,6 +267,7 @@ class OrtCudaEngine:
                 "ONNX Runtime has no CUDAExecutionProvider here: "
                 + INSTALL_HINTS["onnxruntime-gpu"]
             )
+        _refuse_precision_request(options)
         if options.cuda_graphs and options.include_transfers:
             raise BnfoldError(
                 "--cuda-graphs needs inputs resident on the device: drop --include-transfers"
@@ -229,9 +307,11 @@ class OrtCudaEngine:
             output_shapes = self._output_shapes(label, model, feed)
         else:
             _checked_run(session, feed, label)
-        return OrtCudaSession(
+        opened = OrtCudaSession(
             label, session, feed, self._timer, self.options.include_transfers, output_shapes
         )
+        opened.precision = _cuda_precision(session, model)
+        return opened
 
     def _output_shapes(self, label, model, feed) -> dict:
         """Output shapes and dtypes from one CPU run (a graph-capturing session needs
@@ -248,3 +328,18 @@ class OrtCudaEngine:
         env["device"] = device_name() or "CUDA device 0 (name needs torch with CUDA)"
         env["cuda_graphs"] = self.options.cuda_graphs
         return env
+
+
+def _cuda_precision(session, model) -> Precision:
+    """The graph's own types, and TF32: the CUDA EP lets cuBLAS/cuDNN use TF32 tensor cores
+    for float32 MatMul/Conv on Ampere and later unless `use_tf32` is 0, as the session reports."""
+    precision = graph_precision(model)
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    from bnfold.engines._cuda import compute_capability
+
+    capability = compute_capability()
+    tf32 = str(options.get("use_tf32", "1")) != "0" and (capability is None or capability >= (8, 0))
+    if precision.compute == "float32" and tf32:
+        return Precision("tf32", f"CUDAExecutionProvider use_tf32={options.get('use_tf32', '1')} "
+                         f"on compute capability {capability or 'unknown'}", precision.layers)
+    return precision

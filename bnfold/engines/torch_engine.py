@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Timing, first_line
+from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 
@@ -177,6 +177,31 @@ class TorchSession:
         self._keywords = keywords or {}
         self._timer = timer
         self._torch = require_torch()
+        self.precision = module_precision(self._torch, module, timer is not None)
+        self.output_names: list[str] | None = None  # the ONNX names, in export order, if known
+
+    def outputs(self, feed: dict | None = None) -> dict:
+        """Outputs flattened as the exporter flattens them, named by `output_names` (the ONNX
+        export's outputs, in order) when set, else `output`, `output_0`, ..."""
+        torch = self._torch
+        from bnfold.zoo.prepare import flatten_outputs
+
+        args, keywords = self._inputs, self._keywords
+        if feed is not None:
+            device = args[0].device if args else next(iter(keywords.values())).device
+            tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                       for name, a in feed.items()}
+            args, keywords = split_call(self._module, tensors)
+        with torch.inference_mode():
+            flat = flatten_outputs(self._module(*args, **keywords))
+        names = self.output_names or [name for name, _ in flat]
+        if len(names) != len(flat):
+            raise BnfoldError(
+                f"{self.label} returns {len(flat)} tensors, the ONNX model has {len(names)} "
+                f"outputs: compare a module with its own export"
+            )
+        return {name: value.detach().float().cpu().numpy() if value.is_floating_point()
+                else value.detach().cpu().numpy() for name, (_, value) in zip(names, flat)}
 
     def run(self) -> Timing | None:
         torch = self._torch
@@ -249,6 +274,23 @@ class TorchEngine:
         return env
 
 
+def module_precision(torch, module, cuda: bool) -> Precision:
+    """The lowest parameter dtype of the module, and TF32 when torch allows it on CUDA."""
+    from bnfold.engines import lowest_precision
+
+    names = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    counts: dict[str, int] = {}
+    for parameter in getattr(module, "parameters", lambda: [])():
+        kind = names.get(parameter.dtype, "float32")
+        counts[kind] = counts.get(kind, 0) + 1
+    found = set(counts)
+    source = "the module's parameter dtypes"
+    if cuda and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+        found.add("tf32")
+        source += "; torch.backends allow TF32 on CUDA"
+    return Precision(lowest_precision(found), source, counts)
+
+
 def split_call(module, tensors: dict) -> tuple[list, dict]:
     """(positional, keyword) arguments: by keyword when forward names every input."""
     from bnfold.zoo.prepare import forward_parameters
@@ -308,6 +350,24 @@ def torch_models(spec: str, checkpoint: str | None, shapes, seed: int,
         return [(spec, module)], feed, notes
     _check_same(module, fusion.module, args, keywords, spec)
     return [("original", module), (f"fused ({len(fusion.fused)} BN)", fusion.module)], feed, notes
+
+
+def fused_candidate(spec: str, checkpoint: str | None, feed: dict) -> tuple[object, list[str]]:
+    """(the BN-fused module of `spec`, notes): what `verify --engine torch` runs against the
+    ONNX export, prepared as `bnfold export` and `bench --engine torch` prepare it."""
+    torch = require_torch()
+    from bnfold import zoo
+    from bnfold.zoo.prepare import eval_copy
+
+    notes: list[str] = []
+    module, prepared = eval_copy(zoo.create(spec, checkpoint, notes=notes))
+    notes += prepared
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in feed.items()}
+    args, keywords = split_call(module, tensors)
+    fusion = fuse_bn(module, args if not keywords else _positional(module, keywords))
+    notes.append(f"torch: {len(fusion.fused)} Conv/Linear+BN pair(s) fused in the candidate"
+                 + (f"; not fused: {'; '.join(fusion.skipped)}" if fusion.skipped else ""))
+    return fusion.module, notes
 
 
 def _positional(module, keywords: dict) -> list | None:

@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Timing, first_line
+from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -224,6 +224,35 @@ def layer_precisions(info: dict) -> Counter:
     return counts
 
 
+_INSPECTOR_PRECISIONS = {"Half": "float16", "FP16": "float16", "BFloat16": "bfloat16",
+                         "BF16": "bfloat16"}
+
+
+def engine_precision(trt, engine) -> Precision:
+    """What the engine computes in, from its inspector: the lowest floating-point layer output
+    type; float32 layers count as TF32 on Ampere and later, where the builder enables TF32 by
+    default and the inspector cannot tell the two apart (kernels from either may be chosen)."""
+    from bnfold.engines import lowest_precision
+    from bnfold.engines._cuda import compute_capability
+
+    counts = layer_precisions(inspect_engine(trt, engine))
+    found = {_INSPECTOR_PRECISIONS[k] for k in counts if k in _INSPECTOR_PRECISIONS}
+    source = "TensorRT engine inspector (layer output types)"
+    if not counts:
+        source += "; no layer detail (engine built without DETAILED profiling verbosity)"
+    low = [k for k in counts if k in ("Int8", "FP8", "FP4", "INT4", "Int4")]
+    if low:
+        raise BnfoldError(
+            f"the engine has {', '.join(low)} layers: bnfold has no tolerance for quantised "
+            f"engines; give --rtol/--atol that your accuracy budget allows"
+        )
+    capability = compute_capability()
+    if capability is not None and capability >= (8, 0):
+        found.add("tf32")
+        source += f"; Float layers may use TF32 on compute capability {capability[0]}.{capability[1]}"
+    return Precision(lowest_precision(found), source, dict(counts))
+
+
 def _dtype_from_format(text: str) -> str:
     for token, name in (("FP16", "Half"), ("FP32", "Float"), ("Int8", "Int8"), ("BF16", "BFloat16"),
                         ("FP8", "FP8"), ("Int32", "Int32"), ("Int64", "Int64"), ("Bool", "Bool")):
@@ -274,6 +303,9 @@ class TrtSession:
             self._outputs.append(name)
         for name, tensor in self._device.items():
             self._context.set_tensor_address(name, tensor.data_ptr())
+        self.precision = Precision("float32", "")
+        self._trt = trt
+        self._feed = feed
         self._graph = None
         stream = self._timer.stream
         # One plain run first: it applies the shapes and flushes deferred updates, which the
@@ -303,6 +335,38 @@ class TrtSession:
                     self._device[name].cpu()
         enqueue_ms = (time.perf_counter() - start) * 1e3
         return Timing(timer.stop(), enqueue_ms)
+
+    def outputs(self, feed: dict | None = None) -> dict:
+        """The same context (and CUDA graph) on `feed`, copied into the bound device inputs."""
+        import numpy as np
+
+        torch = self._torch
+        feed = self._feed if feed is None else feed
+        with torch.cuda.stream(self._timer.stream):
+            for name in self._host_inputs:
+                device = self._device[name]
+                source = torch.from_numpy(np.ascontiguousarray(feed[name])).to(device.dtype)
+                if tuple(source.shape) != tuple(device.shape):
+                    raise BnfoldError(
+                        f"{self.label}: input {name!r} is bound as {list(device.shape)}, the "
+                        f"feed has {list(source.shape)}: outputs are checked at the shape the "
+                        f"session opened with"
+                    )
+                device.copy_(source)
+            if self._graph is not None:
+                self._graph.replay()
+            elif not self._context.execute_async_v3(self._timer.stream_handle):
+                raise BnfoldError(f"TensorRT failed to run {self.label}")
+        self._timer.stream.synchronize()
+        found = {}
+        for name in self._outputs:
+            tensor = self._device[name].cpu()
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+                tensor = tensor.float()
+            found[name] = tensor.numpy().copy()
+        if feed is not self._feed:  # restore the benched feed
+            self.outputs(self._feed)
+        return found
 
     def close(self) -> None:
         self._graph = None
@@ -337,6 +401,9 @@ class TrtEngine:
                 "the trt engine needs torch with CUDA for device buffers and CUDA events: "
                 "install a CUDA build of torch on a machine with an NVIDIA GPU"
             )
+        if options.inference_precision not in (None, "f32", "f16"):
+            raise BnfoldError("--engine trt builds f32 or f16 engines: use --inference-precision "
+                              "f16 or f32")
         self.options = options
         self.notes = [
             "inputs copied host→device and outputs back on every run (--include-transfers)"
@@ -356,9 +423,12 @@ class TrtEngine:
             proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
             profiles = [ShapeProfile(k, tuple(v.shape), tuple(v.shape), tuple(v.shape))
                         for k, v in feed.items()]
-            plan, _ = build_serialized(proto, BuildOptions(profiles=profiles))
+            fp16 = self.options.inference_precision == "f16"
+            plan, _ = build_serialized(proto, BuildOptions(profiles=profiles, fp16=fp16))
             engine = deserialize(trt, plan, label)
-        return TrtSession(label, trt, engine, feed, self.options)
+        session = TrtSession(label, trt, engine, feed, self.options)
+        session.precision = engine_precision(trt, engine)
+        return session
 
     def environment(self) -> dict:
         from bnfold.engines._cuda import device_name

@@ -1,0 +1,183 @@
+"""OpenVINO engine (`--engine openvino`): the CPU plugin, ONNX read directly.
+
+Each session reads the ONNX model, fixes its inputs at the feed's shapes (a static model
+compiles to faster kernels, and the bench and verify feeds have one shape), and compiles it
+once with PERFORMANCE_HINT=LATENCY: one stream, the latency a single request sees, which is
+what the other engines time too.
+
+Precision: OpenVINO's CPU plugin runs in bf16 by default on CPUs with native bf16 (AMX,
+AVX512-BF16). bnfold asks for f32 unless `inference_precision` says otherwise, and reads back
+what the compiled model chose (`INFERENCE_PRECISION_HINT`, and each runtime layer's
+`runtimePrecision`): an f16 request on a CPU without f16 kernels compiles to bf16, and the
+verification judges what ran, not what was asked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+
+from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, first_line, lowest_precision
+from bnfold.errors import BnfoldError
+
+HINTS = ("f32", "bf16", "f16")
+_PRECISION_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BnfoldError(f"OpenVINO is not installed: {INSTALL_HINTS['openvino']}") from None
+    return openvino
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OpenVinoSession:
+    def __init__(self, label: str, compiled, feed: dict, precision: Precision):
+        self.label = label
+        self.precision = precision
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._feed = feed
+        self._names = [_name(port) for port in compiled.outputs]
+        self._set_inputs(feed)
+
+    def _set_inputs(self, feed: dict) -> None:
+        import openvino as ov
+
+        for port in self._compiled.inputs:
+            name = _name(port)
+            if name not in feed:
+                raise BnfoldError(f"{self.label} takes input {name!r}, which the inputs lack")
+            # A Tensor over the caller's array: no copy per run, as with ORT's feed.
+            self._request.set_tensor(port, ov.Tensor(np.ascontiguousarray(feed[name])))
+
+    def run(self) -> None:
+        self._request.infer()
+
+    def outputs(self, feed: dict | None = None) -> dict:
+        if feed is not None:
+            self._set_inputs(feed)
+        try:
+            self._request.infer()
+        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
+            raise BnfoldError(f"OpenVINO cannot run {self.label}: {first_line(exc)}") from None
+        finally:
+            if feed is not None:
+                self._set_inputs(self._feed)
+        # Copies: the request reuses its output buffers on the next run.
+        return {name: np.array(self._request.get_tensor(port).data, copy=True)
+                for name, port in zip(self._names, self._compiled.outputs)}
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+class OpenVinoEngine:
+    name = "openvino"
+
+    def __init__(self, options: EngineOptions):
+        ov = require_openvino()
+        hint = options.inference_precision or "f32"
+        if hint not in HINTS:
+            raise BnfoldError(f"--inference-precision {hint!r}: choose one of {', '.join(HINTS)}")
+        if options.threads is not None and options.threads < 1:
+            raise BnfoldError("--threads must be at least 1")
+        self.options = options
+        self._hint = hint
+        self._core = ov.Core()
+        self._compiled_properties: dict = {}
+        self.notes = [f"OpenVINO CPU plugin, PERFORMANCE_HINT=LATENCY, inference precision "
+                      f"requested {hint} (what each model compiled to is in the environment)"]
+        if options.cuda_graphs or options.include_transfers:
+            self.notes.append("--cuda-graphs/--include-transfers do nothing on openvino")
+
+    def _config(self) -> dict:
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self._hint}
+        if self.options.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        return config
+
+    def open(self, label: str, model, feed: dict) -> OpenVinoSession:
+        import openvino as ov
+
+        try:
+            if isinstance(model, (str, os.PathLike)):
+                read = self._core.read_model(os.fspath(model))  # external data beside it
+            else:
+                payload = model if isinstance(model, bytes) else model.SerializeToString()
+                read = self._core.read_model(payload, ov.Tensor(np.empty(0, np.uint8)))
+            shapes = {}
+            for port in read.inputs:
+                name = _name(port)
+                if name in feed:
+                    shapes[name] = list(np.shape(feed[name]))
+            if shapes:
+                read.reshape(shapes)
+            compiled = self._core.compile_model(read, "CPU", self._config())
+        except BnfoldError:
+            raise
+        except Exception as exc:  # OpenVINO's frontend and plugin errors share no base class
+            raise BnfoldError(
+                f"OpenVINO cannot load {label}: {first_line(exc)}; check the model with "
+                f"onnx.checker, or use --engine ort-cpu"
+            ) from None
+        precision = compiled_precision(compiled)
+        self._compiled_properties[label] = {
+            "inference_precision": _hint_of(compiled),
+            "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+            "num_streams": int(compiled.get_property("NUM_STREAMS")),
+            "layer_precisions": precision.layers,
+        }
+        session = OpenVinoSession(label, compiled, feed, precision)
+        session.outputs()  # a bad shape or dtype fails here, in one line, before any timing
+        return session
+
+    def environment(self) -> dict:
+        import openvino as ov
+
+        return {
+            "openvino": ov.__version__,
+            "device": f"CPU ({self._core.get_property('CPU', 'FULL_DEVICE_NAME')})",
+            "inference_precision_requested": self._hint,
+            "intra_op_num_threads": self.options.threads if self.options.threads is not None
+            else f"default (OpenVINO picks; {os.cpu_count()} logical CPUs)",
+            "compiled": dict(self._compiled_properties),
+        }
+
+
+def compiled_precision(compiled) -> Precision:
+    """The compiled model's inference precision, and its runtime layers counted by precision."""
+    hint = _hint_of(compiled)
+    layers: Counter = Counter()
+    try:
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "runtimePrecision" in info and info["layerType"].astype(str) not in ("Const", "Input",
+                                                                                  "Output"):
+                layers[info["runtimePrecision"].astype(str)] += 1
+    except Exception:  # the runtime model is introspection only: its absence costs the counts
+        layers = Counter()
+    found = {_PRECISION_NAMES[k] for k in layers if k in _PRECISION_NAMES}
+    found.add(_PRECISION_NAMES.get(hint, "float32"))
+    return Precision(lowest_precision(found),
+                     f"OpenVINO compiled model: INFERENCE_PRECISION_HINT={hint}", dict(layers))
+
+
+def _name(port) -> str:
+    return port.get_any_name()
+
+
+def _hint_of(compiled) -> str:
+    """The compiled model's INFERENCE_PRECISION_HINT as OpenVINO spells it: f32, bf16, f16."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)

@@ -1,0 +1,193 @@
+"""Verify what is deployed: a candidate run on an engine against the ONNX reference.
+
+The reference always runs in ONNX Runtime on the CPU with graph optimisation off (the same
+session, inputs and shape ladder as plain `bnfold verify`); the candidate runs on the chosen
+engine through the same `Session` that `bnfold bench` times (`session.outputs(feed)`). The two
+never coexist: the reference's outputs are kept and its session dropped first.
+
+Tolerances follow the precision the engine reports (`session.precision`, read from TensorRT's
+inspector, OpenVINO's compiled model, the graph's own types for ORT), not the one requested:
+an fp16 engine is judged with fp16 tolerances, calibrated against the model's own float32
+noise as in plain verify, and the result says which precision and tolerance applied.
+
+    >>> verify("model.onnx", "model.folded.onnx", engine="openvino").engine["precision"]
+    'float32'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from bnfold.comparison import OutputMetrics, default_tolerance
+from bnfold.engines import PRECISIONS, EngineOptions, get_engine
+from bnfold.errors import BnfoldError
+
+
+@dataclass
+class OutputCheck:
+    """One model's outputs on an engine against the reference, before it is timed."""
+
+    label: str
+    ok: bool
+    precision: str  # the compute precision read from the engine
+    tolerance_precision: str  # whose tolerance judged it
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    problem: str = ""  # why no comparison was possible (interface mismatch)
+
+    @property
+    def worst(self) -> OutputMetrics | None:
+        failing = [m for m in self.outputs if not m.ok]
+        pool = failing or self.outputs
+        return max(pool, key=lambda m: m.max_rel_error) if pool else None
+
+    def summary(self) -> str:
+        if self.problem:
+            return self.problem
+        worst = self.worst
+        if worst is None:
+            return "no outputs"
+        verdict = "within" if worst.ok else "exceeds"
+        return (f"{worst.name}: max abs err {worst.max_abs_error:.3g} {verdict} tolerance "
+                f"{worst.tolerance:.3g} ({self.tolerance_precision})")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["summary"] = self.summary()
+        return data
+
+
+def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: int = 0,
+                     runs: int = 1, atol=None, rtol=None, shapes=None, ground_truth=None,
+                     timeout=None, options: EngineOptions | None = None,
+                     tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
+    """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.verify)."""
+    from bnfold.verification import (
+        VerifyResult, _feeds, _ground_truth, _load, _Runner, judge_outputs,
+    )
+
+    _check_precision_name(tolerance_precision)
+    ref_model, ref_payload = _load(reference)
+    candidate = _vetted_candidate(candidate, engine)
+    runner = _Runner(timeout)
+    session = runner.session(ref_payload, "reference")
+    feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
+    ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
+    del session  # the reference's session goes before the engine loads the candidate
+    backend = get_engine(engine, options)
+    if engine == "torch" and isinstance(candidate, str):
+        from bnfold.engines.torch_engine import fused_candidate
+
+        candidate, fusion_notes = fused_candidate(candidate, torch_checkpoint, feeds[0])
+        notes += fusion_notes
+    opened = backend.open("the candidate", candidate, feeds[0])
+    try:
+        if hasattr(opened, "output_names") and opened.output_names is None:
+            opened.output_names = list(ref_outputs[0])  # torch: outputs in export order
+        cand_outputs = [opened.outputs(feed) for feed in feeds]
+        precision = opened.precision
+    finally:
+        opened.close()
+    _check_outputs_match(ref_outputs[0], cand_outputs[0])
+    judged_as = tolerance_precision or precision.compute
+    metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
+                            judged_as)
+    result = VerifyResult(all(m.ok for m in metrics), metrics, len(feeds), seed, notes=notes,
+                          shapes={k: list(v.shape) for k, v in feeds[0].items()})
+    result.engine = _engine_record(backend, precision, judged_as, tolerance_precision, atol, rtol,
+                                   ref_outputs[0])
+    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
+                  cand_outputs[0])
+    return result
+
+
+def check_sessions(reference, sessions, feed: dict, timeout: float | None = None,
+                   tolerance_precision: str | None = None) -> list[OutputCheck]:
+    """Each open session's outputs on `feed` against `reference` (an ONNX model) run by ORT on
+    the CPU with optimisation off: what `bnfold bench` does once before timing."""
+    from bnfold.verification import _load, _Runner, judge_outputs
+
+    _check_precision_name(tolerance_precision)
+    _, ref_payload = _load(reference)
+    runner = _Runner(timeout)
+    session = runner.session(ref_payload, "reference")
+    ref_outputs = [runner.run(session, feed, "reference")]
+    del session
+    checks = []
+    for opened in sessions:
+        precision = opened.precision.compute
+        judged_as = tolerance_precision or precision
+        outputs = opened.outputs()
+        try:
+            _check_outputs_match(ref_outputs[0], outputs)
+        except BnfoldError as exc:
+            checks.append(OutputCheck(opened.label, False, precision, judged_as, [], str(exc)))
+            continue
+        metrics = judge_outputs(runner, ref_payload, [feed], ref_outputs, [outputs], None, None,
+                                judged_as)
+        checks.append(OutputCheck(opened.label, all(m.ok for m in metrics), precision,
+                                  judged_as, metrics))
+    return checks
+
+
+def _check_precision_name(name: str | None) -> None:
+    if name is not None and name not in PRECISIONS:
+        raise BnfoldError(f"--tolerances {name!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+def _vetted_candidate(candidate, engine: str):
+    """An ONNX candidate path is vetted by bnfold's loader (external data confined to its
+    folder) before an engine reads it; TensorRT engine files and torch modules pass as they are."""
+    from bnfold.verification import _load
+
+    if engine == "torch":
+        if isinstance(candidate, os.PathLike) or (isinstance(candidate, str)
+                                                   and candidate.endswith(".onnx")):
+            raise BnfoldError("--engine torch runs a PyTorch module: give CANDIDATE as a model "
+                              "SPEC (zoo name or module:factory, weights with --checkpoint)")
+        return candidate
+    if isinstance(candidate, (str, os.PathLike)):
+        from bnfold.engines.trt import ENGINE_SUFFIXES
+
+        path = os.fspath(candidate)
+        if path.endswith(ENGINE_SUFFIXES):
+            if engine != "trt":
+                raise BnfoldError(f"{path!r} is a TensorRT engine file: verify it with --engine trt")
+            if not os.path.isfile(path):
+                raise BnfoldError(f"{path!r} does not exist: give a built engine file")
+            return path
+        _load(path)
+        return path
+    if isinstance(candidate, (bytes,)) or type(candidate).__name__ == "ModelProto":
+        return _load(candidate)[0]
+    return candidate  # a torch module
+
+
+def _check_outputs_match(ref: dict, cand: dict) -> None:
+    missing = [name for name in ref if name not in cand]
+    if missing:
+        raise BnfoldError(
+            f"the candidate has no output {', '.join(map(repr, missing))} (its outputs: "
+            f"{', '.join(map(repr, cand)) or 'none'}): compare a model with its own folded, "
+            f"converted or built version"
+        )
+
+
+def _engine_record(backend, precision, judged_as, requested, atol, rtol, ref_out: dict) -> dict:
+    float_dtypes = [v.dtype for v in ref_out.values() if np.asarray(v).dtype.kind == "f"]
+    default_rtol, default_atol = default_tolerance(float_dtypes[0] if float_dtypes
+                                                   else np.float32, judged_as)
+    return {
+        "name": backend.name,
+        "precision": precision.compute,
+        "precision_source": precision.source,
+        "layer_precisions": dict(precision.layers),
+        "tolerance_precision": judged_as,
+        "tolerance_from": "--tolerances" if requested else "the engine's precision",
+        "rtol": default_rtol if rtol is None else rtol,
+        "atol": default_atol if atol is None else atol,
+        "explicit_tolerance": atol is not None or rtol is not None,
+        "notes": list(backend.notes),
+    }

@@ -1,0 +1,264 @@
+"""Cross-engine verification: the candidate runs on an engine, the reference in ORT CPU with
+optimisation off; tolerances follow the precision the engine reports. OpenVINO runs here (the
+`openvino` extra, in dev); TensorRT and CUDA tests are marked and skip with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import golden
+from bnfold.cli import cli
+from bnfold.engines import EngineOptions
+from bnfold.engines.ort import cuda_provider_available
+from bnfold.engines.trt import unavailable_reason as trt_unavailable
+from bnfold.folding.api import fold
+from bnfold.fp16 import convert_to_fp16
+from bnfold.io import save_model
+from bnfold.sample_model import build_sample_model
+from bnfold.verification import verify
+
+HAS_OPENVINO = __import__("importlib").util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO,
+                                    reason="openvino is not installed (pip install bnfold[openvino])")
+CPU_ENGINES = ["ort-cpu", pytest.param("openvino", marks=needs_openvino)]
+
+
+def _conv_bn(group: int = 1):
+    w = golden.rng(2).normal(size=(6, 6 // group, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=group, pads=[1, 1, 1, 1]),
+             golden.bn_node("c", "y")]
+    return golden.model(nodes, [("x", ["N", 6, 8, 8])], [("y", None)],
+                        [golden.tensor("w", w), *golden.bn_params("bn", 6)])
+
+
+def _convtranspose_bn():
+    w = golden.rng(3).normal(size=(4, 6, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+             golden.bn_node("c", "y")]
+    return golden.model(nodes, [("x", [1, 4, 5, 5])], [("y", None)],
+                        [golden.tensor("w", w), *golden.bn_params("bn", 6)])
+
+
+def _gemm_bn():
+    w = golden.rng(4).normal(size=(8, 5)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1), golden.bn_node("g", "y")]
+    return golden.model(nodes, [("x", [3, 5])], [("y", None)],
+                        [golden.tensor("w", w), *golden.bn_params("bn", 8)])
+
+
+PATTERNS = {"conv_bn": _conv_bn, "grouped_conv_bn": lambda: _conv_bn(3),
+            "convtranspose_bn": _convtranspose_bn, "gemm_bn": _gemm_bn,
+            "sample": build_sample_model}
+
+
+@pytest.fixture(scope="module")
+def sample_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engines")
+    original = build_sample_model()
+    folded = fold(original).model
+    paths = {"original": folder / "sample.onnx", "folded": folder / "sample.folded.onnx",
+             "fp16": folder / "sample.fp16.onnx", "wrong": folder / "sample.wrong.onnx"}
+    save_model(original, str(paths["original"]))
+    save_model(folded, str(paths["folded"]))
+    save_model(convert_to_fp16(folded), str(paths["fp16"]))
+    save_model(_wrong(folded), str(paths["wrong"]))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _wrong(folded: onnx.ModelProto) -> onnx.ModelProto:
+    """One weight perturbed in the first Conv and one channel's bias dropped in the last."""
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    convs = [n for n in broken.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    inits = {t.name: t for t in broken.graph.initializer}
+    weight = numpy_helper.to_array(inits[convs[0].input[1]]).copy()
+    weight.reshape(-1)[0] += 0.5
+    inits[convs[0].input[1]].CopyFrom(numpy_helper.from_array(weight, convs[0].input[1]))
+    bias = numpy_helper.to_array(inits[convs[-1].input[2]]).copy()
+    bias[0] = 0.0
+    inits[convs[-1].input[2]].CopyFrom(numpy_helper.from_array(bias, convs[-1].input[2]))
+    return broken
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_folded_patterns_pass_on_every_cpu_engine(engine, pattern):
+    original = PATTERNS[pattern]()
+    result = verify(original, fold(original).model, engine=engine)
+    assert result.ok, [(m.name, m.max_rel_error, m.tolerance, m.note) for m in result.outputs]
+    assert result.engine["name"] == engine and result.engine["precision"] == "float32"
+    assert result.engine["tolerance_precision"] == "float32"
+    assert result.engine["rtol"] == 1e-5
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_wrong_candidate_fails_naming_the_output(engine, sample_files):
+    result = verify(sample_files["original"], sample_files["wrong"], engine=engine)
+    assert not result.ok
+    (bad,) = [m for m in result.outputs if not m.ok]
+    assert bad.name == "head_bn.out" and bad.max_abs_error > bad.tolerance
+    cli_run = CliRunner().invoke(cli, ["verify", sample_files["original"], sample_files["wrong"],
+                                       "--engine", engine])
+    assert cli_run.exit_code == 1, cli_run.output
+    assert "head_bn.out" in cli_run.output and "NOT equivalent" in cli_run.output
+
+
+def test_fp16_model_passes_at_fp16_and_fails_at_float32(sample_files, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "fp16.json"
+    passed = runner.invoke(cli, ["verify", sample_files["original"], sample_files["fp16"],
+                                 "--engine", "ort-cpu", "--json", str(out)])
+    assert passed.exit_code == 0, passed.output
+    assert "engine precision: float16" in passed.output
+    assert "float16 tolerances, from the engine's precision" in passed.output
+    data = json.loads(out.read_text())
+    assert data["engine"]["precision"] == data["engine"]["tolerance_precision"] == "float16"
+    assert data["engine"]["rtol"] == 1e-2
+    failed = runner.invoke(cli, ["verify", sample_files["original"], sample_files["fp16"],
+                                 "--engine", "ort-cpu", "--tolerances", "float32"])
+    assert failed.exit_code == 1, failed.output
+    assert "float32 tolerances, from --tolerances" in failed.output
+    assert "head_bn.out" in failed.output
+
+
+@needs_openvino
+def test_openvino_reports_the_precision_it_compiled_to(sample_files):
+    f32 = verify(sample_files["original"], sample_files["folded"], engine="openvino")
+    assert f32.engine["precision"] == "float32"
+    assert "INFERENCE_PRECISION_HINT=f32" in f32.engine["precision_source"]
+    assert set(f32.engine["layer_precisions"]) <= {"f32", "i32", "i64"}
+    low = verify(sample_files["original"], sample_files["folded"], engine="openvino",
+                 engine_options=EngineOptions(inference_precision="bf16"))
+    # bf16 where the CPU has it, else OpenVINO keeps f32: either way what ran is judged.
+    assert low.ok and low.engine["precision"] in ("bfloat16", "float32")
+    assert low.engine["tolerance_precision"] == low.engine["precision"]
+
+
+@needs_openvino
+def test_openvino_bench_checks_outputs_and_refuses_speedup_of_a_wrong_model(sample_files,
+                                                                             tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, [
+        "bench", sample_files["original"], "--compare", sample_files["folded"], "--compare",
+        sample_files["wrong"], "--engine", "openvino", "--threads", "1", "--runs", "10",
+        "--min-time", "0", "--warmup-time", "0", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "NOT equivalent" in result.output
+    data = json.loads(out.read_text())
+    by_label = {m["label"]: m for m in data["models"]}
+    assert by_label["sample.folded.onnx"]["outputs_ok"] is True
+    assert by_label["sample.folded.onnx"]["speedup_vs_first"] > 0
+    wrong = by_label["sample.wrong.onnx"]
+    assert wrong["outputs_ok"] is False and wrong["speedup_vs_first"] is None
+    assert "head_bn.out" in wrong["outputs_check"]["summary"]
+    compiled = data["environment"]["compiled"]
+    assert all(c["inference_precision"] == "f32" and c["inference_num_threads"] == 1
+               for c in compiled.values())
+
+
+def test_ort_bench_marks_wrong_model_and_no_check_skips(sample_files, tmp_path):
+    args = ["bench", sample_files["original"], "--compare", sample_files["wrong"], "--engine",
+            "ort-cpu", "--threads", "1", "--runs", "10", "--min-time", "0", "--warmup-time", "0"]
+    checked = CliRunner().invoke(cli, args)
+    assert checked.exit_code == 1 and "NOT equivalent" in checked.output
+    unchecked = CliRunner().invoke(cli, [*args, "--no-check"])
+    assert unchecked.exit_code == 0 and "NOT equivalent" not in unchecked.output
+
+
+def test_openvino_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    from bnfold.engines import get_engine
+    from bnfold.errors import BnfoldError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(BnfoldError, match=r"bnfold\[openvino\]"):
+        get_engine("openvino")
+
+
+def test_engine_options_need_engine_and_engine_files_need_trt(sample_files, tmp_path):
+    runner = CliRunner()
+    usage = runner.invoke(cli, ["verify", sample_files["original"], sample_files["folded"],
+                                "--tolerances", "float16"])
+    assert usage.exit_code == 2 and "need --engine" in usage.output
+    plan = tmp_path / "model.engine"
+    plan.write_bytes(b"not an engine")
+    refused = runner.invoke(cli, ["verify", sample_files["original"], str(plan), "--engine",
+                                  "openvino"])
+    assert refused.exit_code == 1 and "--engine trt" in refused.output
+
+
+def _resnet():
+    import torch
+
+    from bnfold.zoo import create, randomize_batchnorm
+
+    torch.manual_seed(0)  # the torch test rebuilds the same weights
+    return randomize_batchnorm(create("resnet18"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def resnet_files(tmp_path_factory):
+    pytest.importorskip("torch", reason="the sample net is exported from PyTorch (bnfold[torch])")
+    from bnfold.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("resnet")
+    path = folder / "resnet18.onnx"
+    export_onnx(_resnet(), (1, 3, 32, 32), str(path))
+    folded = folder / "resnet18.folded.onnx"
+    save_model(fold(str(path)).model, str(folded))
+    return str(path), str(folded)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_sample_net_folded_passes_cross_engine(engine, resnet_files):
+    result = verify(*resnet_files, engine=engine, ground_truth=False)
+    assert result.ok, [(m.name, m.max_rel_error, m.tolerance, m.note) for m in result.outputs]
+
+
+def test_torch_engine_runs_the_fused_module_against_its_export(resnet_files):
+    from bnfold.engines.torch_engine import fuse_bn
+
+    fused = fuse_bn(_resnet())
+    assert len(fused.fused) == 20
+    result = verify(resnet_files[0], fused.module, engine="torch", ground_truth=False)
+    assert result.ok, [(m.name, m.max_rel_error, m.tolerance) for m in result.outputs]
+    assert result.engine["name"] == "torch" and result.engine["precision"] == "float32"
+
+
+# --- GPU paths: run as-is on a machine with the hardware; skip with the reason here. ---
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_provider_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_ort_cuda_verify_reports_tf32_or_float32(sample_files):
+    result = verify(sample_files["original"], sample_files["folded"], engine="ort-cuda")
+    assert result.ok and result.engine["precision"] in ("tf32", "float32")
+    wrong = verify(sample_files["original"], sample_files["wrong"], engine="ort-cuda")
+    assert not wrong.ok
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(trt_unavailable() is not None,
+                    reason=f"TensorRT engine unavailable: {trt_unavailable()}")
+def test_trt_fp16_engine_is_judged_at_fp16_and_build_verifies(sample_files, tmp_path):
+    result = verify(sample_files["original"], sample_files["folded"], engine="trt",
+                    engine_options=EngineOptions(inference_precision="f16"))
+    assert result.ok, result.outputs
+    assert result.engine["precision"] == "float16"
+    assert "inspector" in result.engine["precision_source"]
+    assert not verify(sample_files["original"], sample_files["wrong"], engine="trt").ok
+    engine_path = tmp_path / "sample.engine"
+    built = CliRunner().invoke(cli, ["build", sample_files["folded"], "-o", str(engine_path),
+                                     "--shapes", "input:2x3x32x32", "--fp16"])
+    assert built.exit_code == 0, built.output
+    assert "verified against" in built.output and "equivalent" in built.output
+    again = CliRunner().invoke(cli, ["verify", sample_files["folded"], str(engine_path),
+                                     "--engine", "trt", "--shape", "input=2x3x32x32"])
+    assert again.exit_code == 0, again.output
