@@ -113,6 +113,16 @@ def test_int_scalar_input_indexes_within_its_table():
     assert bnfold.verify(m, m, runs=3).ok  # an index ≥ 5 would make ORT fail
 
 
+def test_int64_scalar_input_like_a_sample_rate_index_is_generated():
+    table = tensor("table", rng(0).standard_normal((2, 4)))
+    nodes = [helper.make_node("Gather", ["table", "which"], ["row"], axis=0),
+             helper.make_node("Add", ["x", "row"], ["y"])]
+    m = make(nodes, [vi("x", [3, 4]), vi("which", [], TensorProto.INT64)], [vi("y", [3, 4])],
+             [table])
+    outcome = bnfold.verify(m, m, runs=4)
+    assert outcome.ok and outcome.shapes["which"] == []
+
+
 def test_rejected_generated_ints_name_the_input():
     # ids used as a Reshape shape: ORT rejects small random values
     nodes = [helper.make_node("Reshape", ["x", "ids"], ["y"])]
