@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
@@ -50,7 +51,10 @@ def fold_model(
     if frozen:
         report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
     folder = _ModelFolder(model, lower_standalone, report, pending, deferred)
-    folder.fold_graph(model.graph, {}, "main")
+    # Every folded value is checked for range and finiteness before it is used, so numpy's
+    # overflow/invalid warnings would only be stray stderr lines.
+    with np.errstate(all="ignore"):
+        folder.fold_graph(model.graph, {}, "main")
     remove_unused(model, folder.dead, initializers_are_inputs=folder.initializers_are_inputs)
     report.nodes_after = count_nodes(model.graph)
     report.params_after = count_params(model)

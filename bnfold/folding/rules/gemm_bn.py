@@ -11,7 +11,7 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import (
     Match,
-    attribute,
+    typed_attribute,
     compute_dtype,
     weight_and_bias_updates,
 )
@@ -41,7 +41,7 @@ class GemmBnRule(IntoProducerRule):
         c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
         if isinstance(c, str):
             return c
-        beta = float(attribute(gemm, "beta", 1.0))
+        beta = typed_attribute(gemm, "beta", "float", 1.0)
         affine = match.affine
         elem = view.constant_dtype(gemm.input[1])
         new_b, new_c, new_beta = fold_math.gemm_output_fold(

@@ -1,0 +1,108 @@
+"""Untrusted models (issue #13): malformed attributes, extreme weights, lying external data,
+invalid graphs and signals never give a traceback, an invalid output or a stray file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from golden import bn_node, bn_params, model, rng, tensor
+from onnx import helper
+
+import bnfold
+
+
+def _kept_reasons(m: onnx.ModelProto) -> str:
+    result = bnfold.fold(m)
+    assert result.report.folded_count == 0
+    return " | ".join(r for e in result.report.kept for r in e.reasons)
+
+
+def _set_attribute(node: onnx.NodeProto, attr: onnx.AttributeProto) -> None:
+    for index, old in enumerate(node.attribute):
+        if old.name == attr.name:
+            del node.attribute[index]
+            break
+    node.attribute.append(attr)
+
+
+def _conv_bn(op="Conv", weight_shape=(4, 3, 3, 3), bn_channels=4, **conv_attrs):
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal(weight_shape)), *bn_params("bn", bn_channels)]
+    nodes = [helper.make_node(op, ["x", "W"], ["c"], name="conv", **conv_attrs),
+             bn_node("c", "y")]
+    return model(nodes, [("x", [1, 3, 6, 6] if op == "Conv" else [1, 4, 6, 6])], [("y", None)],
+                 inits)
+
+
+def _bn_conv(**conv_attrs):
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal((4, 4, 1, 1))), *bn_params("bn", 4)]
+    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", **conv_attrs)]
+    return model(nodes, [("x", [1, 4, 6, 6])], [("y", None)], inits)
+
+
+def _gemm_bn(gemm_first=True):
+    r = rng(0)
+    inits = [tensor("B", r.standard_normal((4, 4))), *bn_params("bn", 4)]
+    if gemm_first:
+        nodes = [helper.make_node("Gemm", ["x", "B"], ["g"], name="gemm"), bn_node("g", "y")]
+    else:
+        nodes = [bn_node("x", "g"), helper.make_node("Gemm", ["g", "B"], ["y"], name="gemm")]
+    return model(nodes, [("x", [2, 4])], [("y", None)], inits)
+
+
+WRONG_ATTRIBUTES = [
+    # (model builder, node index, attribute, expected words in the refusal)
+    (lambda: _conv_bn("ConvTranspose", (4, 4, 3, 3)), 0, helper.make_attribute("group", 0),
+     "group=0 is below 1"),
+    (lambda: _conv_bn("ConvTranspose", (4, 4, 3, 3)), 0, helper.make_attribute("group", "2"),
+     "group is STRING"),
+    (lambda: _conv_bn("ConvTranspose", (4, 4, 3, 3)), 0, helper.make_attribute("group", [1, 2]),
+     "group is INTS"),
+    (_bn_conv, 1, helper.make_attribute("group", 0), "group=0 is below 1"),
+    (_bn_conv, 1, helper.make_attribute("group", b"1"), "group is STRING"),
+    (_bn_conv, 1, helper.make_attribute("pads", 1.0), "pads is FLOAT"),
+    (_bn_conv, 1, onnx.AttributeProto(name="pads"), "pads is UNDEFINED"),
+    (_bn_conv, 1, helper.make_attribute("auto_pad", 3), "auto_pad is INT"),
+    (_conv_bn, 1, helper.make_attribute("epsilon", "x"), "epsilon is STRING"),
+    (_conv_bn, 1, helper.make_attribute("epsilon", [1, 2]), "epsilon is INTS"),
+    (_conv_bn, 1, onnx.AttributeProto(name="epsilon"), "epsilon is UNDEFINED"),
+    (_conv_bn, 1, helper.make_attribute("epsilon", float("nan")), "is not finite"),
+    (_conv_bn, 1, helper.make_attribute("training_mode", "0"), "training_mode is STRING"),
+    (lambda: _gemm_bn(False), 1, helper.make_attribute("alpha", "2"), "alpha is STRING"),
+    (lambda: _gemm_bn(False), 1, helper.make_attribute("beta", [1.0]), "beta is FLOATS"),
+    (lambda: _gemm_bn(True), 0, helper.make_attribute("beta", "1"), "beta is STRING"),
+    (lambda: _gemm_bn(True), 0, helper.make_attribute("transB", 1.5), "transB is FLOAT"),
+]
+
+
+@pytest.mark.parametrize("build, index, attr, words", WRONG_ATTRIBUTES,
+                         ids=[f"{w[3]}" for w in WRONG_ATTRIBUTES])
+def test_wrong_attribute_type_or_value_is_a_refusal(build, index, attr, words):
+    m = build()
+    _set_attribute(m.graph.node[index], attr)
+    assert words in _kept_reasons(m)
+
+
+def test_weight_near_float32_max_is_refused():
+    """Original conv overflows to -inf where the folded one would give -3.4e37: refuse."""
+    r = rng(0)
+    weight = r.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    weight[0, 0, 0, 0] = 3e37
+    inits = [tensor("W", weight), *bn_params("bn", 4)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], inits)
+    assert "within 2**10 of the float32 range" in _kept_reasons(m)
+
+
+def test_folded_value_near_float32_max_is_refused():
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3)) * 1e30)]
+    gamma = np.full(4, 1e10, np.float32)
+    inits += [tensor("bn_scale", gamma), tensor("bn_bias", np.zeros(4)),
+              tensor("bn_mean", np.zeros(4)), tensor("bn_var", np.ones(4))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], inits)
+    reasons = _kept_reasons(m)
+    assert "within 2**10" in reasons or "not finite" in reasons, reasons
