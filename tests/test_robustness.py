@@ -106,3 +106,33 @@ def test_folded_value_near_float32_max_is_refused():
     m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], inits)
     reasons = _kept_reasons(m)
     assert "within 2**10" in reasons or "not finite" in reasons, reasons
+
+
+def _external_conv_bn(tmp_path, declared_length: int, file_size: int):
+    """Conv→BN plus a 32-byte tensor the fold never reads, external in a sparse data file of
+    `file_size` bytes, declaring `declared_length` bytes."""
+    m = _conv_bn()
+    side = tensor("side", np.arange(8, dtype=np.float32))
+    side.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(declared_length))):
+        entry = side.external_data.add()
+        entry.key, entry.value = key, value
+    side.ClearField("raw_data")
+    m.graph.initializer.append(side)
+    m.graph.node.append(helper.make_node("Identity", ["side"], ["side_out"]))
+    m.graph.output.append(helper.make_tensor_value_info("side_out", onnx.TensorProto.FLOAT, [8]))
+    with open(tmp_path / "w.bin", "wb") as handle:
+        handle.write(np.arange(8, dtype=np.float32).tobytes())
+        handle.truncate(file_size)  # sparse: no disk used
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("declared", [20 * 2**30, 16, 36])
+def test_external_length_that_does_not_fit_dims_is_refused_before_reading(tmp_path, declared):
+    path = _external_conv_bn(tmp_path, declared, max(declared, 32))
+    with pytest.raises(bnfold.BnfoldError, match="declares .* bytes of external data") as info:
+        bnfold.fold_file(path, tmp_path / "out.onnx", verify=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out.onnx").exists()
