@@ -136,3 +136,64 @@ def test_external_length_that_does_not_fit_dims_is_refused_before_reading(tmp_pa
         bnfold.fold_file(path, tmp_path / "out.onnx", verify=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _write(tmp_path, m: onnx.ModelProto, name="in.onnx"):
+    path = tmp_path / name
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_nodes_out_of_order_are_sorted_and_reported(tmp_path):
+    m = _conv_bn()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([helper.make_node("Relu", ["y"], ["z"]), *reversed(nodes)])
+    m.graph.output[0].name = "z"
+    result = bnfold.fold_file(_write(tmp_path, m), tmp_path / "out.onnx", verify=True)
+    assert result.report.folded_count == 1
+    assert any("topological order" in note for note in result.report.notes)
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+
+
+def _duplicated_output(m):
+    m.graph.node.append(helper.make_node("Relu", ["x"], ["y"]))
+
+
+def _constant_with_input(m):
+    m.graph.node.append(helper.make_node("Constant", ["x"], ["k"], value_float=1.0))
+
+
+def _ir_version_2(m):
+    m.ir_version = 2
+
+
+@pytest.mark.parametrize("break_model", [_duplicated_output, _constant_with_input, _ir_version_2])
+@pytest.mark.parametrize("verify", [True, False])
+def test_model_failing_the_checker_is_refused_not_written(tmp_path, break_model, verify):
+    m = _conv_bn()
+    break_model(m)
+    with pytest.raises(bnfold.BnfoldError, match="fails onnx.checker") as info:
+        bnfold.fold_file(_write(tmp_path, m), tmp_path / "out.onnx", verify=verify)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_sigterm_during_verification_leaves_no_staging(tmp_path):
+    import os
+    import signal
+
+    from bnfold.io import save_model
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def accept(staged: str) -> bool:
+        assert os.path.exists(staged)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, mid-verification
+        return True
+
+    with pytest.raises(SystemExit) as info:
+        save_model(_conv_bn(), tmp_path / "out.onnx", accept=accept)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -25,6 +25,7 @@ from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
 from bnfold.io_tensors import all_graphs
 from bnfold.io_deferred import DeferredData
+from bnfold.validity import sort_nodes_topologically
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
 
@@ -46,6 +47,10 @@ def fold_model(
     stop being inputs, so their initializers become constants that may fold.
     """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
+    if sort_nodes_topologically(model):
+        # ONNX Runtime sorts by itself, but onnx.checker (and other tools) reject the order.
+        report.notes.append("nodes were out of topological order (onnx.checker rejects that): "
+                            "sorted them; results are unchanged")
     frozen = freeze_initializer_inputs(model, freeze_inputs)
     report.frozen_inputs = frozen
     if frozen:
