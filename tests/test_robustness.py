@@ -197,3 +197,34 @@ def test_sigterm_during_verification_leaves_no_staging(tmp_path):
     assert info.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_overflowing_fold_math_warns_nothing():
+    """Numpy overflow inside the fold is a refusal, not a stray RuntimeWarning on stderr."""
+    import warnings
+
+    r = rng(0)
+    inits = [tensor("W", r.standard_normal((4, 3, 3, 3)) * 1e30)]
+    inits += [tensor("bn_scale", np.full(4, 3e38)), tensor("bn_bias", np.full(4, 3e38)),
+              tensor("bn_mean", np.full(4, -3e38)), tensor("bn_var", np.full(4, 1e-30))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]
+    m = model(nodes, [("x", [1, 3, 6, 6])], [("y", None)], inits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reasons = _kept_reasons(m)
+    assert "not finite" in reasons or "within 2**10" in reasons, reasons
+
+
+def test_ort_engine_sessions_log_nothing():
+    from bnfold.engines.ort import session_options
+
+    assert session_options(None).log_severity_level == 4
+
+
+@pytest.mark.parametrize("gemm_first", [True, False])
+def test_gemm_c_that_does_not_broadcast_to_the_columns_is_refused(gemm_first):
+    """Fuzz find: BN→Gemm with a [3] C and 4 output columns raised a numpy broadcast error."""
+    m = _gemm_bn(gemm_first)
+    m.graph.initializer.append(tensor("C3", np.ones(3)))
+    m.graph.node[0 if gemm_first else 1].input.append("C3")
+    assert "does not broadcast to 4 columns" in _kept_reasons(m)

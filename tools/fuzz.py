@@ -268,9 +268,11 @@ def mutate_subgraph(rnd, model):
         return
     _, node = rnd.choice(ifs)
     attrs = list(node.attribute)
-    if rnd.random() < 0.5 and len(attrs) == 2:
-        attrs[0].g, attrs[1].g = onnx.GraphProto(), onnx.GraphProto()
-        attrs[0].g.CopyFrom(node.attribute[1].g)
+    if rnd.random() < 0.5 and len(attrs) == 2:  # swap the branches
+        first = onnx.GraphProto()
+        first.CopyFrom(attrs[0].g)
+        attrs[0].g.CopyFrom(attrs[1].g)
+        attrs[1].g.CopyFrom(first)
     else:
         node.op_type = "Loop"
 
@@ -328,7 +330,10 @@ def make_case(case: int, seed: int, seeds: dict, folder: str) -> str:
     else:
         steps = [rnd.choice(STRUCTURE) for _ in range(rnd.randint(1, 3))]
         for step in steps:
-            step(rnd, model)
+            try:
+                step(rnd, model)
+            except (ValueError, TypeError, IndexError, KeyError):
+                pass  # a mutation that does not apply to this model: the others still do
         done = f"{name} + " + ", ".join(s.__name__.replace("mutate_", "") for s in steps)
         for prop in list(model.metadata_props):
             if prop.key == "fuzz_external":

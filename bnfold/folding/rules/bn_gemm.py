@@ -18,7 +18,7 @@ from bnfold.folding.rules.common import (
     typed_attribute,
     weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import gemm_weight, optional_constant
+from bnfold.folding.rules.into_producer import gemm_c_problem, gemm_weight, optional_constant
 
 
 class BnGemmRule:
@@ -48,6 +48,9 @@ class BnGemmRule:
         c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
         if isinstance(c, str):
             return c
+        problem = gemm_c_problem(c, b.shape[0] if trans_b else b.shape[1], label)
+        if problem:
+            return problem
         alpha = typed_attribute(gemm, "alpha", "float", 1.0)
         beta = typed_attribute(gemm, "beta", "float", 1.0)
         match.affine = affine

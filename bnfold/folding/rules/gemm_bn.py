@@ -17,6 +17,7 @@ from bnfold.folding.rules.common import (
 )
 from bnfold.folding.rules.into_producer import (
     IntoProducerRule,
+    gemm_c_problem,
     gemm_weight,
     optional_constant,
 )
@@ -41,6 +42,9 @@ class GemmBnRule(IntoProducerRule):
         c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
         if isinstance(c, str):
             return c
+        problem = gemm_c_problem(c, b.shape[0] if trans_b else b.shape[1], "Gemm")
+        if problem:
+            return problem
         beta = typed_attribute(gemm, "beta", "float", 1.0)
         affine = match.affine
         elem = view.constant_dtype(gemm.input[1])

@@ -141,6 +141,13 @@ def gemm_weight(view: GraphView, gemm, label: str) -> tuple[np.ndarray, bool] | 
     return b, bool(typed_attribute(gemm, "transB", "int", 0))
 
 
+def gemm_c_problem(c: np.ndarray | None, columns: int, label: str) -> str | None:
+    """Gemm's C must broadcast to [M, N] with N = `columns`: its last axis 1 or N."""
+    if c is not None and c.ndim and c.shape[-1] not in (1, columns):
+        return f"{label} C has shape {list(c.shape)}, which does not broadcast to {columns} columns"
+    return None
+
+
 def optional_constant(
     view: GraphView,
     node,
