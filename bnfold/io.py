@@ -11,8 +11,11 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -170,6 +173,7 @@ def save_model(
     accept: Callable[[str], bool] | None = None,
     overrides=None,
     deferred: DeferredData | None = None,
+    check: bool = True,
 ) -> bool:
     """Write `model` to `path` atomically; returns whether it was written.
 
@@ -178,7 +182,9 @@ def save_model(
     fully written file before it is moved into place (e.g. to verify it) and veto the write.
     `overrides` (bnfold.folding.graph.PendingTensors) are new initializer values to write in place
     of the model's own; `deferred` holds the bytes of initializers the model was loaded without.
-    The model itself is left as it was.
+    The model itself is left as it was. With `check`, a model that fails onnx.checker is
+    refused (BnfoldError) before anything is written. SIGTERM/SIGHUP during the save (a
+    verification can take minutes) exit through the cleanup, so no staging folder is left.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -190,6 +196,16 @@ def save_model(
         raise BnfoldError(f"cannot write to {folder!r}: permission denied; choose another -o")
     if external_data is None:
         external_data = estimated_bytes(model) > _PROTOBUF_LIMIT
+    if check:
+        from bnfold.validity import check_before_write
+
+        check_before_write(model, overrides, deferred)
+    with _signals_exit():
+        return _save_staged(model, path, external_data, accept, overrides, deferred)
+
+
+def _save_staged(model, path, external_data, accept, overrides, deferred) -> bool:
+    folder = os.path.dirname(path)
     name = os.path.basename(path)
     data_name = external_data_name(path)
     staging = None
@@ -215,6 +231,32 @@ def save_model(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _signals_exit() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise SystemExit (SIGINT already raises
+    KeyboardInterrupt), so `finally` blocks run and remove staging. Only signals left at their
+    default (which would kill the process outright) are taken; the previous handlers come back.
+    A signal arriving while ONNX Runtime runs takes effect when that run returns (bounded by the
+    verification timeout)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    taken = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            taken[number] = signal.signal(number, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for number, previous in taken.items():
+            signal.signal(number, previous)
 
 
 _EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx file

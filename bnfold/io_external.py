@@ -7,6 +7,7 @@ fold reads the few it needs. Tensors elsewhere (subgraphs, attributes, sparse) a
 
 from __future__ import annotations
 
+import math
 import os
 
 import onnx
@@ -65,7 +66,42 @@ def _external_span(
             f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which has "
             f"{size}: the data file is truncated or does not belong to this model"
         )
+    # Checked before anything is read: a 32-byte tensor declaring 20 GiB (a sparse file)
+    # would otherwise be read or copied in full into an output no loader accepts.
+    expected = tensor_nbytes(tensor)
+    if expected is not None and end - offset != expected:
+        raise BnfoldError(
+            f"tensor {tensor.name!r} declares {end - offset} bytes of external data in "
+            f"{location!r}, but its dims {list(tensor.dims)} and type need {expected}: "
+            f"re-export the model"
+        )
     return data_path, offset, end - offset
+
+
+# Types stored several to a byte (bits per element); the rest use their numpy item size.
+_PACKED_BITS = {
+    onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
+    **{getattr(onnx.TensorProto, n): 2 for n in ("UINT2", "INT2") if hasattr(onnx.TensorProto, n)},
+}
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data `tensor`'s dims and type call for; None when the type has no fixed
+    size (STRING, unknown). Negative dims raise BnfoldError."""
+    if any(d < 0 for d in tensor.dims):
+        raise BnfoldError(
+            f"tensor {tensor.name!r} has negative dims {list(tensor.dims)}: re-export the model"
+        )
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return count * itemsize
 
 
 def _read_span(path: str, offset: int, length: int) -> bytes:

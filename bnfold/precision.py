@@ -51,6 +51,35 @@ def range_problem(values: np.ndarray, dtype: str, what: str = "folded weight") -
     return None
 
 
+# float32/float64 weights are stored as computed, but a weight near the top of the range makes
+# the model overflow to ±inf at run time, and folding moves where that happens (the original
+# gives -inf, the folded model -3.4e37 or the other way round). A fold is refused when a folded
+# value, or a weight it replaces, comes within this factor of the dtype's largest finite value.
+HEADROOM = 2.0**10
+_WIDE_LARGEST = {
+    onnx.TensorProto.FLOAT: float(np.finfo(np.float32).max),
+    onnx.TensorProto.DOUBLE: float(np.finfo(np.float64).max),
+}
+
+
+def headroom_problem(values: np.ndarray, elem_type: int, what: str) -> str | None:
+    """Why `values` of a float32/float64 weight come within HEADROOM (2**10) of the dtype's
+    largest finite value (float32: above 3.3e35), or None. Other dtypes: None."""
+    largest = _WIDE_LARGEST.get(elem_type)
+    if largest is None or values.size == 0:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        peak = max(abs(float(values.min())), abs(float(values.max())))
+    if not np.isfinite(peak):
+        return f"{what} is not finite"
+    if peak > largest / HEADROOM:
+        return (
+            f"{what} reaches {peak:.3g}, within 2**10 of the {values.dtype} range "
+            f"({largest:.3g}): run-time overflow to ±inf would move"
+        )
+    return None
+
+
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """Round float32 to bfloat16 (nearest even), returned as uint16 bit patterns."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)

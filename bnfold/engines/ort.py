@@ -37,7 +37,7 @@ def session_options(threads: int | None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # bnfold reports failures itself, in one line
     if threads is not None:
         if threads < 1:
             raise BnfoldError("--threads must be at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
@@ -24,6 +25,7 @@ from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.io import iter_tensors
 from bnfold.io_tensors import all_graphs
 from bnfold.io_deferred import DeferredData
+from bnfold.validity import sort_nodes_topologically
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
 
@@ -45,12 +47,19 @@ def fold_model(
     stop being inputs, so their initializers become constants that may fold.
     """
     report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
+    if sort_nodes_topologically(model):
+        # ONNX Runtime sorts by itself, but onnx.checker (and other tools) reject the order.
+        report.notes.append("nodes were out of topological order (onnx.checker rejects that): "
+                            "sorted them; results are unchanged")
     frozen = freeze_initializer_inputs(model, freeze_inputs)
     report.frozen_inputs = frozen
     if frozen:
         report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
     folder = _ModelFolder(model, lower_standalone, report, pending, deferred)
-    folder.fold_graph(model.graph, {}, "main")
+    # Every folded value is checked for range and finiteness before it is used, so numpy's
+    # overflow/invalid warnings would only be stray stderr lines.
+    with np.errstate(all="ignore"):
+        folder.fold_graph(model.graph, {}, "main")
     remove_unused(model, folder.dead, initializers_are_inputs=folder.initializers_are_inputs)
     report.nodes_after = count_nodes(model.graph)
     report.params_after = count_params(model)

@@ -12,8 +12,9 @@ from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.common import (
     Match,
     apply_plan,
-    attribute,
+    attribute_reason,
     batchnorm_affine,
+    typed_attribute,
     compute_dtype,
     plan_problem,
     weight_and_bias_updates,
@@ -41,20 +42,20 @@ class BnConvRule:
     def match(self, view: GraphView, index: int) -> Match | None:
         return consumer_match(view, index, "Conv")
 
+    @attribute_reason
     def check(self, view: GraphView, match: Match) -> str | None:
         conv = view.nodes[match.target_index]
         label = node_label(conv)
         if list(conv.input).count(conv.input[0]) > 1:
             return f"{label} reads the BN output twice"
-        auto_pad = attribute(conv, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        pads = attribute(conv, "pads", [])
+        auto_pad = typed_attribute(conv, "auto_pad", "string", "NOTSET")
+        pads = typed_attribute(conv, "pads", "ints", [])
         if auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(p != 0 for p in pads):
             return f"{label} zero-pads its input, so the BN shift would not reach the border"
         weight = constant_or_reason(view, conv.input[1], "Conv weight")
         if isinstance(weight, str):
             return weight
-        group = int(attribute(conv, "group", 1))
+        group = typed_attribute(conv, "group", "int", 1, minimum=1)
         affine = batchnorm_affine(view, match.node_index)
         if isinstance(affine, str):
             return affine

@@ -11,13 +11,14 @@ from bnfold.folding.graph import GraphView, node_label
 from bnfold.folding.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
 from bnfold.folding.rules.common import (
     Match,
-    attribute,
+    attribute_reason,
     batchnorm_affine,
     compute_dtype,
     plan_problem,
+    typed_attribute,
     weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import gemm_weight, optional_constant
+from bnfold.folding.rules.into_producer import gemm_c_problem, gemm_weight, optional_constant
 
 
 class BnGemmRule:
@@ -26,10 +27,11 @@ class BnGemmRule:
     def match(self, view: GraphView, index: int) -> Match | None:
         return consumer_match(view, index, "Gemm")
 
+    @attribute_reason
     def check(self, view: GraphView, match: Match) -> str | None:
         gemm = view.nodes[match.target_index]
         label = node_label(gemm)
-        if attribute(gemm, "transA", 0):
+        if typed_attribute(gemm, "transA", "int", 0):
             return f"{label} has transA=1: the BN channels become its output rows"
         if gemm.input[1] == gemm.input[0] or (len(gemm.input) > 2 and gemm.input[2] == gemm.input[0]):
             return f"{label} reads the BN output twice"
@@ -46,8 +48,11 @@ class BnGemmRule:
         c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
         if isinstance(c, str):
             return c
-        alpha = float(attribute(gemm, "alpha", 1.0))
-        beta = float(attribute(gemm, "beta", 1.0))
+        problem = gemm_c_problem(c, b.shape[0] if trans_b else b.shape[1], label)
+        if problem:
+            return problem
+        alpha = typed_attribute(gemm, "alpha", "float", 1.0)
+        beta = typed_attribute(gemm, "beta", "float", 1.0)
         match.affine = affine
         elem = view.constant_dtype(gemm.input[1])
         new_b, new_c, new_beta = fold_math.gemm_input_fold(

@@ -16,7 +16,12 @@ import onnx
 
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView, node_label
-from bnfold.precision import ONNX_DTYPE_NAME, float32_to_bfloat16_bits, range_problem
+from bnfold.precision import (
+    ONNX_DTYPE_NAME,
+    float32_to_bfloat16_bits,
+    headroom_problem,
+    range_problem,
+)
 
 DEFAULT_EPSILON = 1e-5
 FLOAT_TYPES = {
@@ -69,11 +74,68 @@ def weight_and_bias_updates(
     ]
 
 
-def attribute(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
+class AttributeProblem(Exception):
+    """An attribute a rule reads has the wrong type or value; the message is the refusal."""
+
+
+_ATTRIBUTE_KINDS = {
+    "int": (onnx.AttributeProto.INT, "i"),
+    "float": (onnx.AttributeProto.FLOAT, "f"),
+    "string": (onnx.AttributeProto.STRING, "s"),
+    "ints": (onnx.AttributeProto.INTS, "ints"),
+}
+
+
+def typed_attribute(node: onnx.NodeProto, name: str, kind: str, default, *, minimum=None):
+    """Attribute `name` of `node` as `kind` ("int", "float", "string", "ints"), or `default`
+    when absent. A wrong type (group as STRING, epsilon as INTS or UNDEFINED), a non-finite float
+    or a value below `minimum` raises AttributeProblem, whose text is a refusal reason: model
+    files are untrusted, so no attribute reaches int()/float() unchecked. For example
+    `typed_attribute(conv, "group", "int", 1, minimum=1)` refuses group=0 and group="2".
+    """
+    expected, field = _ATTRIBUTE_KINDS[kind]
+    found = [attr for attr in node.attribute if attr.name == name]
+    if not found:
+        return default
+    attr = found[-1]
+    label = node_label(node)
+    if len(found) > 1:
+        raise AttributeProblem(f"{label} has attribute {name} {len(found)} times")
+    if attr.type != expected:
+        type_name = onnx.AttributeProto.AttributeType.Name(attr.type) if attr.type in (
+            onnx.AttributeProto.AttributeType.values()) else str(attr.type)
+        raise AttributeProblem(
+            f"{label} attribute {name} is {type_name}, expected {kind.upper()}"
+        )
+    value = getattr(attr, field)
+    if kind == "string":
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AttributeProblem(f"{label} attribute {name} is not valid text") from None
+    if kind == "ints":
+        value = list(value)
+        values = value
+    else:
+        values = [value]
+    if kind == "float" and not all(np.isfinite(v) for v in values):
+        raise AttributeProblem(f"{label} attribute {name}={value} is not finite")
+    if minimum is not None and any(v < minimum for v in values):
+        raise AttributeProblem(f"{label} attribute {name}={value} is below {minimum}")
+    return value
+
+
+def attribute_reason(check):
+    """Decorator for a rule's `check`: an AttributeProblem becomes its refusal reason."""
+
+    def checked(self, view, match):
+        try:
+            return check(self, view, match)
+        except AttributeProblem as problem:
+            return str(problem)
+
+    checked.__name__, checked.__doc__ = check.__name__, check.__doc__
+    return checked
 
 
 def set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
@@ -92,11 +154,18 @@ def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
             f"has {len([n for n in node.input if n])} of its 5 inputs (X, scale, B, mean, var); "
             f"the model is malformed"
         )
-    if attribute(node, "training_mode", 0):
+    try:
+        training = typed_attribute(node, "training_mode", "int", 0)
+        is_test = typed_attribute(node, "is_test", "int", 0)
+        spatial = typed_attribute(node, "spatial", "int", 1)
+        epsilon = typed_attribute(node, "epsilon", "float", DEFAULT_EPSILON)
+    except AttributeProblem as problem:
+        return str(problem)
+    if training:
         return "training_mode=1 (batch statistics are used, not the running averages)"
-    if view.opset < 7 and not attribute(node, "is_test", 0):
+    if view.opset < 7 and not is_test:
         return "is_test=0 (opset-6 BatchNormalization in training mode)"
-    if attribute(node, "spatial", 1) == 0:
+    if spatial == 0:
         return "spatial=0 (per-activation statistics, not per-channel)"
     used_extra = [
         name
@@ -117,7 +186,6 @@ def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
         return f"parameters are not all one vector of length C ({text})"
     if not all(view.constant_dtype(n) in FLOAT_TYPES for n in node.input[1:5]):
         return "parameters are not floating point"
-    epsilon = float(attribute(node, "epsilon", DEFAULT_EPSILON))
     denominator = var.astype(np.float64) + epsilon
     if not np.all(denominator > 0):
         bad = int(np.argmin(denominator))
@@ -152,9 +220,25 @@ def plan_problem(match: Match, view: GraphView) -> str | None:
             problem = f"{what} is not finite"
         else:
             problem = None
+        if problem is None:
+            problem = headroom_problem(update.values, update.elem_type, what)
+        if problem is None:
+            problem = _replaced_headroom_problem(view, update)
         if problem:
             return problem
     return None
+
+
+def _replaced_headroom_problem(view: GraphView, update: ConstantUpdate) -> str | None:
+    """The weight being replaced may itself sit near the range's top (its products overflow in
+    the original model): refuse as for a folded value."""
+    node = view.nodes[update.node_index]
+    if update.slot >= len(node.input) or not node.input[update.slot]:
+        return None
+    original = view.constant_array(node.input[update.slot])
+    if original is None or original.dtype.kind != "f":
+        return None
+    return headroom_problem(original, update.elem_type, f"{update.hint} before folding")
 
 
 def all_finite(values: np.ndarray) -> bool:

@@ -11,7 +11,8 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import (
     Match,
-    attribute,
+    attribute_reason,
+    typed_attribute,
     compute_dtype,
     weight_and_bias_updates,
 )
@@ -33,7 +34,7 @@ class ConvTransposeBnRule(IntoProducerRule):
         weight = constant_or_reason(view, node.input[1], "ConvTranspose weight")
         if isinstance(weight, str):
             return weight
-        group = int(attribute(node, "group", 1))
+        group = typed_attribute(node, "group", "int", 1, minimum=1)
         if weight.ndim < 3 or group < 1 or weight.shape[0] % group:
             return f"ConvTranspose weight {list(weight.shape)} does not fit group={group}"
         match.extra.update(weight=weight, group=group)

@@ -11,12 +11,13 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.rules.common import (
     Match,
-    attribute,
+    typed_attribute,
     compute_dtype,
     weight_and_bias_updates,
 )
 from bnfold.folding.rules.into_producer import (
     IntoProducerRule,
+    gemm_c_problem,
     gemm_weight,
     optional_constant,
 )
@@ -41,7 +42,10 @@ class GemmBnRule(IntoProducerRule):
         c = optional_constant(view, gemm, 2, "Gemm C", max_rank=2)
         if isinstance(c, str):
             return c
-        beta = float(attribute(gemm, "beta", 1.0))
+        problem = gemm_c_problem(c, b.shape[0] if trans_b else b.shape[1], "Gemm")
+        if problem:
+            return problem
+        beta = typed_attribute(gemm, "beta", "float", 1.0)
         affine = match.affine
         elem = view.constant_dtype(gemm.input[1])
         new_b, new_c, new_beta = fold_math.gemm_output_fold(

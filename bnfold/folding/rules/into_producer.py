@@ -15,9 +15,10 @@ from bnfold.folding.rules.common import (
     ChannelAffine,
     Match,
     apply_plan,
-    attribute,
+    attribute_reason,
     batchnorm_affine,
     plan_problem,
+    typed_attribute,
 )
 
 SOURCE_OPS = ("BatchNormalization", "Mul", "Add")
@@ -49,6 +50,7 @@ class IntoProducerRule(ABC):
             return Match(node_index=index, target_index=found[0], extra=extra)
         return None
 
+    @attribute_reason
     def check(self, view: GraphView, match: Match) -> str | None:
         problem = view.chain_problem(match.target_index, match.extra["passed"], match.node_index)
         if problem:
@@ -136,7 +138,14 @@ def gemm_weight(view: GraphView, gemm, label: str) -> tuple[np.ndarray, bool] | 
         return b
     if b.ndim != 2:
         return f"{label} B has rank {b.ndim}, expected 2"
-    return b, bool(attribute(gemm, "transB", 0))
+    return b, bool(typed_attribute(gemm, "transB", "int", 0))
+
+
+def gemm_c_problem(c: np.ndarray | None, columns: int, label: str) -> str | None:
+    """Gemm's C must broadcast to [M, N] with N = `columns`: its last axis 1 or N."""
+    if c is not None and c.ndim and c.shape[-1] not in (1, columns):
+        return f"{label} C has shape {list(c.shape)}, which does not broadcast to {columns} columns"
+    return None
 
 
 def optional_constant(

@@ -1,0 +1,113 @@
+"""What bnfold writes must pass onnx.checker: one safe repair, otherwise a one-line refusal.
+
+ONNX Runtime runs some models onnx.checker rejects (nodes out of topological order, duplicated
+outputs, IR version 1/2, a Constant with an input). bnfold never writes such a model silently:
+node order is repaired (a stable topological sort, which changes no result) and reported; anything
+else the checker finds is refused with its message, before a byte is written.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io_external import tensor_nbytes
+from bnfold.io_tensors import all_graphs
+
+
+def sort_nodes_topologically(model: onnx.ModelProto) -> int:
+    """Reorder each graph's nodes (subgraphs included) so every node follows its producers,
+    keeping the original order otherwise. Returns how many graphs were reordered; a graph with
+    a cycle or a name produced twice is left as it is (the checker refuses it later)."""
+    reordered = 0
+    for graph in all_graphs(model.graph):
+        order = _topological_order(graph)
+        if order is None or order == list(range(len(graph.node))):
+            continue
+        nodes = [graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+        reordered += 1
+    return reordered
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    from bnfold.folding.graph import names_read_by_subgraphs
+
+    producer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                if name in producer:
+                    return None
+                producer[name] = index
+    waits_on: list[set[int]] = []
+    for index, node in enumerate(graph.node):
+        reads = {n for n in node.input if n} | names_read_by_subgraphs(node)
+        waits_on.append({producer[n] for n in reads if n in producer} - {index})
+    readers: dict[int, list[int]] = {}
+    for index, before in enumerate(waits_on):
+        for other in before:
+            readers.setdefault(other, []).append(index)
+    missing = [len(before) for before in waits_on]
+    # Stable: always take the earliest ready node, so an ordered graph keeps its order.
+    ready = [i for i, count in enumerate(missing) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers.get(index, ()):
+            missing[reader] -= 1
+            if missing[reader] == 0:
+                heapq.heappush(ready, reader)
+    return order if len(order) == len(graph.node) else None
+
+
+def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) -> None:
+    """Raise a one-line BnfoldError when the model to be written (with `overrides`' new values
+    and `deferred`'s bytes, see bnfold.io.save_model) fails onnx.checker.
+
+    The check runs on a skeleton whose large initializers are one-element stand-ins (their
+    sizes are checked here instead), so it costs the graph, not the weights."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for tensor in skeleton.graph.initializer:
+        override = overrides.get(tensor.name) if overrides else None
+        if override is not None:
+            tensor.data_type = override[1]
+        elif deferred is not None and deferred.holds(tensor):
+            needed = tensor_nbytes(tensor)
+            if needed is not None and deferred.nbytes(tensor.name) < needed:
+                _refuse(f"initializer {tensor.name!r} holds {deferred.nbytes(tensor.name)} "
+                        f"bytes but its dims {list(tensor.dims)} need {needed}")
+        else:
+            continue
+        _make_stand_in(tensor)
+    try:
+        onnx.checker.check_model(skeleton)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        _refuse(str(exc))
+
+
+def _make_stand_in(tensor: onnx.TensorProto) -> None:
+    name, data_type = tensor.name, tensor.data_type
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, data_type
+    tensor.raw_data = b"\0" * (tensor_nbytes(tensor) or 1)
+
+
+def _refuse(message: str) -> None:
+    text = re.sub(r"\s+", " ", message).strip()
+    if len(text) > 300:
+        text = text[:297] + "..."
+    raise BnfoldError(
+        f"the model to be written fails onnx.checker ({text}); nothing was written: fix the "
+        f"input model (onnx.checker.check_model shows the problem) or re-export it"
+    )
