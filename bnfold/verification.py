@@ -194,7 +194,7 @@ def _with_outputs(source: ModelSource, names: list[str], path: str) -> str | byt
     model, deferred, _ = load_model_deferred(source)
     try:
         model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-        save_model(model, path, deferred=deferred)
+        save_model(model, path, deferred=deferred, check=False)  # typeless extra outputs: ORT infers them
     finally:
         deferred.close()
     return path
