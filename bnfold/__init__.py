@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from bnfold.errors import BnfoldError
 
-# The functions live in modules named apart from them (bnfold.folding, bnfold.verification),
+# The functions live in modules named apart from them (bnfold.folding, bnfold.verification.runs),
 # so `bnfold.fold` and `bnfold.verify` are never shadowed by a submodule import.
 # Both load onnx and numpy only (onnxruntime loads inside verify()).
 from bnfold.folding.api import FoldResult, fold, fold_file  # noqa: E402
 from bnfold.folding.report import FoldReport  # noqa: E402
-from bnfold.verification import VerifyResult, verify  # noqa: E402
+from bnfold.verification.runs import VerifyResult, verify  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BnfoldError", "FoldResult", "FoldReport", "VerifyResult", "fold", "fold_file", "verify"]

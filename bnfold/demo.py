@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnfold.errors import BnfoldError
-from bnfold.io import ensure_folder
+from bnfold.onnxio.files import ensure_folder
 
 
 def run_demo(out_dir: str, console: Console) -> None:
-    from bnfold.io import save_model
+    from bnfold.onnxio.files import save_model
     from bnfold.sample_model import build_sample_model
 
     ensure_folder(out_dir)
@@ -47,8 +47,8 @@ def run_demo(out_dir: str, console: Console) -> None:
 
 def _fold_and_verify(path: str, out_dir: str, console: Console) -> str:
     from bnfold.folding.api import default_output_path, fold_file
-    from bnfold.io import write_text_atomic
-    from bnfold.report_view import render_fold_report, render_verification
+    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.cli.report_view import render_fold_report, render_verification
 
     folded = default_output_path(path)
     result = fold_file(path, folded, verify=True, verify_options={"runs": 3})
@@ -69,8 +69,8 @@ def _export_torch_sample(out_dir: str, console: Console) -> str | None:
     except ImportError:
         console.print("[dim]torch is not installed (pip install 'bnfold[torch]'): skipped[/]")
         return None
-    from bnfold.export import export_onnx
-    from bnfold.zoo import create, randomize_batchnorm
+    from bnfold.pytorch.export import export_onnx
+    from bnfold.pytorch.zoo import create, randomize_batchnorm
 
     model = randomize_batchnorm(create("resnet18"), seed=0)
     path = os.path.join(out_dir, "resnet18.onnx")
@@ -84,13 +84,13 @@ def _export_torch_sample(out_dir: str, console: Console) -> str | None:
 
 
 def _bench(original: str, folded: str, shape, out_dir: str, console: Console) -> None:
-    from bnfold.bench import bench_models
-    from bnfold.bench_view import render
-    from bnfold.engines import best_available
-    from bnfold.io import write_text_atomic
+    from bnfold.deploy.bench import bench_models
+    from bnfold.cli.bench_view import render
+    from bnfold.deploy.engines import best_available
+    from bnfold.onnxio.files import write_text_atomic
 
-    from bnfold.inputs import graph_inputs
-    from bnfold.io import load_model
+    from bnfold.verification.inputs import graph_inputs
+    from bnfold.onnxio.files import load_model
 
     engine, why = best_available()
     console.print(f"engine [bold]{engine}[/]: {escape(why)}")
@@ -109,8 +109,8 @@ def _bench(original: str, folded: str, shape, out_dir: str, console: Console) ->
 def deploy_engine() -> tuple[str, str]:
     """The best engine present for the cross-engine check: a GPU engine when there is one,
     else OpenVINO when installed, else ORT CPU with full optimisation."""
-    from bnfold.engines import best_available
-    from bnfold.engines.openvino import available as openvino_available
+    from bnfold.deploy.engines import best_available
+    from bnfold.deploy.engines.openvino import available as openvino_available
 
     engine, why = best_available()
     if engine == "ort-cpu" and openvino_available():
@@ -119,10 +119,10 @@ def deploy_engine() -> tuple[str, str]:
 
 
 def _cross_engine(original: str, folded: str, shape, out_dir: str, console: Console) -> None:
-    from bnfold.inputs import graph_inputs
-    from bnfold.io import load_model, write_text_atomic
-    from bnfold.report_view import render_verification
-    from bnfold.verification import verify
+    from bnfold.verification.inputs import graph_inputs
+    from bnfold.onnxio.files import load_model, write_text_atomic
+    from bnfold.cli.report_view import render_verification
+    from bnfold.verification.runs import verify
 
     engine, why = deploy_engine()
     console.print(f"engine [bold]{engine}[/]: {escape(why)}")

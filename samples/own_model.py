@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.export import export_onnx
-from bnfold.train.files import save_state_dict
-from bnfold.train.recalibrate import recalibrate_batchnorm
-from bnfold.zoo import create
+from bnfold.pytorch.export import export_onnx
+from bnfold.pytorch.train.files import save_state_dict
+from bnfold.pytorch.train.recalibrate import recalibrate_batchnorm
+from bnfold.pytorch.zoo import create
 
 INPUT_SHAPE = (1, 3, 16, 16)
 

@@ -15,9 +15,9 @@ import os
 import sys
 
 import bnfold
-from bnfold.export import export_onnx
-from bnfold.train.paper import ARMS, run_paper_experiment
-from bnfold.zoo import create, model_input_shape
+from bnfold.pytorch.export import export_onnx
+from bnfold.pytorch.train.paper import ARMS, run_paper_experiment
+from bnfold.pytorch.zoo import create, model_input_shape
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from bnfold.cli_common import BnfoldGroup
-from bnfold.cli_engines import bench_command, build_command
-from bnfold.io import save_model
+from bnfold.cli.common import BnfoldGroup
+from bnfold.cli.deploy_commands import bench_command, build_command
+from bnfold.onnxio.files import save_model
 from bnfold.sample_model import build_sample_model
 
 FAST = ["--runs", "20", "--min-time", "0.02", "--warmup-time", "0", "--threads", "1"]

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.bench import BenchResult, ModelBench, Stats, measure, warnings_for
-from bnfold.engines import Timing
+from bnfold.deploy.bench import BenchResult, ModelBench, Stats, measure, warnings_for
+from bnfold.deploy.engines import Timing
 from bnfold.errors import BnfoldError
 
 

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 
 import user_models  # noqa: E402
 
-from bnfold import zoo  # noqa: E402
-from bnfold.cli_common import BnfoldGroup  # noqa: E402
-from bnfold.cli_torch import export_command  # noqa: E402
+from bnfold.pytorch import zoo  # noqa: E402
+from bnfold.cli.common import BnfoldGroup  # noqa: E402
+from bnfold.cli.torch_commands import export_command  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 
 SPEC = "user_models:two_inputs"

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.cli import cli
-from bnfold.io import load_model, save_model
+from bnfold.onnxio.files import load_model, save_model
 from bnfold.sample_model import build_sample_model
 
 BN_NAMES = ["stem_bn", "dw_bn", "pw_bn", "pre_bn", "preact_bn", "up_bn", "head_bn"]

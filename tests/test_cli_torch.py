@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-from bnfold import zoo  # noqa: E402
-from bnfold.cli_common import BnfoldGroup  # noqa: E402
-from bnfold.cli_torch import export_command, recalibrate_command, train_command  # noqa: E402
+from bnfold.pytorch import zoo  # noqa: E402
+from bnfold.cli.common import BnfoldGroup  # noqa: E402
+from bnfold.cli.torch_commands import export_command, recalibrate_command, train_command  # noqa: E402
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_export_with_checkpoint_and_shape(cli, tmp_path):
         (["--model", "bnfold.errors:BnfoldError"], "not a torch.nn.Module"),
         (["--model", "resnet18", "--input-shape", "1x7x32x32"],
          "fails on the example inputs (x 1x7x32x32 float32)"),
-        (["--model", "bnfold.zoo.nets:ResNet18"], "pass one with --input-shape"),
+        (["--model", "bnfold.pytorch.zoo.nets:ResNet18"], "pass one with --input-shape"),
     ],
 )
 def test_export_user_errors_are_one_line(cli, tmp_path, args, fragment):
@@ -231,7 +231,7 @@ def test_train_refuses_before_any_work(cli, tmp_path):
 
 
 def test_recalibrate_keeps_integer_inputs(cli, tmp_path):
-    from bnfold.train.files import save_state_dict
+    from bnfold.pytorch.train.files import save_state_dict
 
     checkpoint = tmp_path / "t.pt"
     save_state_dict(zoo.create("user_models:token_only"), checkpoint)

@@ -14,14 +14,14 @@ from onnx import helper, numpy_helper
 
 import golden
 from bnfold.cli import cli
-from bnfold.engines import EngineOptions
-from bnfold.engines.ort import cuda_provider_available
-from bnfold.engines.trt import unavailable_reason as trt_unavailable
+from bnfold.deploy.engines import EngineOptions
+from bnfold.deploy.engines.ort import cuda_provider_available
+from bnfold.deploy.engines.trt import unavailable_reason as trt_unavailable
 from bnfold.folding.api import fold
-from bnfold.fp16 import convert_to_fp16
-from bnfold.io import save_model
+from bnfold.deploy.fp16 import convert_to_fp16
+from bnfold.onnxio.files import save_model
 from bnfold.sample_model import build_sample_model
-from bnfold.verification import verify
+from bnfold.verification.runs import verify
 
 HAS_OPENVINO = __import__("importlib").util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO,
@@ -174,7 +174,7 @@ def test_ort_bench_marks_wrong_model_and_no_check_skips(sample_files, tmp_path):
 def test_openvino_missing_says_how_to_install(monkeypatch):
     import sys
 
-    from bnfold.engines import get_engine
+    from bnfold.deploy.engines import get_engine
     from bnfold.errors import BnfoldError
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
@@ -197,7 +197,7 @@ def test_engine_options_need_engine_and_engine_files_need_trt(sample_files, tmp_
 def _resnet():
     import torch
 
-    from bnfold.zoo import create, randomize_batchnorm
+    from bnfold.pytorch.zoo import create, randomize_batchnorm
 
     torch.manual_seed(0)  # the torch test rebuilds the same weights
     return randomize_batchnorm(create("resnet18"), seed=0)
@@ -206,7 +206,7 @@ def _resnet():
 @pytest.fixture(scope="module")
 def resnet_files(tmp_path_factory):
     pytest.importorskip("torch", reason="the sample net is exported from PyTorch (bnfold[torch])")
-    from bnfold.export import export_onnx
+    from bnfold.pytorch.export import export_onnx
 
     folder = tmp_path_factory.mktemp("resnet")
     path = folder / "resnet18.onnx"
@@ -223,7 +223,7 @@ def test_sample_net_folded_passes_cross_engine(engine, resnet_files):
 
 
 def test_torch_engine_runs_the_fused_module_against_its_export(resnet_files):
-    from bnfold.engines.torch_engine import fuse_bn
+    from bnfold.deploy.engines.torch_engine import fuse_bn
 
     fused = fuse_bn(_resnet())
     assert len(fused.fused) == 20

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import bnfold
-from bnfold.bench import bench_models
-from bnfold.engines import ENGINES, EngineOptions, best_available, get_engine
-from bnfold.engines.ort import cuda_provider_available
+from bnfold.deploy.bench import bench_models
+from bnfold.deploy.engines import ENGINES, EngineOptions, best_available, get_engine
+from bnfold.deploy.engines.ort import cuda_provider_available
 from bnfold.errors import BnfoldError
 from bnfold.sample_model import build_sample_model
 
@@ -20,7 +20,7 @@ BUDGET = {"runs": 20, "min_time": 0.02, "warmup_time": 0.0}
 
 
 def test_importing_the_cli_loads_neither_torch_nor_tensorrt():
-    code = ("import sys, bnfold, bnfold.cli, bnfold.cli_engines, bnfold.engines, bnfold.bench; "
+    code = ("import sys, bnfold, bnfold.cli, bnfold.cli.deploy_commands, bnfold.deploy.engines, bnfold.deploy.bench; "
             "bad = [m for m in ('torch', 'tensorrt', 'matplotlib') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -78,7 +78,7 @@ def make_tiny_net():
 
 
 def test_fuse_bn_fuses_conv_and_linear_pairs_exactly():
-    from bnfold.engines.torch_engine import fuse_bn
+    from bnfold.deploy.engines.torch_engine import fuse_bn
 
     net = make_tiny_net()
     x = torch.randn(4, 3, 8, 8)
@@ -92,7 +92,7 @@ def test_fuse_bn_fuses_conv_and_linear_pairs_exactly():
 
 
 def test_fuse_bn_leaves_a_shared_conv_output_alone():
-    from bnfold.engines.torch_engine import fuse_bn
+    from bnfold.deploy.engines.torch_engine import fuse_bn
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -109,7 +109,7 @@ def test_fuse_bn_leaves_a_shared_conv_output_alone():
 
 
 def test_torch_engine_benches_original_and_fused():
-    from bnfold.engines.torch_engine import torch_models
+    from bnfold.deploy.engines.torch_engine import torch_models
 
     models, feed, notes = torch_models("test_engines:make_tiny_net", None, (2, 3, 8, 8), seed=0)
     assert notes == []

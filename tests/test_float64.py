@@ -9,7 +9,7 @@ from golden import model, rng, run, tensor
 from onnx import helper
 
 import bnfold
-from bnfold.float64 import evaluate_float64
+from bnfold.verification.float64 import evaluate_float64
 from bnfold.sample_model import build_sample_model
 
 

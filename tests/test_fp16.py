@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.errors import BnfoldError
-from bnfold.fp16 import convert_to_fp16
+from bnfold.deploy.fp16 import convert_to_fp16
 from bnfold.sample_model import build_sample_model
 
 

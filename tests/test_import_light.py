@@ -82,11 +82,11 @@ def test_verify_loads_onnxruntime_only_when_run():
 
 
 def test_bnfold_verify_stays_the_function_after_its_module_is_imported():
-    # fold_file imports bnfold.verification lazily; that must never replace bnfold.verify (the
+    # fold_file imports bnfold.verification.runs lazily; that must never replace bnfold.verify (the
     # function) on the package, as happened once when the module shared the function's name.
     body = """
     import bnfold
-    import bnfold.verification
+    import bnfold.verification.runs
     assert callable(bnfold.verify), bnfold.verify
     """
     assert loaded_heavy(body) == []
@@ -105,10 +105,29 @@ def test_probe_sees_openvino():
 
 def test_engine_registry_and_verify_help_load_no_engine_library():
     body = """
-    import bnfold.engines, bnfold.verify_engine, bnfold.engines.openvino
+    import bnfold.deploy.engines, bnfold.verification.on_engine, bnfold.deploy.engines.openvino
     from click.testing import CliRunner
     import bnfold.cli
     assert CliRunner().invoke(bnfold.cli.cli, ["verify", "--help"]).exit_code == 0
     """
     loaded = [m for m in loaded_heavy(body) if not m.startswith("onnxruntime")]
     assert loaded == [], loaded
+
+
+def test_every_module_of_every_package_imports_light():
+    # Every module outside bnfold.pytorch, imported: none pulls in torch, tensorrt, openvino
+    # or matplotlib (they load inside the functions that need them). bnfold.pytorch is the one
+    # place allowed to (its sample networks subclass torch.nn.Module), and only its package
+    # __init__ and export modules are light.
+    body = """
+    import importlib, pkgutil, bnfold
+    names = [m.name for m in pkgutil.walk_packages(bnfold.__path__, "bnfold.")]
+    assert {"bnfold.onnxio.files", "bnfold.verification.runs", "bnfold.deploy.bench",
+            "bnfold.pytorch.export", "bnfold.cli.report_view"} <= set(names), names
+    for name in names:
+        if name != "bnfold.__main__" and (not name.startswith("bnfold.pytorch.")
+                                          or name in ("bnfold.pytorch.export",)):
+            importlib.import_module(name)
+    """
+    loaded = [m for m in loaded_heavy(body) if m.split(".")[0] != "onnxruntime"]
+    assert loaded == [], f"importing every bnfold module imported {loaded}"

@@ -1,4 +1,4 @@
-"""bnfold.io on untrusted files: every bad file is a BnfoldError that says what to do, nothing is
+"""bnfold.onnxio.files on untrusted files: every bad file is a BnfoldError that says what to do, nothing is
 written on failure, and external data round-trips without touching the caller's model or the input.
 """
 
@@ -14,9 +14,9 @@ import pytest
 from onnx import numpy_helper
 
 import bnfold
-import bnfold.io
+import bnfold.onnxio.files
 from bnfold.errors import BnfoldError
-from bnfold.io import load_model, load_model_info, save_model
+from bnfold.onnxio.files import load_model, load_model_info, save_model
 from bnfold.sample_model import build_sample_model
 
 # A conv weight the fold has to read (stem_conv → stem_bn folds), stored externally (1728 bytes).
@@ -228,7 +228,7 @@ def test_external_data_round_trip_gives_identical_tensors(tmp_path):
 
     loaded, data_files = load_model_info(path)
     assert data_files == {os.path.realpath(tmp_path / "m.onnx.data")}
-    assert not [t.name for t in bnfold.io.iter_tensors(loaded)
+    assert not [t.name for t in bnfold.onnxio.files.iter_tensors(loaded)
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     want, got = arrays(model), arrays(loaded)
     assert want.keys() == got.keys()
@@ -249,7 +249,7 @@ def test_plain_save_round_trip_has_no_data_file(tmp_path):
 
 def test_large_model_switches_to_external_data_automatically(tmp_path, monkeypatch):
     model = build_sample_model()
-    monkeypatch.setattr(bnfold.io, "_PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(bnfold.onnxio.files, "_PROTOBUF_LIMIT", 1000)
     path = tmp_path / "big.onnx"
     assert save_model(model, path) is True
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
@@ -346,7 +346,7 @@ def test_save_into_folder_that_refuses_new_files_is_refused(tmp_path, monkeypatc
     def read_only_mkdtemp(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(bnfold.io.tempfile, "mkdtemp", read_only_mkdtemp)
+    monkeypatch.setattr(bnfold.onnxio.files.tempfile, "mkdtemp", read_only_mkdtemp)
     with pytest.raises(BnfoldError, match="Read-only file system"):
         save_model(build_sample_model(), tmp_path / "m.onnx")
 
@@ -370,7 +370,7 @@ def test_fold_file_keeps_external_data_and_leaves_input_untouched(external_model
     assert data_files
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
     onnx.checker.check_model(folded)
-    assert bnfold.verify(external_model, out).ok  # fold_file imported the bnfold.verification module
+    assert bnfold.verify(external_model, out).ok  # fold_file imported the bnfold.verification.runs module
     assert {p: sha256(p) for p in hashes} == hashes
 
 

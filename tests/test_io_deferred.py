@@ -14,11 +14,11 @@ import pytest
 from onnx import numpy_helper
 
 import bnfold
-import bnfold.io_deferred
+import bnfold.onnxio.deferred
 from bnfold.errors import BnfoldError
-from bnfold.io import load_model, load_model_deferred, save_model
-from bnfold.io_deferred import DEFER_MIN_BYTES
-from bnfold.io_stream import read_model, write_model
+from bnfold.onnxio.files import load_model, load_model_deferred, save_model
+from bnfold.onnxio.deferred import DEFER_MIN_BYTES
+from bnfold.onnxio.stream import read_model, write_model
 from bnfold.sample_model import build_sample_model
 
 
@@ -169,7 +169,7 @@ def test_external_bytes_win_over_raw_data_left_in_the_tensor(tmp_path):
 
 
 def test_one_data_file_per_tensor_never_holds_more_than_the_cap_open(tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.io_deferred, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(bnfold.onnxio.deferred, "MAX_OPEN_FILES", 2)
     m = build_sample_model()
     onnx.save(m, os.fspath(tmp_path / "m.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=False, size_threshold=0)
@@ -188,7 +188,7 @@ def test_one_data_file_per_tensor_never_holds_more_than_the_cap_open(tmp_path, m
 
 def test_unknown_tensor_fields_survive_the_deferred_path(tmp_path):
     """A field from a newer ONNX on a large tensor: not deferred, written back as it was."""
-    from bnfold.io_stream import varint
+    from bnfold.onnxio.stream import varint
 
     m = build_sample_model()
     index = next(i for i, t in enumerate(m.graph.initializer) if t.name == "preact_conv.weight")

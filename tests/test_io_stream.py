@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnfold.io_stream import WireError, read_model, write_model
+from bnfold.onnxio.stream import WireError, read_model, write_model
 from bnfold.sample_model import build_sample_model
 
 
@@ -78,7 +78,7 @@ def test_reader_rejects_malformed_bytes(data):
 
 def _with_unknown_field(message_bytes: bytes, number: int = 99) -> bytes:
     """Append a varint field unknown to onnx (as a newer ONNX release could write)."""
-    from bnfold.io_stream import varint
+    from bnfold.onnxio.stream import varint
 
     return message_bytes + varint(number << 3) + varint(7)
 

@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bnfold import zoo  # noqa: E402
+from bnfold.pytorch import zoo  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.train.recalibrate import recalibrate_batchnorm, sample_batches  # noqa: E402
+from bnfold.pytorch.train.recalibrate import recalibrate_batchnorm, sample_batches  # noqa: E402
 
 
 def shifted_data(n=256, seed=0) -> np.ndarray:

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from bnfold.folding.report import FOLDED, KEPT, FoldEntry, FoldReport
-from bnfold.report_view import render_fold_report
+from bnfold.cli.report_view import render_fold_report
 
 
 def _rendered(entries: list[FoldEntry]) -> str:

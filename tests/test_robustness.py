@@ -183,7 +183,7 @@ def test_sigterm_during_verification_leaves_no_staging(tmp_path):
     import os
     import signal
 
-    from bnfold.io import save_model
+    from bnfold.onnxio.files import save_model
 
     before = signal.getsignal(signal.SIGTERM)
 
@@ -216,7 +216,7 @@ def test_overflowing_fold_math_warns_nothing():
 
 
 def test_ort_engine_sessions_log_nothing():
-    from bnfold.engines.ort import session_options
+    from bnfold.deploy.engines.ort import session_options
 
     assert session_options(None).log_severity_level == 4
 

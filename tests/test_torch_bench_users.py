@@ -13,10 +13,10 @@ torch = pytest.importorskip("torch")
 
 import user_models  # noqa: E402
 
-from bnfold.cli_common import BnfoldGroup  # noqa: E402
-from bnfold.cli_engines import bench_command  # noqa: E402
-from bnfold.engines.torch_engine import fuse_bn, split_call, torch_models  # noqa: E402
-from bnfold.zoo.prepare import flatten_outputs  # noqa: E402
+from bnfold.cli.common import BnfoldGroup  # noqa: E402
+from bnfold.cli.deploy_commands import bench_command  # noqa: E402
+from bnfold.deploy.engines.torch_engine import fuse_bn, split_call, torch_models  # noqa: E402
+from bnfold.pytorch.zoo.prepare import flatten_outputs  # noqa: E402
 
 FAST = ["--runs", "5", "--min-time", "0", "--warmup-time", "0", "--threads", "1"]
 

@@ -12,11 +12,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from bnfold import zoo  # noqa: E402
+from bnfold.pytorch import zoo  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.train.data import load_dataset  # noqa: E402
-from bnfold.train.loop import train_sample  # noqa: E402
-from bnfold.train.paper import run_paper_experiment  # noqa: E402
+from bnfold.pytorch.train.data import load_dataset  # noqa: E402
+from bnfold.pytorch.train.loop import train_sample  # noqa: E402
+from bnfold.pytorch.train.paper import run_paper_experiment  # noqa: E402
 
 STEPS = 60
 
@@ -77,7 +77,7 @@ def test_bn_learns_faster_even_in_60_steps(paper_run):
 
 
 def test_both_arms_start_from_the_same_weights():
-    from bnfold.train.paper import _paired_models
+    from bnfold.pytorch.train.paper import _paired_models
 
     models = _paired_models(torch, 64, seed=5)
     bn, plain = models["bn"].state_dict(), models["no_bn"].state_dict()

@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from bnfold.build import (BuildOptions, ShapeProfile, check_in_profile, parse_profile,
+from bnfold.deploy.trt_options import (BuildOptions, ShapeProfile, check_in_profile, parse_profile,
                           parse_profiles, parse_size, profiles_for_model)
-from bnfold.cli_common import BnfoldGroup
-from bnfold.cli_engines import bench_command, build_command
-from bnfold.engines.trt import layer_precisions
+from bnfold.cli.common import BnfoldGroup
+from bnfold.cli.deploy_commands import bench_command, build_command
+from bnfold.deploy.engines.trt import layer_precisions
 from bnfold.errors import BnfoldError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -119,7 +119,7 @@ def test_build_option_errors_are_usage_errors(tmp_path):
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the missing-library path cannot run")
 def test_build_without_tensorrt_says_how_to_install(tmp_path):
-    from bnfold.build import build
+    from bnfold.deploy.build import build
 
     path = tmp_path / "m.onnx"
     onnx.save(_model([1, 3, 8, 8]), path)
@@ -134,7 +134,7 @@ def test_build_without_tensorrt_says_how_to_install(tmp_path):
 @pytest.mark.trt
 @needs_trt
 def test_build_real_engine_with_dynamic_batch(tmp_path):
-    from bnfold.build import build
+    from bnfold.deploy.build import build
 
     path = tmp_path / "m.onnx"
     onnx.save(_model(["N", 3, 8, 8]), path)
@@ -149,7 +149,7 @@ def test_build_real_engine_with_dynamic_batch(tmp_path):
 @pytest.mark.trt
 @needs_trt
 def test_fp16_build_reports_inspected_precision(tmp_path):
-    from bnfold.build import build
+    from bnfold.deploy.build import build
 
     path = tmp_path / "m.onnx"
     onnx.save(_model([1, 3, 8, 8]), path)
@@ -161,7 +161,7 @@ def test_fp16_build_reports_inspected_precision(tmp_path):
 @pytest.mark.trt
 @needs_trt
 def test_corrupt_engine_file_is_a_clear_error(tmp_path):
-    from bnfold.engines.trt import load_engine_file
+    from bnfold.deploy.engines.trt import load_engine_file
 
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"not an engine")

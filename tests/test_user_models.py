@@ -18,14 +18,14 @@ import user_models  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.export import export_onnx  # noqa: E402
-from bnfold.export_inputs import InputSpec, parse_input_spec  # noqa: E402
-from bnfold.zoo.prepare import flatten_outputs  # noqa: E402
+from bnfold.pytorch.export import export_onnx  # noqa: E402
+from bnfold.pytorch.export_inputs import InputSpec, parse_input_spec  # noqa: E402
+from bnfold.pytorch.zoo.prepare import flatten_outputs  # noqa: E402
 
 
 def run_onnx(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     if any(v.dtype == np.float64 for v in feed.values()):
-        from bnfold.float64 import evaluate_float64  # ORT's CPU provider has no float64 Conv
+        from bnfold.verification.float64 import evaluate_float64  # ORT's CPU provider has no float64 Conv
 
         values = evaluate_float64(model, feed)
         return [values[o.name] for o in model.graph.output]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 import bnfold
 from bnfold.cli import cli
 from bnfold.errors import BnfoldError
-from bnfold.io import save_model
+from bnfold.onnxio.files import save_model
 
 
 def make(nodes, inputs, outputs, inits, opset=13, ir_version=8):

@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import bnfold  # noqa: E402
-from bnfold import zoo  # noqa: E402
+from bnfold.pytorch import zoo  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.export import count_bn_modules, export_onnx  # noqa: E402
+from bnfold.pytorch.export import count_bn_modules, export_onnx  # noqa: E402
 
 # BN modules per sample, counted by hand from bnfold/zoo/nets.py (not from the code under test).
 EXPECTED_BN = {"paper-mlp": 3, "resnet18": 20, "mobilenetv2": 14, "convtranspose-decoder": 2,
@@ -129,7 +129,7 @@ def test_checkpoint_round_trip_and_wrapped_state_dict(tmp_path):
 
 
 def test_paper_mlp_checkpoint_sets_input_width_and_arm(tmp_path):
-    from bnfold.zoo.nets import PaperMLP
+    from bnfold.pytorch.zoo.nets import PaperMLP
 
     path = tmp_path / "mnist.pt"
     torch.save(PaperMLP(in_features=784, batchnorm=False).state_dict(), path)
@@ -212,8 +212,8 @@ def test_torchvision_spec_without_torchvision():
 
 def test_importing_the_torch_side_does_not_import_torch():
     code = (
-        "import sys, bnfold, bnfold.cli_torch, bnfold.zoo, bnfold.export, bnfold.train, "
-        "bnfold.train.data, bnfold.train.paper, bnfold.train.loop, bnfold.train.recalibrate; "
+        "import sys, bnfold, bnfold.cli.torch_commands, bnfold.pytorch.zoo, bnfold.pytorch.export, bnfold.pytorch.train, "
+        "bnfold.pytorch.train.data, bnfold.pytorch.train.paper, bnfold.pytorch.train.loop, bnfold.pytorch.train.recalibrate; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.zoo import randomize_batchnorm
+from bnfold.pytorch.zoo import randomize_batchnorm
 
 
 def _ready(model, seed=0):

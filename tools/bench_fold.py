@@ -170,7 +170,7 @@ def count_batchnorms(path: str) -> int:
 
 class Reference:
     """The original model's output in ONNX Runtime with graph optimisation off, and in float64
-    (onnx.reference through bnfold.float64) when bnfold is importable: the ground truth that
+    (onnx.reference through bnfold.verification.float64) when bnfold is importable: the ground truth that
     both the original's float32 run and every tool's output are measured against."""
 
     def __init__(self, model_path: str, seed: int = 0) -> None:
@@ -185,8 +185,8 @@ class Reference:
         self.outputs = session.run(None, self.feeds)
         self.truth = None
         if importlib.util.find_spec("bnfold") is not None:
-            from bnfold.float64 import evaluate_float64
-            from bnfold.io import load_model
+            from bnfold.verification.float64 import evaluate_float64
+            from bnfold.onnxio.files import load_model
 
             names = [o.name for o in session.get_outputs()]
             truth = evaluate_float64(load_model(model_path), self.feeds)

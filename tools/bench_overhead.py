@@ -2,7 +2,7 @@
 
 Times the same ONNX Runtime session two ways in one process, interleaved in blocks:
   bare    — a plain loop: perf_counter(); sess.run(); perf_counter()
-  harness — bnfold.bench.measure() driving the ort-cpu engine's session (same session object)
+  harness — bnfold.deploy.bench.measure() driving the ort-cpu engine's session (same session object)
 and prints harness p50 / bare p50 (target: within 5%, i.e. a ratio of 0.95..1.05).
 
     python tools/bench_overhead.py [--rounds 20] [--threads 1] [--batch 1]
@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from bnfold.bench import measure
-from bnfold.engines import EngineOptions, get_engine
-from bnfold.inputs import make_inputs
+from bnfold.deploy.bench import measure
+from bnfold.deploy.engines import EngineOptions, get_engine
+from bnfold.verification.inputs import make_inputs
 from bnfold.sample_model import build_sample_model
 
 

@@ -1,4 +1,9 @@
-"""The `bnfold` command: parse options, call the library, print. No logic lives here."""
+"""The `bnfold` command: parse options, call the library, print. No logic lives here.
+
+This module holds the group and the ONNX commands (fold, verify, inspect, demo); `deploy_commands`
+and `torch_commands` the others; `report_view` and `bench_view` the rich rendering; `common` the
+console and the one place BnfoldError becomes a one-line message and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import click
 from bnfold import __version__
 from rich.markup import escape
 
-from bnfold.cli_common import BnfoldGroup, console, parse_shapes
-from bnfold.cli_engines import bench_command, build_command
-from bnfold.engines import ENGINES
-from bnfold.cli_torch import export_command, recalibrate_command, train_command
+from bnfold.cli.common import BnfoldGroup, console, parse_shapes
+from bnfold.cli.deploy_commands import bench_command, build_command
+from bnfold.deploy.engines import ENGINES
+from bnfold.cli.torch_commands import export_command, recalibrate_command, train_command
 from bnfold.errors import BnfoldError
 
 
@@ -58,7 +63,7 @@ def _require_folder_of(path: str | None, option: str) -> None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    from bnfold.io import write_text_atomic
+    from bnfold.onnxio.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
 
@@ -83,7 +88,7 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
                  freeze_inputs, seed, runs, atol, rtol, shapes, inputs_path, timeout):
     """Fold every foldable BatchNormalization in MODEL and write the result."""
     from bnfold.folding.api import fold_file
-    from bnfold.report_view import render_fold_report, render_verification
+    from bnfold.cli.report_view import render_fold_report, render_verification
 
     _require_folder_of(report_path, "--report")
     options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
@@ -131,8 +136,8 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
     With --engine, CANDIDATE runs on that engine (what you deploy) and is judged with the
     tolerance of the precision the engine really computes in.
     """
-    from bnfold.report_view import render_verification
-    from bnfold.verification import verify
+    from bnfold.cli.report_view import render_verification
+    from bnfold.verification.runs import verify
 
     _require_folder_of(json_path, "--json")
     if engine is None and (inference_precision or tolerance_precision or threads or checkpoint):
@@ -140,7 +145,7 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
                                "need --engine")
     engine_options = None
     if engine is not None:
-        from bnfold.engines import EngineOptions
+        from bnfold.deploy.engines import EngineOptions
 
         engine_options = EngineOptions(threads=threads, inference_precision=inference_precision)
     result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
@@ -162,7 +167,7 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
 def inspect_command(model, json_path, freeze_inputs):
     """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
     from bnfold.folding.api import fold
-    from bnfold.report_view import render_fold_report
+    from bnfold.cli.report_view import render_fold_report
 
     _require_folder_of(json_path, "--json")
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)

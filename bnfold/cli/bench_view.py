@@ -1,6 +1,6 @@
 """Display of benchmark results: a rich table, and an optional latency CDF plot.
 
-Statistics live in `bnfold.bench`; this module only formats them.
+Statistics live in `bnfold.deploy.bench`; this module only formats them.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.bench import BenchResult
+from bnfold.deploy.bench import BenchResult
 from bnfold.errors import BnfoldError
 
 

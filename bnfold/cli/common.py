@@ -1,6 +1,6 @@
 """What every command module shares: the console, the option parsers, the error boundary.
 
-Command modules (cli.py, cli_torch.py, cli_engines.py) only parse, call the library and print.
+Command modules (__init__.py, torch_commands.py, deploy_commands.py) only parse, call the library and print.
 BnfoldError is translated into a one-line message and exit 1 here, once, by BnfoldGroup.
 """
 
@@ -30,7 +30,7 @@ class BnfoldGroup(click.Group):
 
 def parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """Parse repeated `--shape name=1x3x224x224` options (click usage error on bad text)."""
-    from bnfold.inputs import parse_shape
+    from bnfold.verification.inputs import parse_shape
 
     shapes: dict[str, tuple[int, ...]] = {}
     for text in values:

@@ -1,6 +1,6 @@
 """`bnfold build` and `bnfold bench`: parse, call the library, print.
 
-Registered on the main group in bnfold/cli.py. Engine libraries (tensorrt, torch) are imported
+Registered on the main group in bnfold/cli/__init__.py. Engine libraries (tensorrt, torch) are imported
 only inside the commands, so `bnfold --help` stays cheap.
 """
 
@@ -11,8 +11,8 @@ import os
 
 import click
 
-from bnfold.cli_common import console, parse_shapes
-from bnfold.engines import ENGINES
+from bnfold.cli.common import console, parse_shapes
+from bnfold.deploy.engines import ENGINES
 from bnfold.errors import BnfoldError
 
 
@@ -47,7 +47,7 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
     The engine is verified against MODEL (ORT CPU, optimisation off) at the tolerance of the
     precision its layers got, and written only if equivalent (--no-verify skips the check).
     """
-    from bnfold.build import BuildOptions, build, parse_profiles, parse_size
+    from bnfold.deploy.build import BuildOptions, build, parse_profiles, parse_size
 
     options = BuildOptions(
         profiles=_usage_error("--shapes", parse_profiles, profiles),
@@ -76,7 +76,7 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
     for note in report.notes:
         console.print(f"[yellow]warning:[/] {note}")
     if report.verification is not None:
-        from bnfold.report_view import render_verification
+        from bnfold.cli.report_view import render_verification
 
         console.print(f"verified against {model}:")
         render_verification(report.verification, console)
@@ -131,9 +131,9 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
     the CPU (optimisation off); one that fails is marked, gets no speed-up, and the command
     exits 1 after writing its results.
     """
-    from bnfold.bench import bench_models, comparison_models
-    from bnfold.bench_view import plot, render
-    from bnfold.engines import EngineOptions, best_available
+    from bnfold.deploy.bench import bench_models, comparison_models
+    from bnfold.cli.bench_view import plot, render
+    from bnfold.deploy.engines import EngineOptions, best_available
 
     shape_map = parse_shapes(shapes)
     if engine == "auto":
@@ -148,7 +148,7 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
                               "instead of an ONNX file")
         if not torch_spec:
             raise BnfoldError("--engine torch needs --model SPEC (e.g. resnet18 or module:factory)")
-        from bnfold.engines.torch_engine import torch_models
+        from bnfold.deploy.engines.torch_engine import torch_models
 
         models, feed, torch_notes = torch_models(torch_spec, checkpoint, shape_map, seed,
                                                  inputs_path)
@@ -167,7 +167,7 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         result.notes += torch_notes
     render(result, console)
     if json_path:
-        from bnfold.io import write_text_atomic
+        from bnfold.onnxio.files import write_text_atomic
 
         write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         console.print(f"wrote {json_path}")

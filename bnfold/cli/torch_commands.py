@@ -1,7 +1,7 @@
 """The PyTorch-side commands: export, train, recalibrate. Parse, call the library, print.
 
 torch is imported inside the command bodies only (through the library), so importing this
-module and `bnfold --help` stay torch-free. bnfold/cli.py registers these on the main group.
+module and `bnfold --help` stay torch-free. bnfold/cli/__init__.py registers these on the main group.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import click
 
-from bnfold.cli_common import console
+from bnfold.cli.common import console
 from bnfold.errors import BnfoldError
 
 PAPER_TARGET = "paper"
@@ -18,7 +18,7 @@ PAPER_TARGET = "paper"
 
 def parse_input_shape(text: str):
     """'1x3x224x224', 'ids:2x16:int64' or 'batch=1x3xheight=64xwidth=64' -> InputSpec."""
-    from bnfold.export_inputs import parse_input_spec
+    from bnfold.pytorch.export_inputs import parse_input_spec
 
     try:
         return parse_input_spec(text)
@@ -31,7 +31,7 @@ def _input_shape_option(ctx, param, values):
 
 
 def _dynamic_option(ctx, param, values):
-    from bnfold.export_inputs import parse_dynamic
+    from bnfold.pytorch.export_inputs import parse_dynamic
 
     try:
         return tuple(parse_dynamic(v) for v in values)
@@ -39,7 +39,7 @@ def _dynamic_option(ctx, param, values):
         raise click.BadParameter(str(exc)) from None
 
 
-MODEL_HELP = ("A sample (bnfold.zoo), module:factory (a function taking no arguments that "
+MODEL_HELP = ("A sample (bnfold.pytorch.zoo), module:factory (a function taking no arguments that "
               "returns the nn.Module), or torchvision:NAME.")
 
 
@@ -65,8 +65,8 @@ MODEL_HELP = ("A sample (bnfold.zoo), module:factory (a function taking no argum
 def export_command(spec, checkpoint, input_specs, inputs_path, dynamic, dynamic_batch,
                    output_names, opset, output):
     """Export a PyTorch model to ONNX with every BatchNorm kept, and check it against torch."""
-    from bnfold.export import export_onnx
-    from bnfold.zoo import create, model_input_shape
+    from bnfold.pytorch.export import export_onnx
+    from bnfold.pytorch.zoo import create, model_input_shape
 
     if input_specs and inputs_path:
         raise BnfoldError("give --input-shape or --inputs, not both: the .npz fixes the shapes")
@@ -114,7 +114,7 @@ def train_command(target, out_dir, data, steps, batch_size, lr, seed):
 
 
 def _train_paper(out_dir, data, steps, batch_size, lr, seed):
-    from bnfold.train import paper
+    from bnfold.pytorch.train import paper
 
     steps = paper.DEFAULT_STEPS if steps is None else steps
     batch_size = paper.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
@@ -147,8 +147,8 @@ def _train_paper(out_dir, data, steps, batch_size, lr, seed):
 
 
 def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
-    from bnfold.train import loop
-    from bnfold.zoo import SAMPLE_NAMES
+    from bnfold.pytorch.train import loop
+    from bnfold.pytorch.zoo import SAMPLE_NAMES
 
     if name not in SAMPLE_NAMES and ":" not in name:
         raise BnfoldError(
@@ -185,10 +185,10 @@ def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.pt")
 def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, output):
     """Re-estimate BatchNorm population statistics (BN paper, Algorithm 2) before folding."""
-    from bnfold.train.data import load_inputs
-    from bnfold.train.files import save_state_dict
-    from bnfold.train.recalibrate import recalibrate_batchnorm, sample_batches
-    from bnfold.zoo import create
+    from bnfold.pytorch.train.data import load_inputs
+    from bnfold.pytorch.train.files import save_state_dict
+    from bnfold.pytorch.train.recalibrate import recalibrate_batchnorm, sample_batches
+    from bnfold.pytorch.zoo import create
 
     if os.path.abspath(output) == os.path.abspath(checkpoint):
         raise BnfoldError(f"output {output!r} is the input checkpoint: choose another -o")

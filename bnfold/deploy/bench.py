@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.engines import EngineOptions, Timing, get_engine
+from bnfold.deploy.engines import EngineOptions, Timing, get_engine
 from bnfold.errors import BnfoldError
 
 COV_WARN = 0.025  # coefficient of variation above which a timing is called noisy
@@ -70,7 +70,7 @@ class ModelBench:
     batch: int = 1
     samples: dict[str, list[float]] = field(default_factory=dict)
     # Its outputs on this engine against the ONNX reference, checked once before timing
-    # (bnfold.verify_engine.OutputCheck); None when not checked.
+    # (bnfold.verification.on_engine.OutputCheck); None when not checked.
     check: Any = None
 
     @property
@@ -202,7 +202,7 @@ def comparison_models(path: str, compare: tuple[str, ...] = ()) -> list[tuple[st
     With no --compare and BatchNormalization in MODEL, MODEL is folded in memory and the
     original is compared with the folded version.
     """
-    from bnfold.io import load_model
+    from bnfold.onnxio.files import load_model
 
     model = load_model(path)
     if compare:
@@ -241,7 +241,7 @@ def bench_models(
     the first model's declared inputs (`shapes` fills symbolic dims). All models get that feed.
     With `check`, each ONNX model's outputs on the engine's own session are compared once with
     `reference` (default: the first model) run by ORT on the CPU, optimisation off, before any
-    timing; a model that fails is timed but gets no speed-up (bnfold.verify_engine).
+    timing; a model that fails is timed but gets no speed-up (bnfold.verification.on_engine).
     """
     if not models:
         raise BnfoldError("nothing to benchmark: give at least one model")
@@ -254,7 +254,7 @@ def bench_models(
             sessions.append(backend.open(label, model, feed))
         checks = [None] * len(models)
         if check and _is_onnx(reference if reference is not None else models[0][1]):
-            from bnfold.verify_engine import check_sessions
+            from bnfold.verification.on_engine import check_sessions
 
             checks = check_sessions(reference if reference is not None else models[0][1],
                                     sessions, feed)
@@ -291,11 +291,11 @@ def _feed(model, inputs, shapes, seed) -> dict:
         return inputs
     import onnx
 
-    from bnfold.inputs import make_inputs
+    from bnfold.verification.inputs import make_inputs
 
     if not isinstance(model, onnx.ModelProto):
         if isinstance(model, (str, os.PathLike)):
-            from bnfold.io import load_model
+            from bnfold.onnxio.files import load_model
 
             model = load_model(model)
         else:

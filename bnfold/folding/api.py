@@ -11,8 +11,8 @@ from bnfold.errors import BnfoldError
 from bnfold.folding.engine import fold_model
 from bnfold.folding.graph import PendingTensors
 from bnfold.folding.report import FoldReport
-from bnfold.io import external_data_name, load_model, load_model_deferred, save_model
-from bnfold.io_deferred import DeferredData
+from bnfold.onnxio.files import external_data_name, load_model, load_model_deferred, save_model
+from bnfold.onnxio.deferred import DeferredData
 
 
 class FoldResult:
@@ -187,7 +187,7 @@ def fold_file(
     def accept(staged_path: str) -> bool:
         if not verify:
             return True
-        from bnfold.verification import verify as run_verify
+        from bnfold.verification.runs import verify as run_verify
 
         result._move_to_file(staged_path)
         outcome = run_verify(input_path, staged_path, sites=fold_sites(model, report),

@@ -22,10 +22,10 @@ from bnfold.folding.graph import (
 from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 from bnfold.folding.rules import FOLD_RULES, LOWER_RULES
 from bnfold.folding.rules.common import batchnorm_affine
-from bnfold.io import iter_tensors
-from bnfold.io_tensors import all_graphs
-from bnfold.io_deferred import DeferredData
-from bnfold.validity import sort_nodes_topologically
+from bnfold.onnxio.files import iter_tensors
+from bnfold.onnxio.tensors import all_graphs
+from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.validity import sort_nodes_topologically
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
 

@@ -19,9 +19,9 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.folding.constants import ConstantSubgraphs, as_tensor
-from bnfold.io import iter_tensors
-from bnfold.io_deferred import DeferredData
-from bnfold.io_stream import TYPED_DATA
+from bnfold.onnxio.files import iter_tensors
+from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.stream import TYPED_DATA
 from bnfold.precision import bfloat16_bits_to_float32
 
 SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -69,7 +69,7 @@ _RAW_FLOAT_TYPES = {
 
 def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
     """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
-    bytes of a tensor loaded without them (bnfold.io_deferred)."""
+    bytes of a tensor loaded without them (bnfold.onnxio.deferred)."""
     if any(d < 0 for d in tensor.dims):
         raise BnfoldError(
             f"tensor {tensor.name!r} declares negative dims {list(tensor.dims)}: the file is "

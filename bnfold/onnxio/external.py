@@ -13,8 +13,8 @@ import os
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.io_deferred import DeferredData
-from bnfold.io_tensors import iter_tensors_by_scope
+from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.tensors import iter_tensors_by_scope
 
 
 def load_external_data(

@@ -22,10 +22,10 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import BnfoldError
-from bnfold.io_deferred import DEFER_MIN_BYTES, DeferredData
-from bnfold.io_external import load_external_data
-from bnfold.io_stream import TYPED_DATA, WireError, read_model, write_model
-from bnfold.io_tensors import all_graphs, iter_tensors, iter_tensors_by_scope
+from bnfold.onnxio.deferred import DEFER_MIN_BYTES, DeferredData
+from bnfold.onnxio.external import load_external_data
+from bnfold.onnxio.stream import TYPED_DATA, WireError, read_model, write_model
+from bnfold.onnxio.tensors import all_graphs, iter_tensors, iter_tensors_by_scope
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
 _PROTOBUF_LIMIT = 2**31 - 2**26
@@ -53,7 +53,7 @@ def load_model_deferred(
     path: str | os.PathLike,
 ) -> tuple[onnx.ModelProto, DeferredData, set[str]]:
     """Load `path` leaving large main-graph initializers' bytes where they lie (see
-    bnfold.io_deferred); also gives the real paths of the external data files it uses."""
+    bnfold.onnxio.deferred); also gives the real paths of the external data files it uses."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BnfoldError(f"{path!r} does not exist: check the path")
@@ -197,7 +197,7 @@ def save_model(
     if external_data is None:
         external_data = estimated_bytes(model) > _PROTOBUF_LIMIT
     if check:
-        from bnfold.validity import check_before_write
+        from bnfold.onnxio.validity import check_before_write
 
         check_before_write(model, overrides, deferred)
     with _signals_exit():

@@ -105,7 +105,7 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
 
     `overrides.get(name)` may give (array, elem_type) to write instead of a main-graph
     initializer's own data, straight from the array's buffer. A main-graph initializer with no
-    data of its own whose name is in `deferred` (bnfold.io_deferred.DeferredData) has its bytes
+    data of its own whose name is in `deferred` (bnfold.onnxio.deferred.DeferredData) has its bytes
     copied from where they lie.
     """
     if not model.HasField("graph"):

@@ -14,8 +14,8 @@ import re
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.io_external import tensor_nbytes
-from bnfold.io_tensors import all_graphs
+from bnfold.onnxio.external import tensor_nbytes
+from bnfold.onnxio.tensors import all_graphs
 
 
 def sort_nodes_topologically(model: onnx.ModelProto) -> int:
@@ -72,7 +72,7 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
 
 def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) -> None:
     """Raise a one-line BnfoldError when the model to be written (with `overrides`' new values
-    and `deferred`'s bytes, see bnfold.io.save_model) fails onnx.checker.
+    and `deferred`'s bytes, see bnfold.onnxio.files.save_model) fails onnx.checker.
 
     The check runs on a skeleton whose large initializers are one-element stand-ins (their
     sizes are checked here instead), so it costs the graph, not the weights."""

@@ -10,7 +10,7 @@ into a plain MatMul weight. (dynamo with optimize=False keeps BN too, but feeds 
 a zero bias computed at run time, which blocks folding; it is also ~100× slower to export.)
 
 The copy is a plain module: DataParallel unwrapped, parametrizations made permanent
-(bnfold.zoo.prepare). Inputs are one `InputSpec` per forward argument (bnfold.export_inputs):
+(bnfold.pytorch.zoo.prepare). Inputs are one `InputSpec` per forward argument (bnfold.pytorch.export_inputs):
 several, integer, float64/float16, named after the forward signature, with symbolic dims.
 Outputs (tensors, tuples, dicts, nested) get stable names: dict keys, else output_0, ….
 
@@ -39,8 +39,8 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.export_inputs import InputSpec, load_example_npz, specs_from_arrays
-from bnfold.export_run import (
+from bnfold.pytorch.export_inputs import InputSpec, load_example_npz, specs_from_arrays
+from bnfold.pytorch.export_run import (
     BnUsage, check_bn_usage, example_inputs, parity, resolve_inputs, run_counting,
 )
 
@@ -89,8 +89,8 @@ def export_onnx(
     argument), a dict of example arrays by name, or a .npz path. `dynamic`: extra dynamic
     dims as (input name or None for the first input, axis, symbol or None).
     """
-    from bnfold.zoo import require_torch
-    from bnfold.zoo.prepare import eval_copy, flatten_outputs
+    from bnfold.pytorch.zoo import require_torch
+    from bnfold.pytorch.zoo.prepare import eval_copy, flatten_outputs
 
     torch = require_torch()
     if opset < 9:
@@ -110,7 +110,7 @@ def export_onnx(
         max_abs, max_rel, checked = parity(torch, call, proto, specs, examples, names, seed,
                                            _tolerance(flat), notes)
 
-    from bnfold.io import save_model
+    from bnfold.onnxio.files import save_model
 
     save_model(proto, path)
     return ExportResult(

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.export_inputs import InputSpec
+from bnfold.pytorch.export_inputs import InputSpec
 
 INTEGER_BOUND_WITHOUT_EMBEDDING = 2  # random ids/masks in {0, 1} unless an Embedding says more
 
@@ -41,7 +41,7 @@ def resolve_inputs(torch, model, specs, dynamic, dynamic_batch, hint=EXPORT_HINT
     """(named, typed specs in forward order, the callable to export taking them positionally).
 
     `hint`: how the user gives (one named input, all inputs) in the command at hand."""
-    from bnfold.zoo.prepare import forward_parameters
+    from bnfold.pytorch.zoo.prepare import forward_parameters
 
     params = forward_parameters(model)
     if params is None:  # forward(*inputs): positional only, names are ours
@@ -297,7 +297,7 @@ def _runner(proto, notes: list[str]):
         notes.append(f"ONNX Runtime's CPU provider has no kernel for "
                      f"{detail.group(1) if detail else 'an operator'} in this dtype: parity was "
                      "checked with onnx's reference evaluator instead")
-    from bnfold.float64 import evaluate_float64
+    from bnfold.verification.float64 import evaluate_float64
 
     def run(names, feed):
         values = evaluate_float64(proto, feed)
@@ -324,7 +324,7 @@ def _baked(specs, what: str, detail: str = "") -> BnfoldError:
 
 def parity(torch, call, proto, specs, examples, names, seed, rtol, notes):
     """(max abs error, scale-relative error, input shapes checked); marks moving output dims."""
-    from bnfold.zoo.prepare import flatten_outputs
+    from bnfold.pytorch.zoo.prepare import flatten_outputs
 
     run = _runner(proto, notes)
     dynamic = any(s.symbols for s in specs)

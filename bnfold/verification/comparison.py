@@ -45,7 +45,7 @@ CAP_ATOL = {
 # Compute precision -> (rtol, atol), scale-relative, and the noise-floor cap's rtol: about 20x
 # the precision's unit roundoff (tf32 and float16 2^-11, bfloat16 2^-8), room for a deep net's
 # accumulated rounding. Measured on the zoo ResNet-18 (8x3x64x64, folded): OpenVINO bf16
-# 2.8e-3, a bnfold.fp16 model in ORT 3.6e-4. The price: a wrong model is only caught when its
+# 2.8e-3, a bnfold.deploy.fp16 model in ORT 3.6e-4. The price: a wrong model is only caught when its
 # error exceeds the tolerance; the sample with one weight perturbed and one bias channel dropped
 # (1.3e-2) fails at float32 and float16 tolerances but passes bfloat16's. float32 is plain
 # verify's.

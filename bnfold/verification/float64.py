@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.io import iter_tensors
+from bnfold.onnxio.files import iter_tensors
 
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 

@@ -11,7 +11,7 @@ Dims: `--shape` wins; a symbolic batch (axis 0, or a dim named like one) is `bat
 the caller says otherwise; verification uses 1); any other
 symbolic dim comes from the model's own evidence (a numeric dim_param, `imgsz`-style metadata)
 or, failing that, from a short ladder of sizes tried until ONNX Runtime runs the model (see
-`bnfold.verification`). The same dim_param always gets the same value.
+`bnfold.verification.runs`). The same dim_param always gets the same value.
 """
 
 from __future__ import annotations

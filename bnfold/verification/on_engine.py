@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bnfold.comparison import OutputMetrics, default_tolerance
-from bnfold.engines import PRECISIONS, EngineOptions, get_engine
+from bnfold.verification.comparison import OutputMetrics, default_tolerance
+from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
 from bnfold.errors import BnfoldError
 
 
@@ -63,8 +63,8 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                      runs: int = 1, atol=None, rtol=None, shapes=None, ground_truth=None,
                      timeout=None, options: EngineOptions | None = None,
                      tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
-    """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.verify)."""
-    from bnfold.verification import (
+    """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
+    from bnfold.verification.runs import (
         VerifyResult, _feeds, _ground_truth, _load, _Runner, judge_outputs,
     )
 
@@ -78,7 +78,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     del session  # the reference's session goes before the engine loads the candidate
     backend = get_engine(engine, options)
     if engine == "torch" and isinstance(candidate, str):
-        from bnfold.engines.torch_engine import fused_candidate
+        from bnfold.deploy.engines.torch_engine import fused_candidate
 
         candidate, fusion_notes = fused_candidate(candidate, torch_checkpoint, feeds[0])
         notes += fusion_notes
@@ -107,7 +107,7 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
                    tolerance_precision: str | None = None) -> list[OutputCheck]:
     """Each open session's outputs on `feed` against `reference` (an ONNX model) run by ORT on
     the CPU with optimisation off: what `bnfold bench` does once before timing."""
-    from bnfold.verification import _load, _Runner, judge_outputs
+    from bnfold.verification.runs import _load, _Runner, judge_outputs
 
     _check_precision_name(tolerance_precision)
     _, ref_payload = _load(reference)
@@ -140,7 +140,7 @@ def _check_precision_name(name: str | None) -> None:
 def _vetted_candidate(candidate, engine: str):
     """An ONNX candidate path is vetted by bnfold's loader (external data confined to its
     folder) before an engine reads it; TensorRT engine files and torch modules pass as they are."""
-    from bnfold.verification import _load
+    from bnfold.verification.runs import _load
 
     if engine == "torch":
         if isinstance(candidate, os.PathLike) or (isinstance(candidate, str)
@@ -149,7 +149,7 @@ def _vetted_candidate(candidate, engine: str):
                               "SPEC (zoo name or module:factory, weights with --checkpoint)")
         return candidate
     if isinstance(candidate, (str, os.PathLike)):
-        from bnfold.engines.trt import ENGINE_SUFFIXES
+        from bnfold.deploy.engines.trt import ENGINE_SUFFIXES
 
         path = os.fspath(candidate)
         if path.endswith(ENGINE_SUFFIXES):

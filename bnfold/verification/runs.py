@@ -6,7 +6,7 @@ compared with a float64 ground truth (the original evaluated in float64 by onnx.
 which shows whether the fold made the model less accurate or merely different.
 
 Any model ORT runs can be verified without options: symbolic dims are settled by trying sizes
-(bnfold.inputs), bool inputs take both values, outputs are judged by bnfold.comparison. The
+(bnfold.verification.inputs), bool inputs take both values, outputs are judged by bnfold.verification.comparison. The
 two sessions never coexist (the reference's outputs are kept, its session dropped), so peak
 memory is one session, and a path is handed to ORT as is: Python never parses the weights.
 """
@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.comparison import (
+from bnfold.verification.comparison import (
     OutputMetrics,
     apply_noise_floor,
     compare,
     needs_noise_floor,
 )
 from bnfold.errors import BnfoldError
-from bnfold.inputs import InputPlan, load_npz_inputs, names_of, plan_inputs
+from bnfold.verification.inputs import InputPlan, load_npz_inputs, names_of, plan_inputs
 
 # onnx.reference is pure numpy: only run the float64 ground truth on models this small.
 GROUND_TRUTH_MAX_PARAMS = 2_000_000
@@ -96,12 +96,12 @@ def verify(
     `engine` ("ort-cpu", "ort-cuda", "openvino", "trt", "torch") runs the candidate on that
     engine instead (the reference stays in ORT on the CPU, optimisation off) and judges it with
     the tolerance of the precision the engine reports, or of `tolerance_precision` when given
-    (bnfold.verify_engine).
+    (bnfold.verification.on_engine).
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
     if engine is not None:
-        from bnfold.verify_engine import verify_on_engine
+        from bnfold.verification.on_engine import verify_on_engine
 
         return verify_on_engine(reference, candidate, engine, inputs=inputs, seed=seed, runs=runs,
                                 atol=atol, rtol=rtol, shapes=shapes, ground_truth=ground_truth,
@@ -189,7 +189,7 @@ def _with_outputs(source: ModelSource, names: list[str], path: str) -> str | byt
         model.CopyFrom(source if isinstance(source, onnx.ModelProto) else _load(source)[0])
         model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
         return model.SerializeToString()
-    from bnfold.io import load_model_deferred, save_model
+    from bnfold.onnxio.files import load_model_deferred, save_model
 
     model, deferred, _ = load_model_deferred(source)
     try:
@@ -214,7 +214,7 @@ def _load(source: ModelSource, header_only: bool = True) -> tuple[onnx.ModelProt
             return onnx.load_from_string(source), source
         except Exception as exc:  # protobuf's DecodeError and friends
             raise BnfoldError(f"the model bytes do not parse as ONNX ({exc})") from None
-    from bnfold.io import load_model, load_model_deferred
+    from bnfold.onnxio.files import load_model, load_model_deferred
 
     if not header_only:
         return load_model(source), os.fspath(source)
@@ -380,7 +380,7 @@ def _noise_floors(payload, runner: _Runner, feeds, ref_outputs, names) -> dict[s
 
 def parameter_count(model: onnx.ModelProto) -> int:
     """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
-    from bnfold.io import iter_tensors
+    from bnfold.onnxio.files import iter_tensors
 
     total = sum(math.prod(t.dims) for t in iter_tensors(model))
     shapes = {t.name: t for t in model.graph.initializer}
@@ -412,7 +412,7 @@ def _ground_truth(result, source, model, wanted, feed, ref_out, cand_out) -> Non
             f"limit {GROUND_TRUTH_MAX_INPUT_VALUES:,}; --ground-truth forces it)"
         )
         return
-    from bnfold.float64 import evaluate_float64
+    from bnfold.verification.float64 import evaluate_float64
 
     try:
         full = model if isinstance(source, (onnx.ModelProto, bytes)) else _load(source, False)[0]

@@ -1,6 +1,6 @@
 """Backends that run a model for benchmarking, behind one small protocol.
 
-An engine opens one `Session` per model; the harness in `bnfold.bench` calls `session.run()`
+An engine opens one `Session` per model; the harness in `bnfold.deploy.bench` calls `session.run()`
 and times it on the host. GPU sessions also return a `Timing` with the device time measured by
 CUDA events and the time the host spent enqueueing the work. `session.outputs(feed)` runs the
 same session once more and returns its outputs on the host, so what is verified
@@ -42,7 +42,7 @@ class EngineOptions:
     inference_precision: str | None = None
 
 
-# Compute precisions bnfold knows tolerances for (bnfold.comparison.PRECISION_TOLERANCES).
+# Compute precisions bnfold knows tolerances for (bnfold.verification.comparison.PRECISION_TOLERANCES).
 PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
 
 
@@ -86,11 +86,11 @@ class Engine(Protocol):
 
 # name -> (module, class, one-line description). Explicit: no registration by import.
 ENGINES: dict[str, tuple[str, str, str]] = {
-    "ort-cpu": ("bnfold.engines.ort", "OrtCpuEngine", "ONNX Runtime, CPU execution provider"),
-    "ort-cuda": ("bnfold.engines.ort", "OrtCudaEngine", "ONNX Runtime, CUDA execution provider"),
-    "trt": ("bnfold.engines.trt", "TrtEngine", "TensorRT engines built from the ONNX models"),
-    "torch": ("bnfold.engines.torch_engine", "TorchEngine", "PyTorch eager (or torch.compile)"),
-    "openvino": ("bnfold.engines.openvino", "OpenVinoEngine", "OpenVINO, CPU plugin"),
+    "ort-cpu": ("bnfold.deploy.engines.ort", "OrtCpuEngine", "ONNX Runtime, CPU execution provider"),
+    "ort-cuda": ("bnfold.deploy.engines.ort", "OrtCudaEngine", "ONNX Runtime, CUDA execution provider"),
+    "trt": ("bnfold.deploy.engines.trt", "TrtEngine", "TensorRT engines built from the ONNX models"),
+    "torch": ("bnfold.deploy.engines.torch_engine", "TorchEngine", "PyTorch eager (or torch.compile)"),
+    "openvino": ("bnfold.deploy.engines.openvino", "OpenVinoEngine", "OpenVINO, CPU plugin"),
 }
 
 INSTALL_HINTS = {
@@ -115,8 +115,8 @@ def get_engine(name: str, options: EngineOptions | None = None) -> Engine:
 
 def best_available() -> tuple[str, str]:
     """(engine name, why it was chosen): trt, else ort-cuda, else ort-cpu."""
-    from bnfold.engines import ort as ort_engine
-    from bnfold.engines import trt as trt_engine
+    from bnfold.deploy.engines import ort as ort_engine
+    from bnfold.deploy.engines import trt as trt_engine
 
     trt_reason = trt_engine.unavailable_reason()
     if trt_reason is None:

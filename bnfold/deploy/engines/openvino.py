@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, first_line, lowest_precision
+from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, first_line, lowest_precision
 from bnfold.errors import BnfoldError
 
 HINTS = ("f32", "bf16", "f16")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
+from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 OPTIMISATION_NOTE = (
@@ -77,13 +77,13 @@ def _checked_run(session, feed: dict, label: str) -> list[np.ndarray]:
 
 def graph_precision(model) -> Precision:
     """ORT computes in the types the graph declares: float16/bfloat16 weights or casts mean
-    that precision (e.g. a model made by bnfold.fp16, fp32 I/O around an fp16 body)."""
+    that precision (e.g. a model made by bnfold.deploy.fp16, fp32 I/O around an fp16 body)."""
     import onnx
 
-    from bnfold.engines import lowest_precision
+    from bnfold.deploy.engines import lowest_precision
 
     if isinstance(model, (str, os.PathLike)):
-        from bnfold.io import load_model_deferred
+        from bnfold.onnxio.files import load_model_deferred
 
         model, deferred, _ = load_model_deferred(model)  # types only: no weights are read
         deferred.close()
@@ -260,7 +260,7 @@ class OrtCudaEngine:
     name = "ort-cuda"
 
     def __init__(self, options: EngineOptions):
-        from bnfold.engines._cuda import cuda_timer
+        from bnfold.deploy.engines._cuda import cuda_timer
 
         if not cuda_provider_available():
             raise BnfoldError(
@@ -322,7 +322,7 @@ class OrtCudaEngine:
         return {name: (v.shape, v.dtype) for name, v in zip(names, values)}
 
     def environment(self) -> dict:
-        from bnfold.engines._cuda import device_name
+        from bnfold.deploy.engines._cuda import device_name
 
         env = _environment(self.options.threads)
         env["device"] = device_name() or "CUDA device 0 (name needs torch with CUDA)"
@@ -335,7 +335,7 @@ def _cuda_precision(session, model) -> Precision:
     for float32 MatMul/Conv on Ampere and later unless `use_tf32` is 0, as the session reports."""
     precision = graph_precision(model)
     options = session.get_provider_options().get("CUDAExecutionProvider", {})
-    from bnfold.engines._cuda import compute_capability
+    from bnfold.deploy.engines._cuda import compute_capability
 
     capability = compute_capability()
     tf32 = str(options.get("use_tf32", "1")) != "0" and (capability is None or capability >= (8, 0))

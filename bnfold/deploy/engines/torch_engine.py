@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
+from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 
@@ -34,7 +34,7 @@ class Fusion:
 def fuse_bn(module, example_inputs=None) -> Fusion:
     """An eval-mode copy of `module` with Conv/ConvTranspose/Linear→BN pairs fused, per call site.
 
-    `module` should be plain (see bnfold.zoo.prepare.eval_copy). A pair is fused only where it
+    `module` should be plain (see bnfold.pytorch.zoo.prepare.eval_copy). A pair is fused only where it
     is exactly one affine map: the producer's output feeds the BN alone; a Conv module called
     at several sites gets one fused copy per site (the other calls keep the original); a Linear
     only when its output is 2-D (N, F), so BatchNorm1d's channel axis 1 is the feature axis —
@@ -152,7 +152,7 @@ def _set_submodule(root, target: str, module) -> None:
 
 def _check_same(original, fused, args, kwargs, label: str) -> None:
     torch = require_torch()
-    from bnfold.zoo.prepare import flatten_outputs
+    from bnfold.pytorch.zoo.prepare import flatten_outputs
 
     with torch.no_grad():
         a = flatten_outputs(original(*args, **kwargs))
@@ -184,7 +184,7 @@ class TorchSession:
         """Outputs flattened as the exporter flattens them, named by `output_names` (the ONNX
         export's outputs, in order) when set, else `output`, `output_0`, ..."""
         torch = self._torch
-        from bnfold.zoo.prepare import flatten_outputs
+        from bnfold.pytorch.zoo.prepare import flatten_outputs
 
         args, keywords = self._inputs, self._keywords
         if feed is not None:
@@ -231,7 +231,7 @@ class TorchEngine:
 
     def __init__(self, options: EngineOptions):
         torch = require_torch()
-        from bnfold.engines._cuda import cuda_timer
+        from bnfold.deploy.engines._cuda import cuda_timer
 
         self.options = options
         self._torch = torch
@@ -276,7 +276,7 @@ class TorchEngine:
 
 def module_precision(torch, module, cuda: bool) -> Precision:
     """The lowest parameter dtype of the module, and TF32 when torch allows it on CUDA."""
-    from bnfold.engines import lowest_precision
+    from bnfold.deploy.engines import lowest_precision
 
     names = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
     counts: dict[str, int] = {}
@@ -293,7 +293,7 @@ def module_precision(torch, module, cuda: bool) -> Precision:
 
 def split_call(module, tensors: dict) -> tuple[list, dict]:
     """(positional, keyword) arguments: by keyword when forward names every input."""
-    from bnfold.zoo.prepare import forward_parameters
+    from bnfold.pytorch.zoo.prepare import forward_parameters
 
     params = forward_parameters(module)
     if params is not None and set(tensors) <= {p.name for p in params}:
@@ -312,10 +312,10 @@ def torch_models(spec: str, checkpoint: str | None, shapes, seed: int,
     fused and why (all of it, when nothing fused).
     """
     torch = require_torch()
-    from bnfold import zoo
-    from bnfold.export_inputs import InputSpec, load_example_npz
-    from bnfold.export_run import BENCH_HINT, example_inputs, resolve_inputs, run_counting
-    from bnfold.zoo.prepare import eval_copy, forward_parameters
+    from bnfold.pytorch import zoo
+    from bnfold.pytorch.export_inputs import InputSpec, load_example_npz
+    from bnfold.pytorch.export_run import BENCH_HINT, example_inputs, resolve_inputs, run_counting
+    from bnfold.pytorch.zoo.prepare import eval_copy, forward_parameters
 
     if isinstance(shapes, tuple):  # one shape, the old signature
         shapes = {"input": shapes}
@@ -356,8 +356,8 @@ def fused_candidate(spec: str, checkpoint: str | None, feed: dict) -> tuple[obje
     """(the BN-fused module of `spec`, notes): what `verify --engine torch` runs against the
     ONNX export, prepared as `bnfold export` and `bench --engine torch` prepare it."""
     torch = require_torch()
-    from bnfold import zoo
-    from bnfold.zoo.prepare import eval_copy
+    from bnfold.pytorch import zoo
+    from bnfold.pytorch.zoo.prepare import eval_copy
 
     notes: list[str] = []
     module, prepared = eval_copy(zoo.create(spec, checkpoint, notes=notes))
@@ -372,7 +372,7 @@ def fused_candidate(spec: str, checkpoint: str | None, feed: dict) -> tuple[obje
 
 def _positional(module, keywords: dict) -> list | None:
     """The keyword inputs in forward order, for ShapeProp (None if a gap needs a default)."""
-    from bnfold.zoo.prepare import forward_parameters
+    from bnfold.pytorch.zoo.prepare import forward_parameters
 
     ordered = []
     for param in forward_parameters(module) or []:

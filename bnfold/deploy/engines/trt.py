@@ -3,7 +3,7 @@
 Written against the documented TensorRT 10.x and 11.x Python API; differences are
 feature-detected (hasattr), not guessed from the version string:
 - 11.x networks are always strongly typed and BuilderFlag.FP16 is gone: for --fp16 the ONNX
-  model is converted to fp16 first (I/O kept fp32, bnfold.fp16); on 10.x the builder flag is
+  model is converted to fp16 first (I/O kept fp32, bnfold.deploy.fp16); on 10.x the builder flag is
   used. Either way the engine inspector reports what precision the layers actually got.
 - NetworkDefinitionCreationFlag.EXPLICIT_BATCH is deprecated (10.x) and ignored; we pass 0.
 - The inspector's JSON changed in 11.x ("Format/Datatype" split into "Format" and "DataType",
@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 
-from bnfold.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
+from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
 from bnfold.errors import BnfoldError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -31,7 +31,7 @@ def unavailable_reason() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "tensorrt is not installed"
-    from bnfold.engines._cuda import torch_cuda
+    from bnfold.deploy.engines._cuda import torch_cuda
 
     if torch_cuda() is None:
         return "no CUDA GPU visible to torch"
@@ -59,7 +59,7 @@ def has_fp16_builder_flag(trt) -> bool:
 
 def build_serialized(model, options):
     """(serialized engine bytes, BuildReport) for an onnx.ModelProto and BuildOptions."""
-    from bnfold.build import BuildReport
+    from bnfold.deploy.trt_options import BuildReport
 
     trt = require_tensorrt()
     logger = _logger(trt)
@@ -67,7 +67,7 @@ def build_serialized(model, options):
     fp16_method = None
     use_flag = options.fp16 and has_fp16_builder_flag(trt)
     if options.fp16 and not use_flag:
-        from bnfold.fp16 import convert_to_fp16
+        from bnfold.deploy.fp16 import convert_to_fp16
 
         model = convert_to_fp16(model)
         fp16_method = "ONNX converted to fp16 (I/O kept fp32), strongly typed network"
@@ -113,7 +113,7 @@ def build_serialized(model, options):
     plan_bytes = bytes(plan)
     saved = False
     if cache is not None and options.timing_cache:
-        from bnfold.io import write_bytes_atomic
+        from bnfold.onnxio.files import write_bytes_atomic
 
         write_bytes_atomic(options.timing_cache, bytes(cache.serialize()))
         saved = True
@@ -232,8 +232,8 @@ def engine_precision(trt, engine) -> Precision:
     """What the engine computes in, from its inspector: the lowest floating-point layer output
     type; float32 layers count as TF32 on Ampere and later, where the builder enables TF32 by
     default and the inspector cannot tell the two apart (kernels from either may be chosen)."""
-    from bnfold.engines import lowest_precision
-    from bnfold.engines._cuda import compute_capability
+    from bnfold.deploy.engines import lowest_precision
+    from bnfold.deploy.engines._cuda import compute_capability
 
     counts = layer_precisions(inspect_engine(trt, engine))
     found = {_INSPECTOR_PRECISIONS[k] for k in counts if k in _INSPECTOR_PRECISIONS}
@@ -265,8 +265,8 @@ class TrtSession:
     """One engine with device-resident I/O (torch CUDA tensors), timed by CUDA events."""
 
     def __init__(self, label, trt, engine, feed, options: EngineOptions):
-        from bnfold.build import ShapeProfile, check_in_profile
-        from bnfold.engines._cuda import CudaTimer, torch_cuda
+        from bnfold.deploy.trt_options import ShapeProfile, check_in_profile
+        from bnfold.deploy.engines._cuda import CudaTimer, torch_cuda
 
         torch = torch_cuda()
         self.label = label
@@ -394,7 +394,7 @@ class TrtEngine:
 
     def __init__(self, options: EngineOptions):
         self._trt = require_tensorrt()
-        from bnfold.engines._cuda import torch_cuda
+        from bnfold.deploy.engines._cuda import torch_cuda
 
         if torch_cuda() is None:
             raise BnfoldError(
@@ -417,8 +417,8 @@ class TrtEngine:
         if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(ENGINE_SUFFIXES):
             engine = load_engine_file(os.fspath(model))
         else:
-            from bnfold.build import BuildOptions, ShapeProfile
-            from bnfold.io import load_model
+            from bnfold.deploy.trt_options import BuildOptions, ShapeProfile
+            from bnfold.onnxio.files import load_model
 
             proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
             profiles = [ShapeProfile(k, tuple(v.shape), tuple(v.shape), tuple(v.shape))
@@ -431,7 +431,7 @@ class TrtEngine:
         return session
 
     def environment(self) -> dict:
-        from bnfold.engines._cuda import device_name
+        from bnfold.deploy.engines._cuda import device_name
 
         return {"tensorrt": self._trt.__version__, "device": device_name(),
                 "cuda_graphs": self.options.cuda_graphs}

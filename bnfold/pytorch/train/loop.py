@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 
 from bnfold.errors import BnfoldError
-from bnfold.io import ensure_folder
-from bnfold.train.data import load_dataset
+from bnfold.onnxio.files import ensure_folder
+from bnfold.pytorch.train.data import load_dataset
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH_SIZE = 32
@@ -56,7 +56,7 @@ def prepare_training(
 ) -> TrainingJob:
     """Check the options, load `data`, build the sample or `module:factory` model `name`, and
     check that the data fits it; raises BnfoldError before any training."""
-    from bnfold.zoo import SAMPLE_NAMES, create, require_torch
+    from bnfold.pytorch.zoo import SAMPLE_NAMES, create, require_torch
 
     torch = require_torch()
     if name not in SAMPLE_NAMES and ":" not in name:
@@ -68,7 +68,7 @@ def prepare_training(
     torch.manual_seed(seed)
     model = create(name)
     if name == "paper-mlp" and dataset.x_train[0].size != model.in_features:
-        from bnfold.zoo.nets import PaperMLP
+        from bnfold.pytorch.zoo.nets import PaperMLP
 
         model = PaperMLP(in_features=int(dataset.x_train[0].size))
     if batch_size > len(dataset.x_train):
@@ -98,8 +98,8 @@ def train_sample(
 
 def run_training(job: TrainingJob, out_dir: str | os.PathLike,
                  progress: Callable[[int], None] | None = None) -> TrainResult:
-    from bnfold.train.files import save_state_dict
-    from bnfold.zoo import require_torch
+    from bnfold.pytorch.train.files import save_state_dict
+    from bnfold.pytorch.zoo import require_torch
 
     torch = require_torch()
     model, dataset, loss_fn = job.model, job.dataset, job.loss_fn

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from bnfold.errors import BnfoldError
-from bnfold.io import ensure_folder
-from bnfold.train.data import load_dataset, require_labels
+from bnfold.onnxio.files import ensure_folder
+from bnfold.pytorch.train.data import load_dataset, require_labels
 
 ARMS = ("bn", "no_bn")
 THRESHOLDS = (0.90, 0.95)
@@ -72,7 +72,7 @@ def run_paper_experiment(
 
     `progress(arm, steps_done)` is called as training advances (the CLI draws a bar with it).
     """
-    from bnfold.zoo import require_torch
+    from bnfold.pytorch.zoo import require_torch
 
     torch = require_torch()
     _check_options(steps, batch_size, lr)
@@ -165,7 +165,7 @@ def _check_options(steps: int, batch_size: int, lr: float) -> None:
 
 def _paired_models(torch, in_features: int, seed: int) -> dict:
     """Both arms with identical initial values for every weight they share."""
-    from bnfold.zoo.nets import PaperMLP
+    from bnfold.pytorch.zoo.nets import PaperMLP
 
     torch.manual_seed(seed)
     with_bn = PaperMLP(in_features, batchnorm=True)
@@ -201,8 +201,8 @@ def _steps_to(curve, arm: str) -> dict[float, int | None]:
 
 
 def _write_outputs(result: PaperResult, bn_model) -> None:
-    from bnfold.io import write_text_atomic
-    from bnfold.train.files import save_figure, save_state_dict
+    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.pytorch.train.files import save_figure, save_state_dict
 
     lines = ["step,arm,test_accuracy"] + [f"{s},{arm},{acc:.6f}" for s, arm, acc in result.curve]
     result.curve_csv = os.path.join(result.out_dir, "curve.csv")

@@ -38,7 +38,7 @@ def recalibrate_batchnorm(model, batches: Iterable) -> RecalibrationResult:
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from bnfold.zoo import require_torch
+    from bnfold.pytorch.zoo import require_torch
 
     torch = require_torch()
     norms = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]

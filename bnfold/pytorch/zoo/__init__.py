@@ -1,9 +1,9 @@
 """Sample BatchNorm networks and model specs, for export, training and tests.
 
-    >>> import bnfold.zoo
-    >>> model = bnfold.zoo.create("resnet18")                     # a sample, eval mode
-    >>> model = bnfold.zoo.create("mypkg.nets:build", "ckpt.pt")  # your factory + checkpoint
-    >>> bnfold.zoo.default_input_shape("resnet18")
+    >>> import bnfold.pytorch.zoo
+    >>> model = bnfold.pytorch.zoo.create("resnet18")                     # a sample, eval mode
+    >>> model = bnfold.pytorch.zoo.create("mypkg.nets:build", "ckpt.pt")  # your factory + checkpoint
+    >>> bnfold.pytorch.zoo.default_input_shape("resnet18")
     (1, 3, 32, 32)
 
 A spec is a sample name (SAMPLE_NAMES), `module:factory` (the module is imported and
@@ -72,7 +72,7 @@ def create(spec: str, checkpoint: str | None = None, notes: list[str] | None = N
 def default_input_shape(spec: str) -> tuple[int, ...]:
     """The input shape (batch 1) a sample or torchvision model expects; factories must say theirs."""
     if spec in SAMPLE_NAMES:
-        from bnfold.zoo.nets import SAMPLES
+        from bnfold.pytorch.zoo.nets import SAMPLES
 
         return SAMPLES[spec][1]
     if spec.startswith(TORCHVISION_PREFIX):
@@ -225,7 +225,7 @@ def _few(items: list[str], limit: int = 3) -> str:
 
 
 def _create_sample(name: str, checkpoint: str | None):
-    from bnfold.zoo.nets import SAMPLES, PaperMLP
+    from bnfold.pytorch.zoo.nets import SAMPLES, PaperMLP
 
     factory = SAMPLES[name][0]
     if name == "paper-mlp" and checkpoint is not None:

@@ -1,6 +1,6 @@
 """Sample BatchNorm networks (plain torch, no torchvision), small enough to train and export on CPU.
 
-This module imports torch at the top: it is only ever imported from inside `bnfold.zoo.create`,
+This module imports torch at the top: it is only ever imported from inside `bnfold.pytorch.zoo.create`,
 so `import bnfold` stays torch-free.
 """
 
