@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import click
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from bnfold.pytorch import zoo  # noqa: E402
 from bnfold.cli.common import BnfoldGroup  # noqa: E402
+from bnfold.cli import cli as bnfold_cli  # noqa: E402
 from bnfold.cli.torch_commands import export_command, recalibrate_command, train_command  # noqa: E402
 
 
@@ -242,3 +244,26 @@ def test_recalibrate_keeps_integer_inputs(cli, tmp_path):
                     "-o", tmp_path / "r.pt")
     assert result.exit_code == 0, result.output
     assert "recalibrated 1 BatchNorm layers over 2 batches of 16" in result.output
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path, monkeypatch):
+    # What a torchvision built for another torch does at import.
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    result = CliRunner().invoke(bnfold_cli, ["export", "--model", "torchvision:resnet18", "-o",
+                                      str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1
+    assert "does not match torch" in result.output and "Traceback" not in result.output
+
+
+def test_a_user_module_that_raises_at_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "brokennet.py").write_text("raise ValueError('bad config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(bnfold_cli, ["export", "--model", "brokennet:build", "-o",
+                                      str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1
+    assert "importing 'brokennet' failed (ValueError: bad config)" in result.output

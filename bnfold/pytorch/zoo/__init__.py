@@ -239,6 +239,21 @@ def _create_sample(name: str, checkpoint: str | None):
     return factory()
 
 
+def _import_failure(module_name: str, exc: Exception) -> str:
+    """One line for a module that raised while importing; a torchvision built for another
+    torch (`operator torchvision::nms does not exist`) named as such."""
+    text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    if "torchvision::" in text or module_name.split(".")[0] == "torchvision":
+        import torch
+
+        return (f"importing {module_name!r} failed ({type(exc).__name__}: {text}): the installed "
+                f"torchvision does not match torch {torch.__version__}; install the torchvision "
+                f"release built for this torch, or define the network in your own "
+                f"module:factory")
+    return (f"importing {module_name!r} failed ({type(exc).__name__}: {text}): fix the error in "
+            f"that module, or point --model at another module:factory")
+
+
 def _create_torchvision(name: str):
     try:
         import torchvision
@@ -247,6 +262,8 @@ def _create_torchvision(name: str):
             f"torchvision:{name} needs torchvision, which is not installed: install it, "
             "or use a sample or module:factory"
         ) from None
+    except Exception as exc:  # a torchvision built for another torch fails at import
+        raise BnfoldError(_import_failure("torchvision", exc)) from None
     try:
         return torchvision.models.get_model(name, weights=None)
     except ValueError:
@@ -269,6 +286,8 @@ def _create_from_factory(spec: str):
         raise BnfoldError(
             f"cannot import {module_name!r} ({exc}): check the name and that it is on PYTHONPATH"
         ) from None
+    except Exception as exc:  # the user's module ran and failed: any exception type
+        raise BnfoldError(_import_failure(module_name, exc)) from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
