@@ -205,6 +205,7 @@ class GraphView:
         initializer_names = {t.name for t in graph.initializer} if initializers_are_inputs else set()
         self.graph_inputs = {v.name for v in graph.input} - initializer_names
         self.computed = computed
+        self._recent_reads: dict[str, np.ndarray] = {}
         self.constants: dict[str, Constant] = dict(outer_constants or {})
         # An outer-scope constant is shadowed by a local input of the same name.
         for name in self.graph_inputs:
@@ -331,7 +332,17 @@ class GraphView:
     def _value(self, name: str, constant: Constant) -> np.ndarray:
         if self.pending is not None and name in self.pending and name in self.initializers:
             return self.pending.values(name)
-        return constant.array()
+        if constant.deferred is None or not constant.deferred.holds(constant.tensor):
+            return constant.array()
+        # A rule reads a weight, its bias and four BN parameters, then its checks read the weight
+        # again (range headroom): keep the last six read from the file rather than pread twice;
+        # six (one fold's worth), so memory stays bounded by the fold at hand.
+        recent = self._recent_reads
+        if name not in recent:
+            if len(recent) >= 6:
+                recent.pop(next(iter(recent)))
+            recent[name] = constant.array()
+        return recent[name]
 
     def constant_array(self, name: str) -> np.ndarray | None:
         found = self.constant(name)
