@@ -97,17 +97,20 @@ class _ModelFolder:
                          computed=self.computed)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
-        scope = self.view(graph, outer, path)
-        _check_arity(scope)
-        for _, node in scope.live_nodes():
-            for attr_name, sub in subgraphs(node):
-                self.fold_graph(sub, scope.constants, f"{path}/{node_label(node)}/{attr_name}")
-        changed = True
-        while changed:  # each pass that changes something removes a node, so this ends
-            view = self.view(graph, outer, path)
-            changed = self.fold_pass(view)
-            view.commit()
         view = self.view(graph, outer, path)
+        _check_arity(view)
+        has_subgraphs = False
+        for _, node in view.live_nodes():
+            for attr_name, sub in subgraphs(node):
+                has_subgraphs = True
+                self.fold_graph(sub, view.constants, f"{path}/{node_label(node)}/{attr_name}")
+        if has_subgraphs:  # folds inside changed which outer names the subgraphs read
+            view = self.view(graph, outer, path)
+        # One view for every pass: it keeps its maps current through each edit, and building
+        # it is the graph-size cost of a pass. Each pass that changes something removes a node,
+        # so this ends.
+        while self.fold_pass(view):
+            pass
         self.settle_kept(view)
         view.commit()
 
