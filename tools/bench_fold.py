@@ -358,10 +358,9 @@ def summary(results: dict[str, tuple[int, dict[str, Outcome]]], tools: list[Tool
 def _default_targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
     models = list(results)
     mine = ratios[tool.name]
-    lines = [f"targets for {tool.name}:"]
     if len(mine) < len(models):
-        lines.append(f"  FAIL  ran on {len(mine)} of {len(models)} models")
-        return "\n".join(lines)
+        return f"targets for {tool.name}:\n  FAIL  ran on {len(mine)} of {len(models)} models"
+    lines = [f"targets for {tool.name}:"]
     mean = _geomean(list(mine.values()))
     peers = {t.name: _geomean(list(ratios[t.name].values())) for t in tools
              if t.kind == "python" and len(ratios[t.name]) == len(models)}
@@ -389,10 +388,9 @@ def _default_targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
 def _targets(tool: Tool, results, ratios, tools: list[Tool]) -> str:
     models = list(results)
     mine = ratios[tool.name]
-    lines = [f"targets for {tool.name}:"]
     if len(mine) < len(models):
-        lines.append(f"  FAIL  ran on {len(mine)} of {len(models)} models")
-        return "\n".join(lines)
+        return f"targets for {tool.name}:\n  FAIL  ran on {len(mine)} of {len(models)} models"
+    lines = [f"targets for {tool.name}:"]
     mean = _geomean(list(mine.values()))
     lines.append(f"  {_verdict(mean <= TARGET_TIME)}  time: geomean {mean:.2f}x the floor "
                  f"(target <= {TARGET_TIME:.2f}x)")

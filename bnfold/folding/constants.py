@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 # Deterministic ops whose output depends on their inputs' values alone.
 EVALUATED_OPS = frozenset({
@@ -133,17 +132,14 @@ def _run_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int)
     single.output.extend(f"out{i}" for i in range(len(node.output)))
     graph = onnx.helper.make_graph(
         [single], "constant",
-        [onnx.helper.make_tensor_value_info(n, numpy_helper_dtype(v), v.shape)
+        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                            v.shape)
          for n, v in zip(names, inputs) if v is not None],
         [onnx.helper.make_empty_tensor_value_info(o) for o in single.output],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     feed = {n: v for n, v in zip(names, inputs) if v is not None}
     return ReferenceEvaluator(model).run(None, feed)
-
-
-def numpy_helper_dtype(value: np.ndarray) -> int:
-    return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
 
 
 def as_tensor(name: str, computed: ComputedValue) -> onnx.TensorProto:
@@ -153,4 +149,4 @@ def as_tensor(name: str, computed: ComputedValue) -> onnx.TensorProto:
     return tensor
 
 
-__all__ = ["ConstantSubgraphs", "ComputedValue", "EVALUATED_OPS", "as_tensor", "numpy_helper"]
+__all__ = ["ConstantSubgraphs", "ComputedValue", "EVALUATED_OPS", "as_tensor"]

@@ -239,7 +239,10 @@ def freeze_initializer_inputs(model: onnx.ModelProto, names: Iterable[str] | str
     overridable = [v.name for v in model.graph.input if v.name in initializers]
     if model.ir_version < 4:
         return []  # there the listing is mandatory and already means "constant"
-    wanted = overridable if names == "all" else list(dict.fromkeys([names] if isinstance(names, str) else names))
+    if names == "all":
+        wanted = overridable
+    else:
+        wanted = list(dict.fromkeys([names] if isinstance(names, str) else names))
     unknown = [n for n in wanted if n not in overridable]
     if unknown:
         raise BnfoldError(
