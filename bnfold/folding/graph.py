@@ -8,118 +8,29 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from bnfold.errors import BnfoldError
 from bnfold.folding.constants import ConstantSubgraphs, as_tensor
-from bnfold.onnxio.files import iter_tensors
+from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors: re-exported)
+    PendingTensors,
+    constant_node_tensor,
+    fill_tensor,
+    tensor_to_array,
+)
+from bnfold.folding.types import TypeTable  # noqa: F401  (re-exported)
 from bnfold.onnxio.deferred import DeferredData
-from bnfold.onnxio.stream import TYPED_DATA
-from bnfold.precision import bfloat16_bits_to_float32
-
-SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """(attribute name, graph) for each subgraph of `node` (If branches, Loop/Scan bodies)."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.name, attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for index, graph in enumerate(attr.graphs):
-                yield f"{attr.name}[{index}]", graph
-
-
-def names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names that `node`'s subgraphs read (recursively), i.e. its implicit inputs."""
-    used: set[str] = set()
-    for _, graph in subgraphs(node):
-        defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-        for inner in graph.node:
-            defined.update(inner.output)
-        for inner in graph.node:
-            used.update(name for name in inner.input if name)
-            used.update(names_read_by_subgraphs(inner))
-        used.update(v.name for v in graph.output)
-        used -= defined
-    return used
-
+from bnfold.onnxio.tensors import names_read_by_subgraphs, subgraphs  # noqa: F401
 
 def node_label(node: onnx.NodeProto) -> str:
     """A name for reports: the node's own, else op type and first output."""
     if node.name:
         return node.name
     return f"{node.op_type}({node.output[0] if node.output else '?'})"
-
-
-# Little-endian storage, as ONNX requires for raw_data.
-_RAW_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: np.dtype("<f4"),
-    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
-    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
-}
-
-
-def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
-    """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
-    bytes of a tensor loaded without them (bnfold.onnxio.deferred)."""
-    if any(d < 0 for d in tensor.dims):
-        raise BnfoldError(
-            f"tensor {tensor.name!r} declares negative dims {list(tensor.dims)}: the file is "
-            f"corrupt; re-export the model"
-        )
-    count = math.prod(tensor.dims)
-    if raw is None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise BnfoldError(
-            f"tensor {tensor.name!r} keeps its data in an external file that was not loaded: "
-            f"give bnfold the model's path, or load it with its external data"
-        )
-    if raw is None and tensor.HasField("raw_data"):
-        # One read of raw_data: each access copies the bytes out of the protobuf.
-        raw = tensor.raw_data
-    if tensor.data_type == onnx.TensorProto.BFLOAT16:
-        if raw is not None:
-            bits = np.frombuffer(raw, dtype=np.uint16)
-        else:
-            bits = np.asarray(tensor.int32_data, dtype=np.uint16)
-        _check_count(tensor, bits.size, count)
-        return bfloat16_bits_to_float32(bits).reshape(tuple(tensor.dims))
-    if raw is not None and tensor.data_type in _RAW_FLOAT_TYPES:
-        dtype = _RAW_FLOAT_TYPES[tensor.data_type]
-        _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
-        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-    if raw is not None and not tensor.HasField("raw_data"):
-        tensor = _with_raw_data(tensor, raw)
-    try:
-        array = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError, KeyError) as exc:  # KeyError: an unknown data_type
-        raise BnfoldError(
-            f"tensor {tensor.name!r} is corrupt ({type(exc).__name__}: {exc}): re-export the model"
-        ) from None
-    _check_count(tensor, array.size, count)
-    return array
-
-
-def _with_raw_data(tensor: onnx.TensorProto, raw: bytes) -> onnx.TensorProto:
-    full = onnx.TensorProto()
-    full.CopyFrom(tensor)
-    full.raw_data = raw
-    return full
-
-
-def _check_count(tensor: onnx.TensorProto, have: int, want: int, stray_bytes: int = 0) -> None:
-    if have != want or stray_bytes:
-        raise BnfoldError(
-            f"tensor {tensor.name!r} declares dims {list(tensor.dims)} ({want} values) but holds "
-            f"{have}: the file is corrupt; re-export the model"
-        )
 
 
 class NameAllocator:
@@ -229,7 +140,7 @@ class GraphView:
             if name:
                 self.producer[name] = index
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            tensor = _constant_node_tensor(node)
+            tensor = constant_node_tensor(node)
             if tensor is not None:
                 self.constants[node.output[0]] = Constant(tensor, self.graph, False)
 
@@ -474,121 +385,8 @@ class GraphView:
                 del self.graph.node[index]
 
 
-class PendingTensors:
-    """Replacement values for initializers, by name, applied at save time or on demand."""
-
-    def __init__(self):
-        self._items: dict[str, tuple[np.ndarray, int]] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, name: str, stored: np.ndarray, elem_type: int) -> None:
-        self._items[name] = (np.ascontiguousarray(stored), elem_type)
-
-    def get(self, name: str) -> tuple[np.ndarray, int] | None:
-        return self._items.get(name)
-
-    def values(self, name: str) -> np.ndarray:
-        stored, elem_type = self._items[name]
-        if elem_type == onnx.TensorProto.BFLOAT16:
-            return bfloat16_bits_to_float32(stored)
-        return stored
-
-    def clear(self) -> None:
-        """Forget every value (the caller has them elsewhere, e.g. in a written file)."""
-        self._items.clear()
-
-    def apply(self, graph: onnx.GraphProto) -> None:
-        """Write every pending value into `graph`'s initializers and forget them."""
-        for tensor in graph.initializer:
-            item = self._items.pop(tensor.name, None)
-            if item is not None:
-                fill_tensor(tensor, item[0], item[1])
-        self._items.clear()  # entries for initializers the fold removed
-
-
 def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     for attr in node.attribute:
         if attr.name == name:
             return attr.i if attr.type == onnx.AttributeProto.INT else default
     return default
-
-
-def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-        if attr.name == "value_float":
-            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
-        if attr.name == "value_floats":
-            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
-    return None
-
-
-def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, elem_type: int) -> None:
-    """Store `values` (already rounded into elem_type's numpy dtype) as raw data."""
-    for field in TYPED_DATA:
-        tensor.ClearField(field)
-    del tensor.dims[:]
-    tensor.dims.extend(values.shape)
-    tensor.data_type = elem_type
-    tensor.raw_data = np.ascontiguousarray(values).tobytes()
-
-
-class TypeTable:
-    """Element type and rank of tensors, from declared value infos, else shape inference.
-
-    Inference runs at most once per model, on a copy whose large tensors are emptied, so it
-    costs the graph's size rather than the weights'.
-    """
-
-    def __init__(self, model: onnx.ModelProto):
-        self._model = model
-        self._known: dict[str, tuple[int, int | None]] = {}
-        self._inferred = False
-        self._collect(model.graph)
-
-    def lookup(self, name: str) -> tuple[int, int | None] | None:
-        """(elem_type, rank or None) of `name`, or None when unknown."""
-        if name not in self._known and not self._inferred:
-            self._inferred = True
-            self._infer()
-        found = self._known.get(name)
-        return found
-
-    def _collect(self, graph: onnx.GraphProto) -> None:
-        for tensor in graph.initializer:
-            self._known.setdefault(tensor.name, (tensor.data_type, len(tensor.dims)))
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            tensor_type = value.type.tensor_type
-            if not value.type.HasField("tensor_type") or not tensor_type.elem_type:
-                continue
-            rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-            known = self._known.get(value.name)
-            if known is None or (known[1] is None and rank is not None):
-                self._known[value.name] = (tensor_type.elem_type, rank)
-        for node in graph.node:
-            for _, sub in subgraphs(node):
-                self._collect(sub)
-
-    def _infer(self) -> None:
-        emptied: list[tuple[onnx.TensorProto, bytes]] = []
-        try:
-            for tensor in iter_tensors(self._model):
-                if tensor.HasField("raw_data") and len(tensor.raw_data) > 4096:
-                    emptied.append((tensor, tensor.raw_data))
-                    tensor.ClearField("raw_data")
-            small = self._model.SerializeToString()
-        finally:
-            for tensor, raw in emptied:
-                tensor.raw_data = raw
-        try:
-            inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(small))
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
-            return  # ranks stay unknown; rules that need them refuse with that reason
-        self._collect(inferred.graph)
-

@@ -65,3 +65,31 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield from _graph_tensors(attr.g)
         for graph in attr.graphs:
             yield from _graph_tensors(graph)
+
+
+SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) for each subgraph of `node` (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for index, graph in enumerate(attr.graphs):
+                yield f"{attr.name}[{index}]", graph
+
+
+def names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that `node`'s subgraphs read (recursively), i.e. its implicit inputs."""
+    used: set[str] = set()
+    for _, graph in subgraphs(node):
+        defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        for inner in graph.node:
+            defined.update(inner.output)
+        for inner in graph.node:
+            used.update(name for name in inner.input if name)
+            used.update(names_read_by_subgraphs(inner))
+        used.update(v.name for v in graph.output)
+        used -= defined
+    return used

@@ -38,7 +38,7 @@ def sort_nodes_topologically(model: onnx.ModelProto) -> int:
 
 
 def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
-    from bnfold.folding.graph import names_read_by_subgraphs
+    from bnfold.onnxio.tensors import names_read_by_subgraphs
 
     producer: dict[str, int] = {}
     for index, node in enumerate(graph.node):
