@@ -235,19 +235,27 @@ def read_model(
         if release is not None:
             release(field_end)
 
+    def large(payload: int, field_end: int) -> bool:
+        # Only initializers that may be deferred are read one at a time; small ones (most of a
+        # graph-heavy model's) join the runs that protobuf's C parser merges in one call.
+        return spans is None or field_end - payload >= defer_min_bytes
+
     def read_graph(payload: int, field_end: int) -> None:
-        _merge_around(model.graph, data, payload, field_end, initializer_number, read_initializer)
+        _merge_around(model.graph, data, payload, field_end, initializer_number,
+                      read_initializer, large)
 
     _merge_around(model, data, 0, len(data), graph_number, read_graph)
     return model
 
 
-def _merge_around(message, data: memoryview, start: int, end: int, number: int, read) -> None:
+def _merge_around(message, data: memoryview, start: int, end: int, number: int, read,
+                  select=None) -> None:
     """Merge data[start:end] into `message` in runs of consecutive fields, except each field
-    `number`, whose (payload start, end) goes to `read` in order (protobuf's merge order)."""
+    `number` (that `select(payload, end)` accepts, when given), whose (payload start, end) goes
+    to `read` in order (protobuf's merge order)."""
     run_start = None
     for field, tag_start, payload, field_end in _fields(data, start, end):
-        if field != number:
+        if field != number or (select is not None and not select(payload, field_end)):
             run_start = tag_start if run_start is None else run_start
             continue
         if run_start is not None:
