@@ -237,3 +237,45 @@ def test_frozen_bn_as_mul_add_is_labelled_by_its_op():
     result = bnfold.fold(m)
     assert [e.rule for e in result.report.folded] == ["conv-mul", "conv-add"]
     assert_same_outputs(m, result.model, FEED)
+
+
+def test_zoo_ir3_bn_inside_if_branches_folds_into_constant_nodes():
+    # Below IR 4 an If branch cannot declare initializers (it has no inputs): folded values
+    # there become Constant nodes; the main graph's stay declared initializers.
+    def branch(tag):
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", "W"], ["c" + tag], pads=[1, 1, 1, 1]),
+             bn_node("c" + tag, "o" + tag, prefix="bn" + tag, name="bn" + tag)],
+            "b" + tag, [], [helper.make_tensor_value_info("o" + tag, TensorProto.FLOAT, [2, 4, 6, 6])])
+
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=branch("t"), else_branch=branch("e")),
+             helper.make_node("Conv", ["x", "W"], ["c2"], pads=[1, 1, 1, 1]), bn_node("c2", "y2")]
+    inits = [conv_weight(), tensor("cond", np.array(False), np.bool_), *bn_params("bnt", 4, seed=2),
+             *bn_params("bne", 4, seed=3), *bn_params("bn", 4)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4, 6, 6]) for n in ("y", "y2")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    onnx.checker.check_model(m, full_check=True)
+    result = bnfold.fold(m)
+    assert result.report.folded_count == 3
+    onnx.checker.check_model(result.model, full_check=True)
+    for attr in result.model.graph.node[0].attribute:
+        assert not attr.g.initializer
+        assert [n.op_type for n in attr.g.node].count("Constant") == 2  # weight and bias
+    assert_same_outputs(m, result.model, FEED)
+
+
+@pytest.mark.parametrize("op,operands", [
+    ("Expand", [tensor("flat", np.zeros(1 << 20)), tensor("to", np.array([4096, 1]), np.int64)]),
+    ("Mul", [tensor("col", np.zeros((1 << 16, 1))), tensor("row", np.zeros((1, 1 << 16)))]),
+])
+def test_broadcast_growth_is_refused_before_evaluation(op, operands):
+    # the BN scale itself would be 4 G values: refused from the shapes, never evaluated
+    nodes = [helper.make_node(op, [t.name for t in operands], ["bn_scale"]),
+             helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
+    inits = [conv_weight(), *operands, *bn_params("bn", 4)[1:]]
+    result = bnfold.fold(build(nodes, inits))
+    assert result.report.folded_count == 0
+    assert "values (over" in " ".join(result.report.kept[0].reasons)

@@ -238,3 +238,13 @@ def test_fold_sites_catch_a_wrong_fold_that_a_saturated_output_hides(tmp_path):
     outcome = bnfold.verify(m, wrong, sites=["b1", "b2"])
     assert not outcome.ok
     assert "b1" in [s.name for s in outcome.sites if not s.ok]
+
+
+def test_shape_given_for_a_later_input_settles_the_shared_dim_param():
+    nodes = [helper.make_node("Concat", ["a", "b"], ["y"], axis=1)]
+    m = make(nodes, [vi("a", ["N", 3, "H", "W"]), vi("b", ["N", 3, "H", "W"])],
+             [vi("y", ["N", 6, "H", "W"])], [])
+    outcome = bnfold.verify(m, m, shapes={"b": (4, 3, 16, 16)})
+    assert outcome.shapes["a"] == outcome.shapes["b"] == [4, 3, 16, 16]
+    with pytest.raises(BnfoldError, match="two sizes"):
+        bnfold.verify(m, m, shapes={"a": (4, 3, 16, 16), "b": (2, 3, 16, 16)})

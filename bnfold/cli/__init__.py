@@ -40,7 +40,8 @@ def _verify_options(f):
         "shapes",
         multiple=True,
         metavar="NAME=DxD..",
-        help="Concrete shape for an input with symbolic dims (batch defaults to 2).",
+        help="Concrete shape for an input with symbolic dims (verification: a symbolic batch "
+             "is 1, other dims take the first size ONNX Runtime runs).",
     )(f)
     f = click.option(
         "--verify-timeout", "timeout", type=click.FloatRange(min=0, min_open=True),

@@ -98,10 +98,19 @@ class ConstantSubgraphs:
 def _size_problem(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> str | None:
     """Refuse ops whose declared output would be too large, before anything is allocated."""
     shape = None
-    if node.op_type in ("ConstantOfShape", "Expand") and len(inputs) >= 1:
-        shape_input = inputs[0] if node.op_type == "ConstantOfShape" else inputs[1]
-        if shape_input is not None:
-            shape = [int(d) for d in np.asarray(shape_input).reshape(-1)]
+    if node.op_type == "ConstantOfShape" and inputs and inputs[0] is not None:
+        shape = [int(d) for d in np.asarray(inputs[0]).reshape(-1)]
+    elif node.op_type == "Expand" and len(inputs) == 2 and all(i is not None for i in inputs):
+        target = [int(d) for d in np.asarray(inputs[1]).reshape(-1)]
+        if any(d < 0 for d in target):
+            return f"computed by Expand with a negative size {target}"
+        shape = _broadcast(node, [inputs[0].shape, tuple(target)])
+        if isinstance(shape, str):
+            return shape
+    elif node.op_type in _BROADCASTING and all(i is not None for i in inputs) and inputs:
+        shape = _broadcast(node, [i.shape for i in inputs])
+        if isinstance(shape, str):
+            return shape
     elif node.op_type == "Tile" and len(inputs) == 2 and inputs[0] is not None:
         repeats = [int(r) for r in np.asarray(inputs[1]).reshape(-1)]
         shape = [int(inputs[0].size)] + repeats
@@ -118,6 +127,16 @@ def _size_problem(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> str 
     if total > MAX_VALUES:
         return f"computed by {node.op_type} into {total:,} values (over {MAX_VALUES:,})"
     return None
+
+
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
+
+def _broadcast(node: onnx.NodeProto, shapes: list[tuple[int, ...]]) -> list[int] | str:
+    try:
+        return list(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return f"computed by {node.op_type} of shapes that do not broadcast {shapes}"
 
 
 def _run_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list:

@@ -94,7 +94,7 @@ class _ModelFolder:
             return GraphView(graph, self.names, self.types, outer, path, self.pending, self.opset,
                              self.deferred, self.computed, self.initializers_are_inputs)
         return GraphView(graph, self.names, self.types, outer, path, None, self.opset,
-                         computed=self.computed)
+                         computed=self.computed, constants_as_nodes=self.initializers_are_inputs)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
         view = self.view(graph, outer, path)

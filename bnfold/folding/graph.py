@@ -94,6 +94,7 @@ class GraphView:
         deferred: DeferredData | None = None,
         computed: ConstantSubgraphs | None = None,
         initializers_are_inputs: bool = False,
+        constants_as_nodes: bool = False,
     ):
         self.graph = graph
         self.opset = opset  # the model's default-domain opset: op semantics differ by version
@@ -113,6 +114,7 @@ class GraphView:
         # it as a constant: such listings are declarations, not inputs (folding keeps them in
         # step, see add_initializer / declare_input).
         self.initializers_are_inputs = initializers_are_inputs
+        self.constants_as_nodes = constants_as_nodes
         initializer_names = {t.name for t in graph.initializer} if initializers_are_inputs else set()
         self.graph_inputs = {v.name for v in graph.input} - initializer_names
         self.computed = computed
@@ -296,7 +298,7 @@ class GraphView:
             return old
         tensor = onnx.TensorProto(name=self.names.fresh(f"{hint}_bnfold"))
         fill_tensor(tensor, values, elem_type)
-        name = self.add_initializer(tensor)
+        name = self.add_initializer(tensor, before=node_index)
         while len(node.input) <= input_slot:
             node.input.append("")
         if old:
@@ -305,8 +307,16 @@ class GraphView:
         self.consumers[name].append(node_index)
         return name
 
-    def add_initializer(self, tensor: onnx.TensorProto) -> str:
-        """Append an initializer (its name must come from self.names) and return its name."""
+    def add_initializer(self, tensor: onnx.TensorProto, before: int = 0) -> str:
+        """Append an initializer (its name must come from self.names) and return its name.
+
+        Where initializers cannot be declared (a subgraph below IR 4: an If branch has no
+        inputs to list them in), the value becomes a Constant node placed before node `before`.
+        """
+        if self.constants_as_nodes:
+            node = onnx.helper.make_node("Constant", [], [tensor.name], value=tensor)
+            self.insert_node_before(before, node)
+            return tensor.name
         self.graph.initializer.append(tensor)
         stored = self.graph.initializer[-1]
         self.initializers[stored.name] = stored

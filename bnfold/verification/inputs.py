@@ -207,6 +207,7 @@ def plan_inputs(
     bounds = _gather_bounds(model)
     metadata_size = _metadata_size(model)
     plan = InputPlan([], batch)
+    _seed_given_dim_params(inputs, shapes, plan)
     for value in inputs:
         if not value.type.HasField("tensor_type"):
             raise BnfoldError(
@@ -233,10 +234,6 @@ def _declared_dims(value, shapes, plan: InputPlan, batch: int, metadata_size) ->
                 f"--shape {value.name} has {len(given)} dims but the model declares "
                 f"{len(declared)}: give all of them"
             )
-        if declared is not None:  # a --shape value also settles the same dim_param elsewhere
-            for dim, size in zip(declared, given):
-                if dim.dim_param:
-                    plan.chosen.setdefault(dim.dim_param, size)
         return list(given)
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -262,6 +259,22 @@ def _declared_dims(value, shapes, plan: InputPlan, batch: int, metadata_size) ->
             plan.notes.append(f"{_label_text(label)} = {metadata_size[axis - 2]}, from the "
                               f"model's metadata")
     return dims
+
+
+def _seed_given_dim_params(inputs, shapes, plan: InputPlan) -> None:
+    """A --shape value settles its dim_params on every input, whichever comes first."""
+    for value in inputs:
+        if value.name not in shapes or not value.type.tensor_type.HasField("shape"):
+            continue
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+            if not dim.dim_param:
+                continue
+            previous = plan.chosen.setdefault(dim.dim_param, size)
+            if previous != size:
+                raise BnfoldError(
+                    f"--shape gives dim {dim.dim_param!r} two sizes ({previous} and {size}); the "
+                    f"model says they are the same dim: give one size"
+                )
 
 
 def _metadata_size(model: onnx.ModelProto) -> tuple[int, int] | None:

@@ -53,7 +53,7 @@ class LowerBnRule:
         for update in (scale, shift):
             tensor = onnx.TensorProto(name=view.names.fresh(f"{node.output[0]}_{update.hint}"))
             fill_tensor(tensor, round_into(update.values, update.elem_type), update.elem_type)
-            names.append(view.add_initializer(tensor))
+            names.append(view.add_initializer(tensor, before=match.node_index))
         scaled = view.names.fresh(f"{node.output[0]}_scaled")
         mul = onnx.helper.make_node("Mul", [node.input[0], names[0]], [scaled], name=f"{node.name}_mul")
         view.insert_node_before(match.node_index, mul)
