@@ -44,7 +44,7 @@ def _verify_options(f):
              "is 1, other dims take the first size ONNX Runtime runs).",
     )(f)
     f = click.option(
-        "--verify-timeout", "timeout", type=click.FloatRange(min=0, min_open=True),
+        "--verify-timeout", "timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
         default=300.0, show_default=True,
         help="Seconds one model run may take during verification.",
     )(f)
