@@ -262,3 +262,32 @@ def test_trt_fp16_engine_is_judged_at_fp16_and_build_verifies(sample_files, tmp_
     again = CliRunner().invoke(cli, ["verify", sample_files["folded"], str(engine_path),
                                      "--engine", "trt", "--shape", "input=2x3x32x32"])
     assert again.exit_code == 0, again.output
+
+
+@needs_openvino
+def test_openvino_names_outputs_as_the_onnx_graph_does_through_identity():
+    # OpenVINO merges `out = Identity(mid)` into one port named {'mid', 'out'}.
+    nodes = [helper.make_node("Relu", ["x"], ["mid"]), helper.make_node("Identity", ["mid"], ["out"]),
+             helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Identity", ["t"], ["out2"])]
+    m = golden.model(nodes, [("x", [2, 3])], [("out", [2, 3]), ("out2", [2, 3])], [])
+    result = verify(m, m, engine="openvino")
+    assert result.ok and sorted(o.name for o in result.outputs) == ["out", "out2"]
+
+
+@needs_openvino
+def test_openvino_judges_an_fp16_model_at_fp16(sample_files):
+    # OpenVINO runs float32 kernels on decompressed float16 weights; the values are still
+    # float16-rounded, so float16 tolerances apply, read from the graph's own types.
+    result = verify(sample_files["original"], sample_files["fp16"], engine="openvino")
+    assert result.ok, [(m.name, m.max_rel_error, m.tolerance) for m in result.outputs]
+    assert result.engine["precision"] == "float16"
+
+
+@needs_openvino
+def test_openvino_input_of_the_wrong_dtype_is_one_line(sample_files, tmp_path):
+    npz = tmp_path / "x64.npz"
+    np.savez(npz, input=np.zeros((2, 3, 16, 16), np.float64))
+    run = CliRunner().invoke(cli, ["bench", sample_files["original"], "--engine", "openvino",
+                                   "--inputs", str(npz), "--min-time", "0.01"])
+    assert run.exit_code == 1
+    assert "float64" in run.output and "Traceback" not in run.output

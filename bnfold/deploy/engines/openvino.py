@@ -41,24 +41,34 @@ def available() -> bool:
 
 
 class OpenVinoSession:
-    def __init__(self, label: str, compiled, feed: dict, precision: Precision):
+    def __init__(self, label: str, compiled, feed: dict, precision: Precision,
+                 graph_names: frozenset = frozenset()):
         self.label = label
         self.precision = precision
         self._compiled = compiled
+        self._graph_names = graph_names
         self._request = compiled.create_infer_request()
         self._feed = feed
-        self._names = [_name(port) for port in compiled.outputs]
+        self._names = [_name(port, graph_names) for port in compiled.outputs]
         self._set_inputs(feed)
 
     def _set_inputs(self, feed: dict) -> None:
         import openvino as ov
 
         for port in self._compiled.inputs:
-            name = _name(port)
+            name = _name(port, self._graph_names)
             if name not in feed:
                 raise BnfoldError(f"{self.label} takes input {name!r}, which the inputs lack")
             # A Tensor over the caller's array: no copy per run, as with ORT's feed.
-            self._request.set_tensor(port, ov.Tensor(np.ascontiguousarray(feed[name])))
+            value = np.ascontiguousarray(feed[name])
+            try:
+                self._request.set_tensor(port, ov.Tensor(value))
+            except Exception as exc:  # OpenVINO's ParameterMismatch and friends
+                raise BnfoldError(
+                    f"{self.label}: input {name!r} was given as {value.dtype} {list(value.shape)}, "
+                    f"but OpenVINO expects {port.get_element_type().get_type_name()} "
+                    f"({first_line(exc)[:120]}): give it in the model's dtype"
+                ) from None
 
     def run(self) -> None:
         self._request.infer()
@@ -116,9 +126,10 @@ class OpenVinoEngine:
             else:
                 payload = model if isinstance(model, bytes) else model.SerializeToString()
                 read = self._core.read_model(payload, ov.Tensor(np.empty(0, np.uint8)))
+            graph_names = _graph_io_names(model)
             shapes = {}
             for port in read.inputs:
-                name = _name(port)
+                name = _name(port, graph_names)
                 if name in feed:
                     shapes[name] = list(np.shape(feed[name]))
             if shapes:
@@ -131,14 +142,14 @@ class OpenVinoEngine:
                 f"OpenVINO cannot load {label}: {first_line(exc)}; check the model with "
                 f"onnx.checker, or use --engine ort-cpu"
             ) from None
-        precision = compiled_precision(compiled)
+        precision = _with_graph_precision(compiled_precision(compiled), model)
         self._compiled_properties[label] = {
             "inference_precision": _hint_of(compiled),
             "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
             "num_streams": int(compiled.get_property("NUM_STREAMS")),
             "layer_precisions": precision.layers,
         }
-        session = OpenVinoSession(label, compiled, feed, precision)
+        session = OpenVinoSession(label, compiled, feed, precision, graph_names)
         session.outputs()  # a bad shape or dtype fails here, in one line, before any timing
         return session
 
@@ -173,8 +184,42 @@ def compiled_precision(compiled) -> Precision:
                      f"OpenVINO compiled model: INFERENCE_PRECISION_HINT={hint}", dict(layers))
 
 
-def _name(port) -> str:
+def _name(port, graph_names: frozenset = frozenset()) -> str:
+    """The ONNX graph's own name for a port. OpenVINO merges tensor names through Identity
+    nodes (an output `out = Identity(mid)` holds {'mid', 'out'}), so any name may be the
+    inner one."""
+    names = port.get_names()
+    for name in sorted(names):
+        if name in graph_names:
+            return name
     return port.get_any_name()
+
+
+def _graph_io_names(model) -> frozenset:
+    """Input and output names of the ONNX graph, read without its weights."""
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        from bnfold.onnxio.files import load_model_deferred
+
+        model, deferred, _ = load_model_deferred(model)
+        deferred.close()
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    return frozenset(v.name for v in (*model.graph.input, *model.graph.output))
+
+
+def _with_graph_precision(compiled: Precision, model) -> Precision:
+    """OpenVINO decompresses float16 weights and runs float32 kernels, yet the values were
+    rounded to float16: judge by the lower of the compiled and the graph's own precision."""
+    from bnfold.deploy.engines.ort import graph_precision
+
+    declared = graph_precision(model)
+    lowest = lowest_precision({compiled.compute, declared.compute})
+    if lowest == compiled.compute:
+        return compiled
+    return Precision(lowest, f"{compiled.source}; the graph's own types ({declared.source})",
+                     compiled.layers)
 
 
 def _hint_of(compiled) -> str:
