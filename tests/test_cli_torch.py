@@ -267,3 +267,64 @@ def test_a_user_module_that_raises_at_import_is_one_line(tmp_path, monkeypatch):
                                       str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
     assert "importing 'brokennet' failed (ValueError: bad config)" in result.output
+
+
+USER_MODULE = '''
+import torch, torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, mask=None):
+        y = self.bn(self.conv(x))
+        return y if mask is None else y * mask
+
+def boom():
+    raise ValueError("factory exploded")
+
+def compiled():
+    return torch.compile(Net().eval())
+
+def masked():
+    return Net().eval()
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "reviewnets.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "reviewnets", raising=False)
+    return tmp_path
+
+
+def test_a_factory_that_raises_is_one_line(user_module):
+    result = CliRunner().invoke(bnfold_cli, ["export", "--model", "reviewnets:boom",
+                                             "--input-shape", "1x3x8x8", "-o",
+                                             str(user_module / "m.onnx")])
+    assert result.exit_code == 1
+    assert "reviewnets:boom() raised ValueError: factory exploded" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_torch_compiled_factory_is_unwrapped_for_export(user_module):
+    out = user_module / "m.onnx"
+    result = CliRunner().invoke(bnfold_cli, ["export", "--model", "reviewnets:compiled",
+                                             "--input-shape", "x:1x3x8x8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "OptimizedModule" in result.output
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node) == 1
+
+
+def test_torch_bench_on_a_forward_with_an_optional_argument_is_one_line(user_module):
+    # Without `mask`, fx traces `mask is None` the other way and the fused module fails when
+    # run: one line that says so, not a traceback.
+    result = CliRunner().invoke(bnfold_cli, ["bench", "--engine", "torch", "--model",
+                                             "reviewnets:masked", "--shape", "x=1x3x8x8",
+                                             "--min-time", "0.01"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    assert "torch.fx could not trace its forward" in result.output

@@ -199,6 +199,11 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
     x = load_inputs(data, float_dtype=_float_dtype(model))
     try:
         result = recalibrate_batchnorm(model, sample_batches(x, batches, batch_size, seed))
+    except TypeError as exc:  # forward() wants more than the one input recalibration feeds
+        raise BnfoldError(
+            f"the model's forward does not take one input ({exc}): recalibration feeds the "
+            f"arrays of --data alone; wrap the model so forward(x) is all it needs"
+        ) from None
     except RuntimeError as exc:
         first = (str(exc).splitlines() or ["error"])[0][:160]
         raise BnfoldError(

@@ -156,13 +156,23 @@ def _check_same(original, fused, args, kwargs, label: str) -> None:
 
     with torch.no_grad():
         a = flatten_outputs(original(*args, **kwargs))
-        b = flatten_outputs(fused(*args, **kwargs))
+        try:
+            b = flatten_outputs(fused(*args, **kwargs))
+        except Exception as exc:  # fx traced a Python branch one way (e.g. `if mask is None`)
+            raise BnfoldError(
+                f"the fused {label} does not run ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:150]}): torch.fx could not trace its forward "
+                f"faithfully; bench it without fusion (--engine ort-cpu on its export)"
+            ) from None
     worst = 0.0
+    bound = 1e-4
     for (name, x), (_, y) in zip(a, b):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            bound = 1e-2  # their rounding unit is 1e-3 and 8e-3: BN fused or not rounds apart
         scale = float(x.abs().max()) if x.numel() else 0.0
         error = float((x.double() - y.double()).abs().max()) / (scale or 1.0) if x.numel() else 0.0
         worst = max(worst, error) if error == error else float("nan")
-    if len(a) != len(b) or not worst <= 1e-4:
+    if len(a) != len(b) or not worst <= bound:
         raise BnfoldError(
             f"the fused {label} differs from the original (scale-relative error {worst:.2g}): "
             f"please report the model"
@@ -278,7 +288,7 @@ def module_precision(torch, module, cuda: bool) -> Precision:
     """The lowest parameter dtype of the module, and TF32 when torch allows it on CUDA."""
     from bnfold.deploy.engines import lowest_precision
 
-    names = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
     counts: dict[str, int] = {}
     for parameter in getattr(module, "parameters", lambda: [])():
         kind = names.get(parameter.dtype, "float32")

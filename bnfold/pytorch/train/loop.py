@@ -137,11 +137,16 @@ def _loss_for(torch, model, dataset, x, y):
     try:
         with torch.no_grad():
             output = model(x)
+    except TypeError as exc:  # forward() wants more than the one input training feeds
+        raise BnfoldError(
+            f"{dataset.name}: the model's forward does not take one input ({exc}): training "
+            f"feeds x_train alone; wrap the model so forward(x) is all it needs"
+        ) from None
     except RuntimeError as exc:
         first = (str(exc).splitlines() or ["error"])[0][:160]
         raise BnfoldError(
             f"{dataset.name}: samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): "
-            "reshape x_train/x_test to the model's input"
+            f"reshape (or cast, if it names a dtype) x_train/x_test to the model's input"
         ) from None
     if dataset.is_classification:
         classes = output.shape[1] if output.dim() == 2 else 0

@@ -308,7 +308,11 @@ def _create_from_factory(spec: str):
             f"add one that takes none, e.g. def build(): return {factory_name}("
             f"{', '.join(f'{r}=...' for r in required)})"
         )
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:  # the user's factory failed: any exception type
+        text = " ".join(str(exc).split())[:200] or "no message"
+        raise BnfoldError(f"{spec}() raised {type(exc).__name__}: {text}: fix the factory") from None
 
 
 def randomize_batchnorm(model, seed: int = 0):

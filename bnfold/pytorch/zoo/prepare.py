@@ -26,9 +26,15 @@ def eval_copy(model) -> tuple[object, list[str]]:
     from torch import nn
 
     notes = []
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        notes.append(f"unwrapped {type(model).__name__}: exporting its .module")
-        model = model.module
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(f"unwrapped {type(model).__name__}: exporting its .module")
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            notes.append("unwrapped torch.compile's OptimizedModule: exporting its _orig_mod")
+            model = model._orig_mod
+        else:
+            break
     model = _deepcopy_with_hook_weights(model)
     model.eval()
     baked = _remove_parametrizations(torch, model) + _remove_weight_hooks(model)
