@@ -328,3 +328,41 @@ def test_torch_bench_on_a_forward_with_an_optional_argument_is_one_line(user_mod
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1
     assert "torch.fx could not trace its forward" in result.output
+
+
+DEFAULTS_MODULE = '''
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, scale: float = 2.0, flag: bool = False):
+        return self.bn(self.conv(x)) * scale
+
+class KwOnly(Net):
+    def forward(self, x, *, scale=2.0):
+        return self.bn(self.conv(x)) * scale
+
+def build():
+    return Net().eval()
+
+def kwonly():
+    return KwOnly().eval()
+'''
+
+
+@pytest.mark.parametrize("factory", ["build", "kwonly"])
+def test_forward_with_default_or_keyword_only_arguments_exports(tmp_path, monkeypatch, factory):
+    (tmp_path / "defaultnets.py").write_text(DEFAULTS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "defaultnets", raising=False)
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(bnfold_cli, ["export", "--model", f"defaultnets:{factory}",
+                                             "--input-shape", "1x3x8x8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 1

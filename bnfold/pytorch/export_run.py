@@ -52,7 +52,12 @@ def resolve_inputs(torch, model, specs, dynamic, dynamic_batch, hint=EXPORT_HINT
         specs = _match_signature(specs, params, hint)
         positional = [p.name for p in params if p.kind != p.KEYWORD_ONLY]
         names = [s.name for s in specs]
-        call = model if names == positional[:len(names)] else _keyword_call(torch, model, names)
+        # torch's exporter appends forward's default values as extra inputs (and cannot pass
+        # keyword-only ones): a forward with arguments beyond those given is called by keyword
+        # from a positional-only wrapper, so the exporter sees exactly the given inputs.
+        extra = [p.name for p in params if p.name not in names]
+        plain = names == positional[:len(names)] and not extra
+        call = model if plain else _keyword_call(torch, model, names)
     float_dtype = _model_float_dtype(torch, model)
     for spec in specs:
         spec.dtype = spec.dtype or float_dtype
