@@ -310,6 +310,7 @@ def test_a_factory_that_raises_is_one_line(user_module):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")
 def test_torch_compiled_factory_is_unwrapped_for_export(user_module):
     out = user_module / "m.onnx"
     result = CliRunner().invoke(bnfold_cli, ["export", "--model", "reviewnets:compiled",
