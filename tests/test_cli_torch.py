@@ -367,3 +367,27 @@ def test_forward_with_default_or_keyword_only_arguments_exports(tmp_path, monkey
     model = onnx.load(str(out))
     assert [i.name for i in model.graph.input] == ["x"]
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 1
+
+
+LAZY_MODULE = '''
+import torch.nn as nn
+
+def lazy():
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)).eval()
+
+def plain():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+'''
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--model", "lazynets:lazy"], "uninitialised Lazy* parameters: run one forward"),
+    (["--model", "lazynets:plain", "--opset", "99"], "writes opsets up to"),
+])
+def test_lazy_modules_and_too_new_opsets_name_the_cause(tmp_path, monkeypatch, args, text):
+    (tmp_path / "lazynets.py").write_text(LAZY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazynets", raising=False)
+    result = CliRunner().invoke(bnfold_cli, ["export", *args, "--input-shape", "1x3x8x8",
+                                             "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and text in result.output, result.output

@@ -95,6 +95,10 @@ def export_onnx(
     torch = require_torch()
     if opset < 9:
         raise BnfoldError(f"opset {opset} is too old: use --opset 9 or newer (17 is the default)")
+    newest = _newest_export_opset(torch)
+    if newest is not None and opset > newest:
+        raise BnfoldError(f"torch {torch.__version__}'s TorchScript exporter writes opsets up to "
+                          f"{newest}, not {opset}: use --opset {newest} or lower")
     specs = _as_specs(inputs)
     with _quiet(torch):
         model, notes = eval_copy(model)
@@ -218,6 +222,15 @@ def _tolerance(flat) -> float:
 
     dtypes = {t.dtype for _, t in flat}
     return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else PARITY_RTOL
+
+
+def _newest_export_opset(torch) -> int | None:
+    """The newest opset torch.onnx's TorchScript exporter writes, where torch says."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except ImportError:  # a torch that moved it: let the exporter judge
+        return None
+    return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 
 
 def _torchscript_export(torch, call, examples, specs, output_names, opset) -> onnx.ModelProto:

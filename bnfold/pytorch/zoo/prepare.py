@@ -65,6 +65,14 @@ def _deepcopy_with_hook_weights(model):
     deepcopy refuses) is dropped for the copy and recomputed on both sides afterwards."""
     import torch
 
+    lazy = [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()]
+    if lazy:
+        raise BnfoldError(
+            f"{', '.join(lazy[:3]) or 'the model'} still has uninitialised Lazy* parameters: run "
+            f"one forward on an example in the factory so their shapes are known"
+        )
     computed = []
     for _, module, _, hook in _weight_hooks(model):
         value = getattr(module, hook.name, None)
