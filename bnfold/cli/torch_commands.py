@@ -199,16 +199,11 @@ def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, outpu
     x = load_inputs(data, float_dtype=_float_dtype(model))
     try:
         result = recalibrate_batchnorm(model, sample_batches(x, batches, batch_size, seed))
-    except TypeError as exc:  # forward() wants more than the one input recalibration feeds
-        raise BnfoldError(
-            f"the model's forward does not take one input ({exc}): recalibration feeds the "
-            f"arrays of --data alone; wrap the model so forward(x) is all it needs"
-        ) from None
-    except RuntimeError as exc:
-        first = (str(exc).splitlines() or ["error"])[0][:160]
-        raise BnfoldError(
-            f"samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): reshape the data"
-        ) from None
+    except (TypeError, RuntimeError) as exc:
+        from bnfold.pytorch.train.loop import forward_failure
+
+        raise forward_failure(exc, x, "", "recalibration feeds the arrays of --data alone",
+                              "reshape the data") from None
     console.print(f"recalibrated {result.bn_modules} BatchNorm layers over {result.batches} "
                   f"batches of {result.batch_size} (mean, unbiased variance)")
     largest = sorted(result.changes.items(), key=lambda kv: -kv[1][0])[:3]

@@ -131,22 +131,30 @@ def run_training(job: TrainingJob, out_dir: str | os.PathLike,
     return TrainResult(job.name, path, job.steps, float(loss.item()), metric_name, float(metric))
 
 
+def forward_failure(exc: Exception, x, where: str, feeds: str, fix: str) -> BnfoldError:
+    """One line for a model that failed on the one input training/recalibration feeds it:
+    a TypeError means forward() wants more arguments, a RuntimeError that the data do not fit."""
+    if isinstance(exc, TypeError):
+        return BnfoldError(
+            f"{where}the model's forward does not take one input ({exc}): {feeds}; wrap the "
+            f"model so forward(x) is all it needs"
+        )
+    first = (str(exc).splitlines() or ["error"])[0][:160]
+    return BnfoldError(
+        f"{where}samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): {fix}"
+    )
+
+
 def _loss_for(torch, model, dataset, x, y):
     """Pick the loss and check the data fits the model, with a message that says how it does not."""
     model.train()
     try:
         with torch.no_grad():
             output = model(x)
-    except TypeError as exc:  # forward() wants more than the one input training feeds
-        raise BnfoldError(
-            f"{dataset.name}: the model's forward does not take one input ({exc}): training "
-            f"feeds x_train alone; wrap the model so forward(x) is all it needs"
-        ) from None
-    except RuntimeError as exc:
-        first = (str(exc).splitlines() or ["error"])[0][:160]
-        raise BnfoldError(
-            f"{dataset.name}: samples of shape {tuple(x.shape[1:])} do not fit the model ({first}): "
-            f"reshape (or cast, if it names a dtype) x_train/x_test to the model's input"
+    except (TypeError, RuntimeError) as exc:
+        raise forward_failure(
+            exc, x, f"{dataset.name}: ", "training feeds x_train alone",
+            "reshape (or cast, if it names a dtype) x_train/x_test to the model's input",
         ) from None
     if dataset.is_classification:
         classes = output.shape[1] if output.dim() == 2 else 0
