@@ -246,14 +246,18 @@ def test_recalibrate_keeps_integer_inputs(cli, tmp_path):
     assert "recalibrated 1 BatchNorm layers over 2 batches of 16" in result.output
 
 
+def importable(folder, monkeypatch, module: str, source: str) -> None:
+    """Write `folder/<module>.py` and make it importable afresh (`module` may be `pkg/__init__`)."""
+    (folder / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, module.split("/")[0], raising=False)
+
+
 def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path, monkeypatch):
     # What a torchvision built for another torch does at import.
-    fake = tmp_path / "torchvision"
-    fake.mkdir()
-    (fake / "__init__.py").write_text(
-        "raise RuntimeError('operator torchvision::nms does not exist')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    (tmp_path / "torchvision").mkdir()
+    importable(tmp_path, monkeypatch, "torchvision/__init__",
+               "raise RuntimeError('operator torchvision::nms does not exist')\n")
     result = CliRunner().invoke(bnfold_cli, ["export", "--model", "torchvision:resnet18", "-o",
                                       str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
@@ -261,8 +265,7 @@ def test_a_torchvision_that_does_not_match_torch_is_one_line(tmp_path, monkeypat
 
 
 def test_a_user_module_that_raises_at_import_is_one_line(tmp_path, monkeypatch):
-    (tmp_path / "brokennet.py").write_text("raise ValueError('bad config')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    importable(tmp_path, monkeypatch, "brokennet", "raise ValueError('bad config')\n")
     result = CliRunner().invoke(bnfold_cli, ["export", "--model", "brokennet:build", "-o",
                                       str(tmp_path / "m.onnx")])
     assert result.exit_code == 1
@@ -295,9 +298,7 @@ def masked():
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    (tmp_path / "reviewnets.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "reviewnets", raising=False)
+    importable(tmp_path, monkeypatch, "reviewnets", USER_MODULE)
     return tmp_path
 
 
@@ -357,9 +358,7 @@ def kwonly():
 
 @pytest.mark.parametrize("factory", ["build", "kwonly"])
 def test_forward_with_default_or_keyword_only_arguments_exports(tmp_path, monkeypatch, factory):
-    (tmp_path / "defaultnets.py").write_text(DEFAULTS_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "defaultnets", raising=False)
+    importable(tmp_path, monkeypatch, "defaultnets", DEFAULTS_MODULE)
     out = tmp_path / "m.onnx"
     result = CliRunner().invoke(bnfold_cli, ["export", "--model", f"defaultnets:{factory}",
                                              "--input-shape", "1x3x8x8", "-o", str(out)])
@@ -385,9 +384,7 @@ def plain():
     (["--model", "lazynets:plain", "--opset", "99"], "writes opsets up to"),
 ])
 def test_lazy_modules_and_too_new_opsets_name_the_cause(tmp_path, monkeypatch, args, text):
-    (tmp_path / "lazynets.py").write_text(LAZY_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "lazynets", raising=False)
+    importable(tmp_path, monkeypatch, "lazynets", LAZY_MODULE)
     result = CliRunner().invoke(bnfold_cli, ["export", *args, "--input-shape", "1x3x8x8",
                                              "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and text in result.output, result.output
