@@ -233,12 +233,10 @@ def _check_arity(view: GraphView) -> None:
 
 def freeze_initializer_inputs(model: onnx.ModelProto, names: Iterable[str] | str) -> list[str]:
     """Drop graph inputs that have an initializer (all of them for "all"); returns their names."""
-    if not names:
-        return []
+    if not names or model.ir_version < 4:
+        return []  # below IR 4 the listing is mandatory and already means "constant"
     initializers = {t.name for t in model.graph.initializer}
     overridable = [v.name for v in model.graph.input if v.name in initializers]
-    if model.ir_version < 4:
-        return []  # there the listing is mandatory and already means "constant"
     if names == "all":
         wanted = overridable
     else:
