@@ -137,6 +137,10 @@ class DeferredData:
         finally:
             self.close()
 
+    def names(self) -> set[str]:
+        """Names of the tensors whose bytes may be here (holds() tells for each tensor)."""
+        return set(self._spans)
+
     def holds(self, tensor: onnx.TensorProto) -> bool:
         """True when `tensor` (a main-graph initializer) has its bytes here, not in itself."""
         return tensor.name in self._spans and not tensor.HasField("raw_data")

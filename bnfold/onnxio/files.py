@@ -8,6 +8,7 @@ folder beside the destination and renames into place, so a failed save leaves no
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import shutil
@@ -17,7 +18,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -154,9 +154,8 @@ def estimated_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of the tensors, from their dims (protobuf's ByteSize encodes the whole
     model to answer, which costs more than saving it)."""
     total = 0
-    for tensor in iter_tensors(model):
-        count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-        total += count * _ITEM_SIZE.get(tensor.data_type, 8)
+    for tensor in iter_tensors(model, schema_only=True):
+        total += math.prod(tensor.dims) * _ITEM_SIZE.get(tensor.data_type, 8)
     return total
 
 

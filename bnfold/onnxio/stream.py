@@ -74,15 +74,6 @@ def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, byte
     return before.SerializeToString(), after.SerializeToString()
 
 
-def _is_plain_raw(tensor: onnx.TensorProto) -> bool:
-    """raw_data and only the fields _tensor_header rebuilds (no typed data, no unknown ones)."""
-    return (
-        tensor.HasField("raw_data")
-        and not any(len(getattr(tensor, f)) for f in TYPED_DATA)
-        and not _has_unknown_fields(tensor)
-    )
-
-
 def _unknown_bytes(message) -> bytes:
     """The serialised unknown fields of `message` itself (not of its submessages)."""
     if UnknownFieldSet is not None and not len(UnknownFieldSet(message)):
@@ -92,12 +83,6 @@ def _unknown_bytes(message) -> bytes:
     for field, _ in bare.ListFields():
         bare.ClearField(field.name)
     return bare.SerializeToString()
-
-
-def _has_unknown_fields(message) -> bool:
-    if UnknownFieldSet is None:  # protobuf too old to tell: assume there are some
-        return True
-    return len(UnknownFieldSet(message)) > 0
 
 
 def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferred=None) -> None:
@@ -130,11 +115,9 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
         elif deferred is not None and deferred.holds(tensor):
             source = tensor.name
             raw_size = deferred.nbytes(tensor.name)
-        elif _is_plain_raw(tensor):
-            source = None
-            raw_size = len(tensor.raw_data)
         else:
-            size = len(tensor.SerializeToString())
+            # In the proto: protobuf serialises it whole (ByteSize is exact and copies nothing).
+            size = tensor.ByteSize()
             plan.append((tensor, None, size, None))
             graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
             continue
@@ -155,9 +138,8 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
             handle.write(header[0] + _RAW_DATA_TAG + varint(deferred.nbytes(source)))
             deferred.copy_to(source, handle)
         else:
-            raw = tensor.raw_data if source is None else source
-            handle.write(header[0] + _RAW_DATA_TAG + varint(len(raw)))
-            handle.write(raw)
+            handle.write(header[0] + _RAW_DATA_TAG + varint(len(source)))
+            handle.write(source)
         handle.write(header[1])
     handle.write(after)
     handle.write(_serialized_fields(model, above=graph_number) + _unknown_bytes(model))

@@ -19,11 +19,17 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from all_graphs(sub)
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def iter_tensors(model: onnx.ModelProto, *, schema_only: bool = False
+                 ) -> Iterator[onnx.TensorProto]:
     """Every tensor of the model: initializers (sparse ones too), tensor attributes,
-    subgraphs and functions included — everything that can point at external data."""
+    subgraphs and functions included — everything that can point at external data.
+
+    `schema_only` skips the attributes of standard-domain nodes whose op has no tensor or
+    graph attribute in its schema (all but Constant, ConstantOfShape, If, Loop, Scan,
+    SequenceMap): such an attribute fails onnx.checker, so counting and estimating sizes can
+    skip reading every Conv's attributes. Anything security-related walks them all."""
     yield from model.graph.initializer
-    yield from iter_other_tensors(model)
+    yield from iter_other_tensors(model, schema_only=schema_only)
 
 
 def iter_tensors_by_scope(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
@@ -35,24 +41,33 @@ def iter_tensors_by_scope(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorP
         yield tensor, False
 
 
-def iter_other_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def iter_other_tensors(model: onnx.ModelProto, *, schema_only: bool = False
+                       ) -> Iterator[onnx.TensorProto]:
     """iter_tensors without the main graph's dense initializers."""
-    yield from _graph_tensors(model.graph, initializers=False)
+    yield from _graph_tensors(model.graph, initializers=False, schema_only=schema_only)
     for function in model.functions:
         for node in function.node:
-            yield from _node_tensors(node)
+            yield from _node_tensors(node, schema_only)
 
 
-def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+# Standard ops whose schema has a tensor or graph attribute (onnx.defs, every version).
+_HOLDING_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
+
+
+def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True, schema_only: bool = False
+                   ) -> Iterator[onnx.TensorProto]:
     if initializers:
         yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield from (sparse.values, sparse.indices)
     for node in graph.node:
-        yield from _node_tensors(node)
+        if schema_only and node.op_type not in _HOLDING_OPS and node.domain in ("", "ai.onnx"):
+            continue
+        yield from _node_tensors(node, schema_only)
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+def _node_tensors(node: onnx.NodeProto, schema_only: bool = False
+                  ) -> Iterator[onnx.TensorProto]:
     for attr in node.attribute:
         if attr.HasField("t"):
             yield attr.t
@@ -62,9 +77,9 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
         for sparse in attr.sparse_tensors:
             yield from (sparse.values, sparse.indices)
         if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
+            yield from _graph_tensors(attr.g, schema_only=schema_only)
         for graph in attr.graphs:
-            yield from _graph_tensors(graph)
+            yield from _graph_tensors(graph, schema_only=schema_only)
 
 
 SUBGRAPH_ATTRIBUTE_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

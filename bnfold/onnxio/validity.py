@@ -15,19 +15,22 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.external import tensor_nbytes
+from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import all_graphs
 
 
-def sort_nodes_topologically(model: onnx.ModelProto) -> int:
+def sort_nodes_topologically(model: onnx.ModelProto, main: NodeTable | None = None) -> int:
     """Reorder each graph's nodes (subgraphs included) so every node follows its producers,
     keeping the original order otherwise. Returns how many graphs were reordered; a graph with
-    a cycle or a name produced twice is left as it is (the checker refuses it later)."""
+    a cycle or a name produced twice is left as it is (the checker refuses it later). `main`
+    is the main graph's node table when the caller has one (it is stale after a reorder)."""
     reordered = 0
     for graph in all_graphs(model.graph):
-        order = _topological_order(graph)
-        if order is None or order == list(range(len(graph.node))):
+        table = main if main is not None and graph is model.graph else NodeTable(graph)
+        order = topological_order(table)
+        if order is None:
             continue
-        nodes = [graph.node[i] for i in order]
+        nodes = [table.nodes[i] for i in order]
         copies = [onnx.NodeProto() for _ in nodes]
         for copy, node in zip(copies, nodes):
             copy.CopyFrom(node)
@@ -37,20 +40,24 @@ def sort_nodes_topologically(model: onnx.ModelProto) -> int:
     return reordered
 
 
-def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
-    from bnfold.onnxio.tensors import names_read_by_subgraphs
-
+def topological_order(table: NodeTable) -> list[int] | None:
+    """A stable topological order of the table's nodes; None when they are in one already, or
+    when there is none (a cycle, a name produced twice)."""
     producer: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.output:
+    for index, outputs in enumerate(table.outputs):
+        for name in outputs:
             if name:
                 if name in producer:
                     return None
                 producer[name] = index
+    get = producer.get
+    if all(get(name, -1) < index for index, inputs in enumerate(table.inputs) for name in inputs
+           ) and all(get(name, -1) < index for index, names in table.implicit.items()
+                     for name in names):
+        return None  # the usual case, checked without building the wait lists
     waits_on: list[set[int]] = []
-    for index, node in enumerate(graph.node):
-        reads = {n for n in node.input if n} | names_read_by_subgraphs(node)
-        waits_on.append({producer[n] for n in reads if n in producer} - {index})
+    for index in range(len(table)):
+        waits_on.append({producer[n] for n in table.reads(index) if n in producer} - {index})
     readers: dict[int, list[int]] = {}
     for index, before in enumerate(waits_on):
         for other in before:
@@ -67,7 +74,9 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
             missing[reader] -= 1
             if missing[reader] == 0:
                 heapq.heappush(ready, reader)
-    return order if len(order) == len(graph.node) else None
+    if len(order) != len(table) or order == list(range(len(table))):
+        return None
+    return order
 
 
 def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) -> None:
@@ -78,17 +87,24 @@ def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) ->
     sizes are checked here instead), so it costs the graph, not the weights."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    for tensor in skeleton.graph.initializer:
+    # Only tensors without their bytes need a stand-in. A new value for a tensor still in the
+    # proto (overrides) has its dtype, and its shape is the fold's own: the checker looks at
+    # neither beyond the data matching the dims, which the proto's own data does.
+    held = deferred.names() if deferred is not None else set()
+    initializers = skeleton.graph.initializer
+    positions = [i for i, t in enumerate(initializers) if t.name in held] if held else []
+    for index in positions:
+        tensor = initializers[index]
+        if not deferred.holds(tensor):
+            continue
         override = overrides.get(tensor.name) if overrides else None
         if override is not None:
             tensor.data_type = override[1]
-        elif deferred is not None and deferred.holds(tensor):
+        else:
             needed = tensor_nbytes(tensor)
             if needed is not None and deferred.nbytes(tensor.name) < needed:
                 _refuse(f"initializer {tensor.name!r} holds {deferred.nbytes(tensor.name)} "
                         f"bytes but its dims {list(tensor.dims)} need {needed}")
-        else:
-            continue
         _make_stand_in(tensor)
     try:
         onnx.checker.check_model(skeleton)

@@ -381,7 +381,7 @@ def parameter_count(model: onnx.ModelProto) -> int:
     """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
     from bnfold.onnxio.files import iter_tensors
 
-    total = sum(math.prod(t.dims) for t in iter_tensors(model))
+    total = sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))
     shapes = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
