@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from collections.abc import Iterable
 
@@ -83,6 +85,26 @@ class FoldResult:
         return f"FoldResult({summary}, output_path={self.output_path!r})"
 
 
+def _gc_paused(function):
+    """Run `function` with the cyclic garbage collector paused. A fold of a large graph makes
+    hundreds of thousands of small objects (node wrappers, name tuples), and each automatic
+    collection walks all that survive: a third of the fold's time at 48k nodes. The fold makes
+    no cycles worth collecting early; whatever it leaves is collected once it returns."""
+
+    @functools.wraps(function)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return function(*args, **kwargs)
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def fold(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     *,
@@ -127,6 +149,7 @@ def default_output_path(input_path: str | os.PathLike) -> str:
     return f"{root}.folded{ext or '.onnx'}"
 
 
+@_gc_paused
 def fold_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,

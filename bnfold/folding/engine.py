@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs
+from bnfold.folding.batched import fold_plain_conv_bn
+from bnfold.folding.constants import ConstantSubgraphs
 from bnfold.folding.graph import (
-    Constant,
     GraphView,
     NameAllocator,
     PendingTensors,
@@ -25,6 +25,7 @@ from bnfold.folding.rules.common import batchnorm_affine
 from bnfold.onnxio.files import iter_tensors
 from bnfold.onnxio.tensors import all_graphs
 from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.validity import sort_nodes_topologically
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
@@ -46,8 +47,11 @@ def fold_model(
     `freeze_inputs` names graph inputs that have an initializer (IR ≥ 4), or is "all": they
     stop being inputs, so their initializers become constants that may fold.
     """
-    report = FoldReport(nodes_before=count_nodes(model.graph), params_before=count_params(model))
-    if sort_nodes_topologically(model):
+    main = NodeTable(model.graph)
+    report = FoldReport(nodes_before=count_nodes(model.graph, main),
+                        params_before=count_params(model))
+    if sort_nodes_topologically(model, main):
+        main = NodeTable(model.graph)
         # ONNX Runtime sorts by itself, but onnx.checker (and other tools) reject the order.
         report.notes.append("nodes were out of topological order (onnx.checker rejects that): "
                             "sorted them; results are unchanged")
@@ -55,12 +59,11 @@ def fold_model(
     report.frozen_inputs = frozen
     if frozen:
         report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
-    folder = _ModelFolder(model, lower_standalone, report, pending, deferred)
+    folder = _ModelFolder(model, lower_standalone, report, pending, deferred, main)
     # Every folded value is checked for range and finiteness before it is used, so numpy's
     # overflow/invalid warnings would only be stray stderr lines.
     with np.errstate(all="ignore"):
-        folder.fold_graph(model.graph, {}, "main")
-    remove_unused(model, folder.dead, initializers_are_inputs=folder.initializers_are_inputs)
+        folder.fold_graph(model.graph, None, "main")
     report.nodes_after = count_nodes(model.graph)
     report.params_after = count_params(model)
     return report
@@ -74,14 +77,16 @@ class _ModelFolder:
         report: FoldReport,
         pending: PendingTensors | None,
         deferred: DeferredData | None,
+        main: NodeTable,
     ):
         self.main_graph = model.graph
+        self.main_table: NodeTable | None = main  # the main graph's nodes, until they change
         self.pending = pending
         self.deferred = deferred
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
         )
-        self.names = NameAllocator(model)
+        self.names = NameAllocator(model, main)
         self.types = TypeTable(model)
         self.computed = ConstantSubgraphs(self.opset)
         self.initializers_are_inputs = model.ir_version < 4
@@ -89,35 +94,57 @@ class _ModelFolder:
         self.report = report
         self.dead: list[str] = []
 
-    def view(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> GraphView:
+    def view(self, graph: onnx.GraphProto, outer: GraphView | None, path: str,
+             fresh: bool = False) -> GraphView:
         if graph is self.main_graph:
+            table = None if fresh else self.main_table
             return GraphView(graph, self.names, self.types, outer, path, self.pending, self.opset,
-                             self.deferred, self.computed, self.initializers_are_inputs)
+                             self.deferred, self.computed, self.initializers_are_inputs,
+                             table=table)
         return GraphView(graph, self.names, self.types, outer, path, None, self.opset,
                          computed=self.computed, constants_as_nodes=self.initializers_are_inputs)
 
-    def fold_graph(self, graph: onnx.GraphProto, outer: dict[str, Constant], path: str) -> None:
+    def fold_graph(self, graph: onnx.GraphProto, outer: GraphView | None, path: str
+                   ) -> list[str]:
+        """Fold `graph` (its subgraphs first) and drop the constants its folds left unused;
+        returns such names that belong to an enclosing graph."""
+        saved, self.dead = self.dead, []  # names the folds of this graph may have left unused
+        try:
+            return self._fold_graph(graph, outer, path)
+        finally:
+            self.dead = saved
+
+    def _fold_graph(self, graph: onnx.GraphProto, outer: GraphView | None, path: str
+                    ) -> list[str]:
         view = self.view(graph, outer, path)
         _check_arity(view)
         has_subgraphs = False
-        for _, node in view.live_nodes():
+        for index in view.subgraph_nodes:
+            node = view.nodes[index]
             for attr_name, sub in subgraphs(node):
                 has_subgraphs = True
-                self.fold_graph(sub, view.constants, f"{path}/{node_label(node)}/{attr_name}")
+                self.dead.extend(self.fold_graph(
+                    sub, view, f"{path}/{node_label(node)}/{attr_name}"))
         if has_subgraphs:  # folds inside changed which outer names the subgraphs read
-            view = self.view(graph, outer, path)
-        # One view for every pass: it keeps its maps current through each edit, and building
-        # it is the graph-size cost of a pass. Each pass that changes something removes a node,
-        # so this ends.
+            view = self.view(graph, outer, path, fresh=True)
+        # The plain Conv→BN pairs first, all at once (the bulk of a large CNN); then the rules,
+        # pair by pair, for everything else. One view for every pass: it keeps its maps current
+        # through each edit, and building it is the graph-size cost of a pass. Each pass that
+        # changes something removes a node, so this ends.
+        entries, dead = fold_plain_conv_bn(view, FOLD_RULES[0])
+        self.report.entries.extend(entries)
+        self.dead.extend(dead)
         while self.fold_pass(view):
             pass
         self.settle_kept(view)
+        leftover = view.drop_unused(self.dead)
         view.commit()
+        return leftover
 
     def fold_pass(self, view: GraphView) -> bool:
         changed = False
-        for index, node in list(view.live_nodes()):
-            if index in view.removed or node.op_type not in _CANDIDATE_OPS:
+        for index, node in list(view.live_nodes_of(_CANDIDATE_OPS)):
+            if index in view.removed:
                 continue
             if node.domain not in ("", "ai.onnx"):
                 continue
@@ -218,15 +245,18 @@ _ARITY = {
 
 
 def _check_arity(view: GraphView) -> None:
-    for _, node in view.live_nodes():
-        if node.op_type not in _ARITY or node.domain not in ("", "ai.onnx"):
+    """Run on a view just built, whose table is current."""
+    table = view.table
+    for index, op_type in enumerate(table.op_types):
+        if op_type not in _ARITY or table.domains[index] not in ("", "ai.onnx"):
             continue
-        least, most, names = _ARITY[node.op_type]
-        required = [name for name in node.input[:least] if name]
-        if len(required) < least or len(node.input) > most or not node.output or not node.output[0]:
+        least, most, names = _ARITY[op_type]
+        inputs, outputs = table.inputs[index], table.outputs[index]
+        required = [name for name in inputs[:least] if name]
+        if len(required) < least or len(inputs) > most or not outputs or not outputs[0]:
             raise BnfoldError(
-                f"{node.op_type} {node_label(node)!r} has {len(node.input)} inputs and "
-                f"{len(node.output)} outputs; it needs {names} and an output: the model is "
+                f"{op_type} {node_label(table.nodes[index])!r} has {len(inputs)} inputs and "
+                f"{len(outputs)} outputs; it needs {names} and an output: the model is "
                 f"malformed; re-export it"
             )
 
@@ -255,63 +285,14 @@ def freeze_initializer_inputs(model: onnx.ModelProto, names: Iterable[str] | str
     return wanted
 
 
-def remove_unused(
-    model: onnx.ModelProto, candidates: list[str], *, initializers_are_inputs: bool = False
-) -> None:
-    """Drop initializers, Constant nodes and constant-subgraph nodes among `candidates` (and
-    what they read, transitively) that nothing reads any more.
-
-    Below IR 4 (`initializers_are_inputs`) a dropped main-graph initializer also leaves the
-    graph's input list, where it was only declared."""
-    candidates_set = set(candidates)
-    if not candidates_set:
-        return
-    graphs = list(all_graphs(model.graph))
-    while candidates_set:
-        used: set[str] = set()
-        for graph in graphs:
-            used.update(v.name for v in graph.output)
-            for node in graph.node:
-                used.update(node.input)
-        next_candidates: set[str] = set()
-        for graph in graphs:
-            declared = {v.name for v in graph.input}
-            if initializers_are_inputs and graph is model.graph:
-                declared -= {t.name for t in graph.initializer}
-            dead = candidates_set - used - declared
-            if not dead:
-                continue
-            for index in reversed(range(len(graph.initializer))):
-                if graph.initializer[index].name in dead:
-                    del graph.initializer[index]
-            if initializers_are_inputs and graph is model.graph:
-                for index in reversed(range(len(graph.input))):
-                    if graph.input[index].name in dead:
-                        del graph.input[index]
-            for index in reversed(range(len(graph.node))):
-                node = graph.node[index]
-                if not _is_removable_constant_node(node, dead, used):
-                    continue
-                next_candidates.update(name for name in node.input if name)
-                del graph.node[index]
-        candidates_set = next_candidates
-
-
-def _is_removable_constant_node(node: onnx.NodeProto, dead: set[str], used: set[str]) -> bool:
-    """A Constant node, or a node of a constant subgraph, whose outputs nobody reads."""
-    if node.domain not in ("", "ai.onnx") or not node.output:
-        return False
-    if node.op_type != "Constant" and node.op_type not in EVALUATED_OPS:
-        return False
-    if not any(name in dead for name in node.output):
-        return False
-    return not any(name and name in used for name in node.output)
-
-
-def count_nodes(graph: onnx.GraphProto) -> int:
-    return sum(len(g.node) for g in all_graphs(graph))
+def count_nodes(graph: onnx.GraphProto, table: NodeTable | None = None) -> int:
+    """Nodes in `graph` and its subgraphs (`table`: graph's, to find them without a walk)."""
+    if table is None:
+        return sum(len(g.node) for g in all_graphs(graph))
+    return len(table) + sum(count_nodes(sub) for index in table.implicit
+                            for _, sub in subgraphs(table.nodes[index]))
 
 
 def count_params(model: onnx.ModelProto) -> int:
     """Values held in initializers and Constant tensors, subgraphs included."""
-    return sum(math.prod(t.dims) for t in iter_tensors(model))
+    return sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))

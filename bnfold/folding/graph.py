@@ -9,13 +9,14 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from bnfold.folding.constants import ConstantSubgraphs, as_tensor
+from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs, as_tensor
 from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors: re-exported)
     PendingTensors,
     constant_node_tensor,
@@ -24,6 +25,7 @@ from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors
 )
 from bnfold.folding.types import TypeTable  # noqa: F401  (re-exported)
 from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import names_read_by_subgraphs, subgraphs  # noqa: F401
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -36,20 +38,21 @@ def node_label(node: onnx.NodeProto) -> str:
 class NameAllocator:
     """Fresh tensor names, unique across the whole model (subgraphs may not shadow)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, main: NodeTable | None = None):
         self._used: set[str] = set()
-        self._collect(model.graph)
+        self._collect(model.graph, main)
 
-    def _collect(self, graph: onnx.GraphProto) -> None:
+    def _collect(self, graph: onnx.GraphProto, table: NodeTable | None = None) -> None:
+        table = table if table is not None else NodeTable(graph)
         used = self._used
         used.update(t.name for t in graph.initializer)
         used.update(v.name for v in graph.input)
         used.update(v.name for v in graph.output)
         used.update(v.name for v in graph.value_info)
-        for node in graph.node:
-            used.update(node.input)
-            used.update(node.output)
-            for _, sub in subgraphs(node):
+        used.update(chain.from_iterable(table.inputs))
+        used.update(chain.from_iterable(table.outputs))
+        for index in table.implicit:
+            for _, sub in subgraphs(table.nodes[index]):
                 self._collect(sub)
 
     def fresh(self, base: str) -> str:
@@ -87,7 +90,7 @@ class GraphView:
         graph: onnx.GraphProto,
         names: NameAllocator,
         types: TypeTable,
-        outer_constants: dict[str, Constant] | None = None,
+        outer: GraphView | None = None,
         path: str = "main",
         pending: PendingTensors | None = None,
         opset: int = 17,
@@ -95,6 +98,7 @@ class GraphView:
         computed: ConstantSubgraphs | None = None,
         initializers_are_inputs: bool = False,
         constants_as_nodes: bool = False,
+        table: NodeTable | None = None,
     ):
         self.graph = graph
         self.opset = opset  # the model's default-domain opset: op semantics differ by version
@@ -104,7 +108,11 @@ class GraphView:
         # them into the protobuf first (None: edit the tensors right away).
         self.pending = pending
         self.path = path
-        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        table = table if table is not None else NodeTable(graph)
+        self.table = table  # the nodes as they were when the view was built; edits go below
+        self.nodes: list[onnx.NodeProto] = list(table.nodes)
+        self.op_types: list[str] = list(table.op_types)  # kept in step with self.nodes
+        self.subgraph_nodes: list[int] = list(table.implicit)  # nodes that hold subgraphs
         self.removed: set[int] = set()
         self._placement: dict[int, list[int]] = {}  # node index -> nodes inserted before it
         self.producer: dict[str, int] = {}
@@ -119,38 +127,69 @@ class GraphView:
         self.graph_inputs = {v.name for v in graph.input} - initializer_names
         self.computed = computed
         self._recent_reads: dict[str, np.ndarray] = {}
-        self.constants: dict[str, Constant] = dict(outer_constants or {})
-        # An outer-scope constant is shadowed by a local input of the same name.
-        for name in self.graph_inputs:
-            self.constants.pop(name, None)
-        self.initializers: dict[str, onnx.TensorProto] = {}
-        for tensor in graph.initializer:
-            self.initializers[tensor.name] = tensor
-            # From IR 4 on, an initializer also listed as a graph input is overridable.
-            if tensor.name not in self.graph_inputs:
-                self.constants[tensor.name] = Constant(tensor, graph, True, deferred)
-        for index, node in enumerate(self.nodes):
-            self._index_node(index, node)
+        self._dropped_value_info: set[str] = set()
+        self._dropped_initializers: set[str] = set()
+        # The enclosing graph's view (for a subgraph): its constants are visible here unless a
+        # local input of the same name shadows them.
+        self.outer = outer
+        self.deferred = deferred
+        # Constants found so far: Constant nodes, computed values, and initializers once asked
+        # for (a graph of 80k initializers need not wrap each one up front).
+        self.constants: dict[str, Constant] = {}
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        consumers, producer, implicit = self.consumers, self.producer, table.implicit
+        for index, (inputs, outputs) in enumerate(zip(table.inputs, table.outputs)):
+            for name in inputs:
+                if name:
+                    consumers[name].append(index)
+            if index in implicit:
+                for name in implicit[index]:
+                    consumers[name].append(index)
+            for name in outputs:
+                if name:
+                    producer[name] = index
+        for index, op_type in enumerate(table.op_types):
+            if op_type == "Constant":
+                self._index_constant_node(index, self.nodes[index])
 
     def _index_node(self, index: int, node: onnx.NodeProto) -> None:
+        """Index a node added after the view was built."""
+        self.op_types.append(node.op_type)
         for name in node.input:
             if name:
                 self.consumers[name].append(index)
-        for name in names_read_by_subgraphs(node):
+        implicit = names_read_by_subgraphs(node)
+        if implicit:
+            self.subgraph_nodes.append(index)
+        for name in implicit:
             self.consumers[name].append(index)
         for name in node.output:
             if name:
                 self.producer[name] = index
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+        if node.op_type == "Constant":
+            self._index_constant_node(index, node)
+
+    def _index_constant_node(self, index: int, node: onnx.NodeProto) -> None:
+        if node.domain in ("", "ai.onnx") and node.output:
             tensor = constant_node_tensor(node)
             if tensor is not None:
                 self.constants[node.output[0]] = Constant(tensor, self.graph, False)
 
     # ---- queries -------------------------------------------------------------------------
     def live_nodes(self, op_type: str | None = None) -> Iterator[tuple[int, onnx.NodeProto]]:
-        for index, node in enumerate(self.nodes):
-            if index not in self.removed and (op_type is None or node.op_type == op_type):
-                yield index, node
+        if op_type is None:
+            yield from self.live_nodes_of(None)
+        else:
+            yield from self.live_nodes_of((op_type,))
+
+    def live_nodes_of(
+        self, op_types: tuple[str, ...] | None
+    ) -> Iterator[tuple[int, onnx.NodeProto]]:
+        """(index, node) of the nodes not removed, of `op_types` (None: all), in order."""
+        removed, nodes = self.removed, self.nodes
+        for index, op_type in enumerate(self.op_types):
+            if index not in removed and (op_types is None or op_type in op_types):
+                yield index, nodes[index]
 
     def producer_of(self, name: str) -> tuple[int, onnx.NodeProto] | None:
         index = self.producer.get(name)
@@ -214,10 +253,25 @@ class GraphView:
             return f"{name!r} also feeds {labels}"
         return None
 
+    def visible_constant(self, name: str) -> Constant | None:
+        """The constant `name` in scope here, without evaluating anything: this graph's own
+        (from IR 4 on, an initializer also listed as a graph input is overridable, so it is
+        not one), else an enclosing graph's."""
+        found = self.constants.get(name)
+        if found is not None:
+            return found
+        if name in self.graph_inputs:
+            return None
+        tensor = self.initializers.get(name)
+        if tensor is not None:
+            found = self.constants[name] = Constant(tensor, self.graph, True, self.deferred)
+            return found
+        return self.outer.visible_constant(name) if self.outer is not None else None
+
     def constant(self, name: str, depth: int = 0) -> Constant | str:
         """The constant called `name` (an initializer, a Constant node, or a value computed
         from constants by a small subgraph), or why it is not one."""
-        found = self.constants.get(name)
+        found = self.visible_constant(name)
         if found is not None:
             return found
         if name in self.graph_inputs:
@@ -243,10 +297,14 @@ class GraphView:
         return not isinstance(self.constant(name), str)
 
     def _value(self, name: str, constant: Constant) -> np.ndarray:
-        if self.pending is not None and name in self.pending and name in self.initializers:
-            return self.pending.values(name)
-        if constant.deferred is None or not constant.deferred.holds(constant.tensor):
-            return constant.array()
+        if constant.value is not None:
+            return constant.value
+        pending = self.pending
+        if pending is not None and name in pending and name in self.initializers:
+            return pending.values(name)
+        deferred = constant.deferred
+        if deferred is None or not deferred.holds(constant.tensor):
+            return tensor_to_array(constant.tensor)
         # A rule reads a weight, its bias and four BN parameters, then its checks read the weight
         # again (range headroom): keep the last six read from the file rather than pread twice;
         # six (one fold's worth), so memory stays bounded by the fold at hand.
@@ -254,8 +312,15 @@ class GraphView:
         if name not in recent:
             if len(recent) >= 6:
                 recent.pop(next(iter(recent)))
-            recent[name] = constant.array()
+            recent[name] = tensor_to_array(constant.tensor, deferred.read(name))
         return recent[name]
+
+    def constant_value(self, name: str) -> tuple[np.ndarray, int] | str:
+        """(value, ONNX element type) of constant `name`, or why it is not a constant."""
+        found = self.constant(name)
+        if isinstance(found, str):
+            return found
+        return self._value(name, found), found.tensor.data_type
 
     def constant_array(self, name: str) -> np.ndarray | None:
         found = self.constant(name)
@@ -273,10 +338,11 @@ class GraphView:
         """True when initializer `name` lives in this graph and only `node_index` reads it, once."""
         if name not in self.initializers or name in self.graph_inputs:
             return False
-        if name in self.graph_outputs or name not in self.constants:
+        if name in self.graph_outputs:
             return False
-        readers = self.live_consumers(name)
-        return readers == [node_index] and list(self.nodes[node_index].input).count(name) == 1
+        # consumers lists a node once per input slot (and once for its subgraphs' reads), so
+        # this also means "read once".
+        return self.live_consumers(name) == [node_index]
 
     # ---- edits ---------------------------------------------------------------------------
     def set_constant(
@@ -296,8 +362,9 @@ class GraphView:
                 fill_tensor(self.initializers[old], values, elem_type)
             self.declare_input(old, values.shape, elem_type)
             return old
-        tensor = onnx.TensorProto(name=self.names.fresh(f"{hint}_bnfold"))
-        fill_tensor(tensor, values, elem_type)
+        tensor = onnx.TensorProto(
+            name=self.names.fresh(f"{hint}_bnfold"), dims=values.shape, data_type=elem_type,
+            raw_data=np.ascontiguousarray(values).tobytes())  # as fill_tensor, on a new tensor
         name = self.add_initializer(tensor, before=node_index)
         while len(node.input) <= input_slot:
             node.input.append("")
@@ -319,8 +386,7 @@ class GraphView:
             return tensor.name
         self.graph.initializer.append(tensor)
         stored = self.graph.initializer[-1]
-        self.initializers[stored.name] = stored
-        self.constants[stored.name] = Constant(stored, self.graph, True)
+        self.initializers[stored.name] = stored  # visible_constant wraps it when asked
         self.declare_input(stored.name, tuple(stored.dims), stored.data_type)
         return stored.name
 
@@ -334,6 +400,10 @@ class GraphView:
                 value.CopyFrom(declared)
                 return
         self.graph.input.append(declared)
+
+    def set_op_type(self, node_index: int, op_type: str) -> None:
+        self.nodes[node_index].op_type = op_type
+        self.op_types[node_index] = op_type
 
     def set_input(self, node_index: int, input_slot: int, name: str) -> None:
         node = self.nodes[node_index]
@@ -372,13 +442,56 @@ class GraphView:
         return index
 
     def drop_value_info(self, name: str) -> None:
-        for index, value in enumerate(self.graph.value_info):
-            if value.name == name:
-                del self.graph.value_info[index]
-                return
+        """Forget the declared type of `name` (gone from the graph) at commit: one walk of the
+        value infos for all folds, not one per fold."""
+        self._dropped_value_info.add(name)
+
+    def drop_unused(self, names: Iterable[str]) -> list[str]:
+        """Remove this graph's initializers, Constant nodes and constant-subgraph nodes among
+        `names` that nothing reads any more, and transitively what those nodes read. Returns the
+        names that belong to an enclosing graph, for its view to judge.
+
+        A graph input is never removed; below IR 4 a main-graph initializer is only declared as
+        one, and its declaration goes with it."""
+        outer: list[str] = []
+        work = list(names)  # a name comes back when a node that read it goes: it may be free now
+        while work:
+            name = work.pop()
+            if not name:
+                continue
+            if self.live_consumers(name) or name in self.graph_outputs:
+                continue
+            if name in self.initializers:
+                if name not in self.graph_inputs:
+                    self._dropped_initializers.add(name)
+                continue
+            index = self.producer.get(name)
+            if index is None:
+                if name not in self.graph_inputs:
+                    outer.append(name)
+                continue
+            if index in self.removed or not self._is_constant_op(index):
+                continue
+            outputs = [n for n in self.nodes[index].output if n]
+            if any(self.live_consumers(n) or n in self.graph_outputs for n in outputs):
+                continue
+            self.remove_node(index)
+            work.extend(self.nodes[index].input)
+        return list(dict.fromkeys(outer))
+
+    def _is_constant_op(self, index: int) -> bool:
+        node = self.nodes[index]
+        if node.domain not in ("", "ai.onnx") or index in self.subgraph_nodes:
+            return False
+        return node.op_type == "Constant" or node.op_type in EVALUATED_OPS
 
     def commit(self) -> None:
-        """Write the node list back. The view is spent afterwards: build a new one to go on."""
+        """Write the node list back, and drop what drop_value_info / drop_unused marked. The
+        view is spent afterwards: build a new one to go on."""
+        _delete_named(self.graph.value_info, self._dropped_value_info)
+        _delete_named(self.graph.initializer, self._dropped_initializers)
+        if self.initializers_are_inputs:
+            _delete_named(self.graph.input, self._dropped_initializers)
         if self._placement:
             inserted = {i for group in self._placement.values() for i in group}
             order: list[int] = []
@@ -393,6 +506,14 @@ class GraphView:
             # Deleting by index keeps the remaining wrappers valid and copies nothing.
             for index in sorted(self.removed, reverse=True):
                 del self.graph.node[index]
+
+
+def _delete_named(container, names: set[str]) -> None:
+    """Delete the entries of a repeated field whose `name` is in `names`, in one walk."""
+    if not names:
+        return
+    for index in reversed([i for i, entry in enumerate(container) if entry.name in names]):
+        del container[index]
 
 
 def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:

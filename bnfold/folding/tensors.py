@@ -28,31 +28,35 @@ _RAW_FLOAT_TYPES = {
 def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
     """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
     bytes of a tensor loaded without them (bnfold.onnxio.deferred)."""
-    if any(d < 0 for d in tensor.dims):
+    dims = tuple(tensor.dims)  # each field read crosses into protobuf: read each once
+    if dims and min(dims) < 0:
         raise BnfoldError(
-            f"tensor {tensor.name!r} declares negative dims {list(tensor.dims)}: the file is "
+            f"tensor {tensor.name!r} declares negative dims {list(dims)}: the file is "
             f"corrupt; re-export the model"
         )
-    count = math.prod(tensor.dims)
-    if raw is None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise BnfoldError(
-            f"tensor {tensor.name!r} keeps its data in an external file that was not loaded: "
-            f"give bnfold the model's path, or load it with its external data"
-        )
-    if raw is None and tensor.HasField("raw_data"):
-        # One read of raw_data: each access copies the bytes out of the protobuf.
-        raw = tensor.raw_data
-    if tensor.data_type == onnx.TensorProto.BFLOAT16:
+    count = math.prod(dims)
+    data_type = tensor.data_type
+    if raw is None:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise BnfoldError(
+                f"tensor {tensor.name!r} keeps its data in an external file that was not "
+                f"loaded: give bnfold the model's path, or load it with its external data"
+            )
+        if tensor.HasField("raw_data"):
+            # One read of raw_data: each access copies the bytes out of the protobuf.
+            raw = tensor.raw_data
+    if data_type == onnx.TensorProto.BFLOAT16:
         if raw is not None:
             bits = np.frombuffer(raw, dtype=np.uint16)
         else:
             bits = np.asarray(tensor.int32_data, dtype=np.uint16)
         _check_count(tensor, bits.size, count)
-        return bfloat16_bits_to_float32(bits).reshape(tuple(tensor.dims))
-    if raw is not None and tensor.data_type in _RAW_FLOAT_TYPES:
-        dtype = _RAW_FLOAT_TYPES[tensor.data_type]
-        _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
-        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        return bfloat16_bits_to_float32(bits).reshape(dims)
+    dtype = _RAW_FLOAT_TYPES.get(data_type)
+    if raw is not None and dtype is not None:
+        if len(raw) != count * dtype.itemsize:
+            _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
+        return np.frombuffer(raw, dtype=dtype).reshape(dims)
     if raw is not None and not tensor.HasField("raw_data"):
         tensor = _with_raw_data(tensor, raw)
     try:

@@ -17,11 +17,14 @@ class TypeTable:
     def __init__(self, model: onnx.ModelProto):
         self._model = model
         self._known: dict[str, tuple[int, int | None]] = {}
+        self._collected = False  # the declarations are read on the first lookup
         self._inferred = False
-        self._collect(model.graph)
 
     def lookup(self, name: str) -> tuple[int, int | None] | None:
         """(elem_type, rank or None) of `name`, or None when unknown."""
+        if not self._collected:
+            self._collected = True
+            self._collect(self._model.graph)
         if name not in self._known and not self._inferred:
             self._inferred = True
             self._infer()
@@ -46,7 +49,7 @@ class TypeTable:
     def _infer(self) -> None:
         emptied: list[tuple[onnx.TensorProto, bytes]] = []
         try:
-            for tensor in iter_tensors(self._model):
+            for tensor in iter_tensors(self._model, schema_only=True):
                 if tensor.HasField("raw_data") and len(tensor.raw_data) > 4096:
                     emptied.append((tensor, tensor.raw_data))
                     tensor.ClearField("raw_data")

@@ -86,15 +86,28 @@ _ATTRIBUTE_KINDS = {
 }
 
 
-def typed_attribute(node: onnx.NodeProto, name: str, kind: str, default, *, minimum=None):
+def attributes_by_name(node: onnx.NodeProto) -> dict[str, list[onnx.AttributeProto]]:
+    """`node`'s attributes by name (a list: a malformed node may repeat one), read once."""
+    found: dict[str, list[onnx.AttributeProto]] = {}
+    for attr in node.attribute:
+        found.setdefault(attr.name, []).append(attr)
+    return found
+
+
+def typed_attribute(node: onnx.NodeProto, name: str, kind: str, default, *, minimum=None,
+                    attributes: dict[str, list[onnx.AttributeProto]] | None = None):
     """Attribute `name` of `node` as `kind` ("int", "float", "string", "ints"), or `default`
     when absent. A wrong type (group as STRING, epsilon as INTS or UNDEFINED), a non-finite float
     or a value below `minimum` raises AttributeProblem, whose text is a refusal reason: model
     files are untrusted, so no attribute reaches int()/float() unchecked. For example
     `typed_attribute(conv, "group", "int", 1, minimum=1)` refuses group=0 and group="2".
+    `attributes` (from attributes_by_name) saves reading the node's attributes again.
     """
     expected, field = _ATTRIBUTE_KINDS[kind]
-    found = [attr for attr in node.attribute if attr.name == name]
+    if attributes is not None:
+        found = attributes.get(name, ())
+    else:
+        found = [attr for attr in node.attribute if attr.name == name]
     if not found:
         return default
     attr = found[-1]
@@ -146,19 +159,86 @@ def set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, float(value)))
 
 
+@dataclass
+class BnParameters:
+    """The constants of an inference BatchNormalization, read but not yet combined."""
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
+    names: tuple[str, ...]  # the four inputs, which may be unused once the BN is gone
+
+    def affine(self) -> ChannelAffine | str:
+        """s = γ/√(σ²+ε), t = β − μ·s, or why they cannot be computed."""
+        denominator = self.var.astype(np.float64) + self.epsilon
+        if not np.all(denominator > 0):
+            bad = int(np.argmin(denominator))
+            return f"var+epsilon is not positive (channel {bad}: {denominator[bad]:.3g})"
+        scale, shift = fold_math.bn_scale_shift(
+            self.gamma, self.beta, self.mean, self.var, self.epsilon)
+        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+            return "its parameters are not finite"
+        return ChannelAffine(scale, shift, self.names)
+
+
 def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
     """The affine map of inference BatchNormalization node `index`, or why it has none."""
+    parameters = batchnorm_parameters(view, index)
+    return parameters if isinstance(parameters, str) else parameters.affine()
+
+
+def batchnorm_parameters(view: GraphView, index: int) -> BnParameters | str:
+    """The constants of inference BatchNormalization node `index` (attributes, outputs, shapes
+    and dtypes checked), or why it is not one that folds."""
+    epsilon = batchnorm_epsilon(view, index)
+    if isinstance(epsilon, str):
+        return epsilon
+    names = tuple(view.nodes[index].input[1:5])
+    found = []
+    for role, name in zip(BN_ROLES, names):
+        value = view.constant_value(name)
+        if isinstance(value, str):
+            return f"{role} {name!r} {value}"
+        found.append(value)
+    return parameters_from_values(names, found, epsilon)
+
+
+BN_ROLES = ("scale", "B", "mean", "var")
+
+
+def parameters_from_values(
+    names: tuple[str, ...], found: list[tuple[np.ndarray, int]], epsilon: float
+) -> BnParameters | str:
+    """BnParameters from the (value, element type) of scale, B, mean and var, or why their
+    shapes or types do not make one."""
+    gamma, beta, mean, var = (value for value, _ in found)
+    shape = gamma.shape
+    if len(shape) != 1 or beta.shape != shape or mean.shape != shape or var.shape != shape:
+        text = ", ".join(f"{r} {list(a.shape)}" for r, (a, _) in zip(BN_ROLES, found))
+        return f"parameters are not all one vector of length C ({text})"
+    if not all(elem_type in FLOAT_TYPES for _, elem_type in found):
+        return "parameters are not floating point"
+    return BnParameters(gamma, beta, mean, var, epsilon, names)
+
+
+def batchnorm_epsilon(view: GraphView, index: int) -> float | str:
+    """The epsilon of BatchNormalization node `index` once its inputs, attributes and outputs
+    say it is an inference BN that may fold, or why it is not."""
     node = view.nodes[index]
     if len(node.input) < 5 or not all(node.input[:5]):
         return (
             f"has {len([n for n in node.input if n])} of its 5 inputs (X, scale, B, mean, var); "
             f"the model is malformed"
         )
+    attributes = attributes_by_name(node)
     try:
-        training = typed_attribute(node, "training_mode", "int", 0)
-        is_test = typed_attribute(node, "is_test", "int", 0)
-        spatial = typed_attribute(node, "spatial", "int", 1)
-        epsilon = typed_attribute(node, "epsilon", "float", DEFAULT_EPSILON)
+        training = typed_attribute(node, "training_mode", "int", 0, attributes=attributes)
+        is_test = typed_attribute(node, "is_test", "int", 0, attributes=attributes)
+        spatial = typed_attribute(node, "spatial", "int", 1, attributes=attributes)
+        epsilon = typed_attribute(node, "epsilon", "float", DEFAULT_EPSILON,
+                                  attributes=attributes)
     except AttributeProblem as problem:
         return str(problem)
     if training:
@@ -174,26 +254,7 @@ def batchnorm_affine(view: GraphView, index: int) -> ChannelAffine | str:
     ]
     if used_extra:
         return f"its running-statistics outputs are used ({', '.join(used_extra)})"
-    roles = ("scale", "B", "mean", "var")
-    for role, name in zip(roles, node.input[1:5]):
-        reason = view.non_constant_reason(name, role)
-        if reason:
-            return reason
-    gamma, beta, mean, var = (view.constant_array(n) for n in node.input[1:5])
-    shapes = {role: a.shape for role, a in zip(roles, (gamma, beta, mean, var))}
-    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
-        text = ", ".join(f"{r} {list(s)}" for r, s in shapes.items())
-        return f"parameters are not all one vector of length C ({text})"
-    if not all(view.constant_dtype(n) in FLOAT_TYPES for n in node.input[1:5]):
-        return "parameters are not floating point"
-    denominator = var.astype(np.float64) + epsilon
-    if not np.all(denominator > 0):
-        bad = int(np.argmin(denominator))
-        return f"var+epsilon is not positive (channel {bad}: {denominator[bad]:.3g})"
-    scale, shift = fold_math.bn_scale_shift(gamma, beta, mean, var, epsilon)
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return "its parameters are not finite"
-    return ChannelAffine(scale, shift, tuple(node.input[1:5]))
+    return epsilon
 
 
 def compute_dtype(elem_type: int):

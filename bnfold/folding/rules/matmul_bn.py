@@ -88,7 +88,7 @@ class MatMulBnRule:
         matmul = view.nodes[match.target_index]
         dead = [matmul.input[1], *match.affine.dead_inputs]
         apply_plan(view, match)
-        matmul.op_type = "Gemm"  # Gemm(X, B', c') with α = β = 1, no transposes
+        view.set_op_type(match.target_index, "Gemm")  # Gemm(X, B', c'), α = β = 1, no transposes
         if view.opset < 7:
             # Gemm-6 broadcasts C only when asked to.
             matmul.attribute.append(onnx.helper.make_attribute("broadcast", 1))
