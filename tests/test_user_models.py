@@ -127,6 +127,35 @@ def test_output_and_input_names_follow_the_model(tmp_path):
     assert [o.name for o in onnx.load(str(tmp_path / "t.onnx")).graph.output] == ["s", "m"]
 
 
+def test_int_dict_keys_are_named_like_indices_and_fold(tmp_path):
+    model = user_models.int_keyed_heads()
+    path = tmp_path / "heads.onnx"
+    names = ["output_1_0", "output_1.map", "output_0"]  # dict order, int keys as indices
+    result = export_onnx(model, (1, 3, 6, 6), str(path))
+    assert result.output_names == names and result.bn_nodes == 2
+
+    folded = bnfold.fold_file(path, tmp_path / "heads.folded.onnx")
+    assert folded.report.folded_count == 2
+    written = onnx.load(folded.output_path)
+    assert [o.name for o in written.graph.output] == names
+    assert not any(n.op_type == "BatchNormalization" for n in written.graph.node)
+    feed = random_feed(result.inputs)
+    expected = torch_outputs(model, [torch.from_numpy(feed["x"])])
+    for e, g in zip(expected, run_onnx(written, feed), strict=True):
+        assert g.shape == e.shape
+        assert np.abs(g - e).max() <= 1e-5 * max(np.abs(e).max(), 1e-30)
+
+
+def test_dict_keys_other_than_str_or_int_are_refused_by_type(tmp_path):
+    class FloatKeyed(torch.nn.Module):
+        def forward(self, x):
+            return {1.5: x}
+
+    with pytest.raises(BnfoldError, match=r"^the model returns a dict with a float key \(1\.5\) "
+                                          r"at its output: key output dicts by str or int$"):
+        export_onnx(FloatKeyed(), (1, 2), str(tmp_path / "k.onnx"))
+
+
 def test_symbolic_dims_stay_dynamic_on_outputs(tmp_path):
     path = str(tmp_path / "d.onnx")
     export_onnx(user_models.detector(), [(1, 3, 8, 12)], path,

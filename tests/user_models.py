@@ -104,6 +104,21 @@ class FunctionalBN(nn.Module):
                             training=False, eps=1e-5)
 
 
+class IntKeyedHeads(nn.Module):
+    """Returns {0: logits, 1: {0: aux, "map": features}}: int dict keys, as detection heads
+    indexed by level often are (the tracer cannot take them as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.aux, self.aux_bn = nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        features = self.bn(self.conv(x))
+        return {1: {0: self.aux_bn(self.aux(features)), "map": features},
+                0: features.mean((2, 3))}
+
+
 class Detector(nn.Module):
     """Fully convolutional, any H/W; returns a tuple with a nested tuple."""
 
@@ -197,6 +212,10 @@ def aux_head():
 
 def functional_bn():
     return _ready(FunctionalBN())
+
+
+def int_keyed_heads():
+    return _ready(IntKeyedHeads())
 
 
 def detector():

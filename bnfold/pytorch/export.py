@@ -12,7 +12,8 @@ a zero bias computed at run time, which blocks folding; it is also ~100× slower
 The copy is a plain module: DataParallel unwrapped, parametrizations made permanent
 (bnfold.pytorch.zoo.prepare). Inputs are one `InputSpec` per forward argument (bnfold.pytorch.export_inputs):
 several, integer, float64/float16, named after the forward signature, with symbolic dims.
-Outputs (tensors, tuples, dicts, nested) get stable names: dict keys, else output_0, ….
+Outputs (tensors, tuples, dicts, nested) get stable names: str dict keys, else output_0, …
+(int keys count as indices), and are exported as one flat tuple in that order.
 
 The result is checked, not trusted: the eval forward's batch_norm calls (counted as they
 happen, so a BN called twice counts twice and an unused auxiliary head's not at all) must
@@ -28,6 +29,7 @@ swallowed, so nothing reaches stdout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
@@ -108,7 +110,8 @@ def export_onnx(
         notes += check_bn_usage(model, usage)
         flat = flatten_outputs(reference)
         names = _output_names(flat, output_names, [s.name for s in specs])
-        proto = _torchscript_export(torch, call, examples, specs, names, opset)
+        proto = _torchscript_export(torch, _flat_output_call(call), examples, specs, names,
+                                    opset)
         _materialise_identity_constants(proto)
         bn_nodes = _check_bn_nodes(proto, usage)
         max_abs, max_rel, checked = parity(torch, call, proto, specs, examples, names, seed,
@@ -231,6 +234,23 @@ def _newest_export_opset(torch) -> int | None:
     except ImportError:  # a torch that moved it: let the exporter judge
         return None
     return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def _flat_output_call(call):
+    """`call` returning its tensors as one flat tuple, in `flatten_outputs`' order.
+
+    The tracer keeps a dict's str keys as structure but turns int keys into traced values
+    ("output 1 (0) of traced region did not have observable data dependence"), so a forward
+    returning `{0: logits, 1: aux}` cannot be exported as it is; flat, the exporter's outputs
+    are the ones `output_names` names, in that order, whatever the nesting. A shallow copy with
+    its own forward keeps the parameter names (a wrapper module would prefix them `model.`).
+    """
+    from bnfold.pytorch.zoo.prepare import flatten_outputs
+
+    forward = call.forward
+    flat = copy.copy(call)
+    flat.forward = lambda *inputs: tuple(t for _, t in flatten_outputs(forward(*inputs)))
+    return flat
 
 
 def _torchscript_export(torch, call, examples, specs, output_names, opset) -> onnx.ModelProto:
