@@ -119,6 +119,30 @@ class IntKeyedHeads(nn.Module):
                 0: features.mean((2, 3))}
 
 
+class StatisticsInForward(nn.Module):
+    """F.batch_norm on statistics built inside forward: "constant" ones from torch.tensor
+    (exported as Constant nodes), "computed" ones from buffers (var = exp(log_var), exported
+    as an Exp), "input" ones from the input itself (exported as reductions of it)."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        generator = torch.Generator().manual_seed(6)
+        self.register_buffer("mean", 0.3 * torch.randn(4, generator=generator))
+        self.register_buffer("log_var", 0.5 * torch.randn(4, generator=generator))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.source == "constant":
+            mean, var = torch.tensor([0.1, -0.2, 0.3, 0.05]), torch.tensor([0.9, 1.5, 0.6, 2.0])
+        elif self.source == "computed":
+            mean, var = 2 * self.mean, self.log_var.exp()
+        else:
+            mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3))
+        return F.batch_norm(y, mean, var, training=False, eps=1e-5)
+
+
 class Detector(nn.Module):
     """Fully convolutional, any H/W; returns a tuple with a nested tuple."""
 
@@ -216,6 +240,18 @@ def functional_bn():
 
 def int_keyed_heads():
     return _ready(IntKeyedHeads())
+
+
+def constant_statistics():
+    return _ready(StatisticsInForward("constant"))
+
+
+def computed_statistics():
+    return _ready(StatisticsInForward("computed"))
+
+
+def input_statistics():
+    return _ready(StatisticsInForward("input"))
 
 
 def detector():
