@@ -143,6 +143,22 @@ class StatisticsInForward(nn.Module):
         return F.batch_norm(y, mean, var, training=False, eps=1e-5)
 
 
+class UnbatchedConv1d(nn.Module):
+    """A batched Conv2d+BN stem, then a Conv1d+BatchNorm1d head on one unbatched (C, L)
+    sequence with C_out == L: BatchNorm1d reads the 2-D output as (N, C) and normalises L, so
+    fusing it into the Conv1d's channels would be wrong although the sizes agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head, self.head_bn = nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        features = self.stem_bn(self.stem(x))
+        sequence = features[0].flatten(1)[:, :6]  # (4, 6): the first sample, unbatched
+        return features, self.head_bn(self.head(sequence))
+
+
 class Detector(nn.Module):
     """Fully convolutional, any H/W; returns a tuple with a nested tuple."""
 
@@ -252,6 +268,10 @@ def computed_statistics():
 
 def input_statistics():
     return _ready(StatisticsInForward("input"))
+
+
+def unbatched_conv1d():
+    return _ready(UnbatchedConv1d())
 
 
 def detector():
