@@ -140,10 +140,21 @@ def _unreadable(path: str, exc: BaseException) -> str:
         head = handle.read(4)
     if "Weights only load failed" in text and "GLOBAL" in text:
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" (it needs class {found.group(1)})" if found else ""
-        return (f"checkpoint {path!r} is a pickled Python object{what}, not a state_dict: bnfold "
-                "loads weights only (weights_only=True) and never runs a file's code; where the "
-                f"model is built, {SAVE_HINT}")
+        refused = found.group(1) if found else None
+        top = _top_level_type(path)
+        if refused is None or top == refused:
+            what = f" (it needs class {refused})" if refused else ""
+            return (f"checkpoint {path!r} is a pickled Python object{what}, not a state_dict: "
+                    "bnfold loads weights only (weights_only=True) and never runs a file's code; "
+                    f"where the model is built, {SAVE_HINT}")
+        what = (f"a numpy value ({refused})" if refused.startswith("numpy.")
+                else f"an object of type {refused}")
+        where = f" inside its top-level {top}" if top in ("dict", "list") else ""
+        return (f"checkpoint {path!r} holds {what}{where}, which weights_only=True loading "
+                "refuses (bnfold loads no other way: it never runs a file's code): save only "
+                "tensors, e.g. "
+                "torch.save(model.state_dict(), path), or re-save the checkpoint with plain "
+                "types (dict, list, str, int, float, tensors) in place of that object")
     if head == ZIP_MAGIC:
         detail = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
         return (f"checkpoint {path!r} is a damaged or truncated torch.save archive ({detail}): "
@@ -154,6 +165,45 @@ def _unreadable(path: str, exc: BaseException) -> str:
     return (f"checkpoint {path!r} is a legacy pickle that weights-only loading rejects "
             f"({(text.strip().splitlines() or ['?'])[-1][:120]}): load it once in Python and "
             f"re-save with torch.save(model.state_dict(), path)")
+
+
+def _top_level_type(path: str) -> str | None:
+    """What the checkpoint's top-level object is built from — "dict", "list" or a class's
+    module.name — read from the pickle's first opcodes, which are not run; None where the
+    file is not understood (torch.save's zip archive and its legacy format are)."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                stream = io.BytesIO(archive.read(name))
+            return _first_built(pickletools.genops(stream))
+        with open(path, "rb") as stream:
+            for _ in range(3):  # the legacy format's magic number, protocol and sys_info
+                for _ in pickletools.genops(stream):
+                    pass
+            return _first_built(pickletools.genops(stream))
+    except (ValueError, KeyError, OSError, StopIteration, zipfile.BadZipFile):
+        return None
+
+
+def _first_built(opcodes) -> str | None:
+    strings = []
+    for opcode, arg, _ in opcodes:
+        if opcode.name in ("PROTO", "FRAME", "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+            continue
+        if "UNICODE" in opcode.name or "STRING" in opcode.name:
+            strings.append(arg)  # STACK_GLOBAL's module and name (protocol 4+)
+            continue
+        if opcode.name == "GLOBAL":
+            return arg.replace(" ", ".")
+        if opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+            return ".".join(strings)
+        return {"EMPTY_DICT": "dict", "EMPTY_LIST": "list"}.get(opcode.name)
+    return None
 
 
 def load_checkpoint(model, path: str | os.PathLike, notes: list[str] | None = None) -> None:
