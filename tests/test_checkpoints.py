@@ -134,19 +134,26 @@ NUMPY_SCALAR = np.float64(0.9).__reduce__()[0]  # numpy.core or numpy._core, by 
                                            "best_acc": np.float64(0.9)}, p),
      f"holds a numpy value ({NUMPY_SCALAR.__module__}.{NUMPY_SCALAR.__name__}) inside its "
      f"top-level dict, {REFUSED_BY_WEIGHTS_ONLY}"),
+    # torch's weights-only unpickler stops at protocol 4's first FRAME opcode (149)
+    ("protocol-4", lambda p: torch.save(source_model().state_dict(), p, pickle_protocol=4),
+     "was saved with pickle protocol 4, which weights_only=True loading cannot read "
+     "(unsupported opcode 149): re-save it with torch.save's default protocol (no "
+     "pickle_protocol argument)"),
     ("legacy-format-list", lambda p: torch.save([source_model().state_dict(),
                                                  argparse.Namespace(lr=0.1)], p,
                                                 _use_new_zipfile_serialization=False),
      f"holds an object of type argparse.Namespace inside its top-level list, "
      f"{REFUSED_BY_WEIGHTS_ONLY}"),
 ])
-def test_unloadable_checkpoints_say_why(name, write, message, tmp_path):
+def test_unloadable_checkpoints_say_why(name, write, message, tmp_path, recwarn):
     path = tmp_path / "c.pt"
     write(path)
+    recwarn.clear()
     with pytest.raises(BnfoldError) as info:
         zoo.create(SPEC, str(path))
     assert str(info.value) == f"checkpoint {str(path)!r} {message}"
     assert "\x1b" not in str(info.value)
+    assert [str(w.message) for w in recwarn] == []  # torch.load's warnings are in the message
 
 
 def test_cli_prints_the_notes_and_exports(tmp_path):
