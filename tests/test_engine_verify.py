@@ -19,6 +19,7 @@ from bnfold.deploy.engines.ort import cuda_provider_available
 from bnfold.deploy.engines.trt import unavailable_reason as trt_unavailable
 from bnfold.folding.api import fold
 from bnfold.deploy.fp16 import convert_to_fp16
+from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import save_model
 from bnfold.sample_model import build_sample_model
 from bnfold.verification.runs import verify
@@ -95,6 +96,23 @@ def test_folded_patterns_pass_on_every_cpu_engine(engine, pattern):
     assert result.engine["name"] == engine and result.engine["precision"] == "float32"
     assert result.engine["tolerance_precision"] == "float32"
     assert result.engine["rtol"] == 1e-5
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_candidate_with_an_extra_output_is_refused_as_plain_verify_does(engine):
+    original = _conv_bn()
+    extra = onnx.ModelProto()
+    extra.CopyFrom(fold(original).model)
+    extra.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
+    extra.graph.output.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(BnfoldError, match=r"^the models have different interfaces \(inputs "
+                                          r"\['x'\] vs \['x'\], outputs \['y'\] vs "
+                                          r"\['y', 'z'\]\)"):
+        verify(original, extra)
+    with pytest.raises(BnfoldError) as info:
+        verify(original, extra, engine=engine)
+    assert str(info.value) == ("the models have different outputs (['y'] vs ['y', 'z']): "
+                               "compare a model with its own folded, converted or built version")
 
 
 @pytest.mark.parametrize("engine", CPU_ENGINES)

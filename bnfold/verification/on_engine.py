@@ -10,6 +10,9 @@ inspector, OpenVINO's compiled model, the graph's own types for ORT), not the on
 an fp16 engine is judged with fp16 tolerances, calibrated against the model's own float32
 noise as in plain verify, and the result says which precision and tolerance applied.
 
+As in plain verify, the candidate's outputs must be the reference's (none missing, none
+extra).
+
     >>> verify("model.onnx", "model.folded.onnx", engine="openvino").engine["precision"]
     'float32'
 """
@@ -166,12 +169,12 @@ def _vetted_candidate(candidate, engine: str):
 
 
 def _check_outputs_match(ref: dict, cand: dict) -> None:
-    missing = [name for name in ref if name not in cand]
-    if missing:
+    """The candidate's outputs are the reference's, by name, as plain verify requires of the
+    two interfaces: a missing output cannot be judged, an extra one would go unjudged."""
+    if set(ref) != set(cand):
         raise BnfoldError(
-            f"the candidate has no output {', '.join(map(repr, missing))} (its outputs: "
-            f"{', '.join(map(repr, cand)) or 'none'}): compare a model with its own folded, "
-            f"converted or built version"
+            f"the models have different outputs ({sorted(ref)} vs {sorted(cand)}): compare a "
+            "model with its own folded, converted or built version"
         )
 
 
