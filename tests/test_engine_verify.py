@@ -115,6 +115,31 @@ def test_candidate_with_an_extra_output_is_refused_as_plain_verify_does(engine):
                                "compare a model with its own folded, converted or built version")
 
 
+def _matmul_chain(layers: int, n: int = 512) -> onnx.ModelProto:
+    """x → y through `layers` MatMuls by the identity: the same function for any depth, ~0.27
+    GFLOP a layer (200 layers: seconds on a CPU core)."""
+    nodes, last = [], "x"
+    for i in range(layers):
+        name = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [last, "eye"], [name]))
+        last = name
+    return golden.model(nodes, [("x", [n, n])], [("y", [n, n])],
+                        [golden.tensor("eye", np.eye(n, dtype=np.float32))])
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_candidate_runs_on_the_engine_are_bounded_by_the_timeout(engine):
+    # The reference (one layer) runs well within 0.1 s; the candidate (200) cannot, and is
+    # stopped: ORT terminates between nodes, OpenVINO cancels between layers.
+    with pytest.raises(BnfoldError) as info:
+        verify(_matmul_chain(1), _matmul_chain(200), engine=engine, timeout=0.1,
+               ground_truth=False)
+    assert str(info.value) == ("the candidate ran longer than 0.1 s on one input set: raise "
+                               "--verify-timeout or give smaller --shape dims")
+    assert verify(_matmul_chain(1), _matmul_chain(3), engine=engine, timeout=60,
+                  ground_truth=False).ok
+
+
 @pytest.mark.parametrize("engine", CPU_ENGINES)
 def test_wrong_candidate_fails_naming_the_output(engine, sample_files):
     result = verify(sample_files["original"], sample_files["wrong"], engine=engine)
@@ -248,6 +273,8 @@ def test_torch_engine_runs_the_fused_module_against_its_export(resnet_files):
     result = verify(resnet_files[0], fused.module, engine="torch", ground_truth=False)
     assert result.ok, [(m.name, m.max_rel_error, m.tolerance) for m in result.outputs]
     assert result.engine["name"] == "torch" and result.engine["precision"] == "float32"
+    assert ("the candidate's runs on torch are not bounded by the 300 s timeout: PyTorch "
+            "cannot interrupt a forward") in result.notes
 
 
 # --- GPU paths: run as-is on a machine with the hardware; skip with the reason here. ---
