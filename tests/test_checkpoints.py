@@ -3,9 +3,11 @@ prefixes, training-script containers, and a real reason for each file that canno
 
 from __future__ import annotations
 
+import argparse
 import collections
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -94,6 +96,14 @@ def test_missing_num_batches_tracked_follows_torch_strict_loading(tmp_path):
         zoo.create(SPEC, str(path))
 
 
+REFUSED_BY_WEIGHTS_ONLY = ("which weights_only=True loading refuses (bnfold loads no other way: "
+                           "it never runs a file's code): save only tensors, e.g. "
+                           "torch.save(model.state_dict(), path), or re-save the checkpoint with "
+                           "plain types (dict, list, str, int, float, tensors) in place of that "
+                           "object")
+NUMPY_SCALAR = np.float64(0.9).__reduce__()[0]  # numpy.core or numpy._core, by numpy version
+
+
 @pytest.mark.parametrize("name, write, message", [
     ("pickled-module", lambda p: torch.save(user_models.two_inputs(), p),
      "is a pickled Python object (it needs class user_models.TwoInputs), not a state_dict: "
@@ -114,14 +124,36 @@ def test_missing_num_batches_tracked_follows_torch_strict_loading(tmp_path):
     ("list", lambda p: torch.save([torch.zeros(1)], p),
      "holds a list, not a state_dict of tensors: save it with torch.save(model.state_dict(), "
      "path)"),
+    # A training script's extras beside the state_dict: its argparse args, a numpy metric.
+    ("args-beside-state_dict",
+     lambda p: torch.save({"state_dict": source_model().state_dict(),
+                           "args": argparse.Namespace(lr=0.1)}, p),
+     f"holds an object of type argparse.Namespace inside its top-level dict, "
+     f"{REFUSED_BY_WEIGHTS_ONLY}"),
+    ("numpy-metric", lambda p: torch.save({"model": source_model().state_dict(),
+                                           "best_acc": np.float64(0.9)}, p),
+     f"holds a numpy value ({NUMPY_SCALAR.__module__}.{NUMPY_SCALAR.__name__}) inside its "
+     f"top-level dict, {REFUSED_BY_WEIGHTS_ONLY}"),
+    # torch's weights-only unpickler stops at protocol 4's first FRAME opcode (149)
+    ("protocol-4", lambda p: torch.save(source_model().state_dict(), p, pickle_protocol=4),
+     "was saved with pickle protocol 4, which weights_only=True loading cannot read "
+     "(unsupported opcode 149): re-save it with torch.save's default protocol (no "
+     "pickle_protocol argument)"),
+    ("legacy-format-list", lambda p: torch.save([source_model().state_dict(),
+                                                 argparse.Namespace(lr=0.1)], p,
+                                                _use_new_zipfile_serialization=False),
+     f"holds an object of type argparse.Namespace inside its top-level list, "
+     f"{REFUSED_BY_WEIGHTS_ONLY}"),
 ])
-def test_unloadable_checkpoints_say_why(name, write, message, tmp_path):
+def test_unloadable_checkpoints_say_why(name, write, message, tmp_path, recwarn):
     path = tmp_path / "c.pt"
     write(path)
+    recwarn.clear()
     with pytest.raises(BnfoldError) as info:
         zoo.create(SPEC, str(path))
     assert str(info.value) == f"checkpoint {str(path)!r} {message}"
     assert "\x1b" not in str(info.value)
+    assert [str(w.message) for w in recwarn] == []  # torch.load's warnings are in the message
 
 
 def test_cli_prints_the_notes_and_exports(tmp_path):

@@ -19,6 +19,7 @@ from bnfold.deploy.engines.ort import cuda_provider_available
 from bnfold.deploy.engines.trt import unavailable_reason as trt_unavailable
 from bnfold.folding.api import fold
 from bnfold.deploy.fp16 import convert_to_fp16
+from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import save_model
 from bnfold.sample_model import build_sample_model
 from bnfold.verification.runs import verify
@@ -95,6 +96,48 @@ def test_folded_patterns_pass_on_every_cpu_engine(engine, pattern):
     assert result.engine["name"] == engine and result.engine["precision"] == "float32"
     assert result.engine["tolerance_precision"] == "float32"
     assert result.engine["rtol"] == 1e-5
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_candidate_with_an_extra_output_is_refused_as_plain_verify_does(engine):
+    original = _conv_bn()
+    extra = onnx.ModelProto()
+    extra.CopyFrom(fold(original).model)
+    extra.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
+    extra.graph.output.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(BnfoldError, match=r"^the models have different interfaces \(inputs "
+                                          r"\['x'\] vs \['x'\], outputs \['y'\] vs "
+                                          r"\['y', 'z'\]\)"):
+        verify(original, extra)
+    with pytest.raises(BnfoldError) as info:
+        verify(original, extra, engine=engine)
+    assert str(info.value) == ("the models have different outputs (['y'] vs ['y', 'z']): "
+                               "compare a model with its own folded, converted or built version")
+
+
+def _matmul_chain(layers: int, n: int = 512) -> onnx.ModelProto:
+    """x → y through `layers` MatMuls by the identity: the same function for any depth, ~0.27
+    GFLOP a layer (200 layers: seconds on a CPU core)."""
+    nodes, last = [], "x"
+    for i in range(layers):
+        name = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [last, "eye"], [name]))
+        last = name
+    return golden.model(nodes, [("x", [n, n])], [("y", [n, n])],
+                        [golden.tensor("eye", np.eye(n, dtype=np.float32))])
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_candidate_runs_on_the_engine_are_bounded_by_the_timeout(engine):
+    # The reference (one layer) runs well within 0.1 s; the candidate (200) cannot, and is
+    # stopped: ORT terminates between nodes, OpenVINO cancels between layers.
+    with pytest.raises(BnfoldError) as info:
+        verify(_matmul_chain(1), _matmul_chain(200), engine=engine, timeout=0.1,
+               ground_truth=False)
+    assert str(info.value) == ("the candidate ran longer than 0.1 s on one input set: raise "
+                               "--verify-timeout or give smaller --shape dims")
+    assert verify(_matmul_chain(1), _matmul_chain(3), engine=engine, timeout=60,
+                  ground_truth=False).ok
 
 
 @pytest.mark.parametrize("engine", CPU_ENGINES)
@@ -230,6 +273,8 @@ def test_torch_engine_runs_the_fused_module_against_its_export(resnet_files):
     result = verify(resnet_files[0], fused.module, engine="torch", ground_truth=False)
     assert result.ok, [(m.name, m.max_rel_error, m.tolerance) for m in result.outputs]
     assert result.engine["name"] == "torch" and result.engine["precision"] == "float32"
+    assert ("the candidate's runs on torch are not bounded by the 300 s timeout: PyTorch "
+            "cannot interrupt a forward") in result.notes
 
 
 # --- GPU paths: run as-is on a machine with the hardware; skip with the reason here. ---

@@ -28,6 +28,10 @@ CASES = {
     "linear_over_channels": ({"x": (2, 6, 6)}, [], [
         "fc→bn: the Linear's output is 3-D (2, 6, 6): BN normalises axis 1, the Linear's "
         "features are the last axis"]),
+    # Conv1d on an unbatched (C, L), C_out == L: BatchNorm1d normalises L, not the channels
+    "unbatched_conv1d": ({"x": (1, 3, 6, 6)}, ["stem+stem_bn"], [
+        "head→head_bn: the Conv1d's output is 2-D (6, 6) (an unbatched input): BatchNorm1d "
+        "normalises axis 1, the Conv1d's channels are axis 0"]),
     "detector": ({"x": (2, 3, 8, 8)}, ["stem.0+stem.1", "head.0+head.1", "up+up_bn"], []),
     "spectral_norm_conv": ({"input": (2, 3, 8, 8)}, ["0+1", "3+4"], []),
     "two_inputs": ({"image": (2, 3, 8, 8), "side": (2, 5)}, ["conv+bn", "fc+fc_bn", "conv+bn"], []),
@@ -78,6 +82,14 @@ def test_fusing_across_the_wrong_axis_would_have_been_caught():
     with torch.no_grad():
         wrong = fuse_linear_bn_eval(model.fc, model.bn)(x)
         assert float((wrong - model(x)).abs().max()) > 0.1 * float(model(x).abs().max())
+
+
+def test_conv1d_pairs_without_a_shape_are_skipped_as_possibly_unbatched():
+    fusion = fuse_bn(user_models.unbatched_conv1d())  # no example input: no shapes
+    assert fusion.fused == ["stem+stem_bn"]  # BatchNorm2d takes 4-D only: batched for sure
+    assert fusion.skipped == ["head→head_bn: the Conv1d's output shape is unknown (no example "
+                              "input): on an unbatched input BatchNorm1d would normalise another "
+                              "axis than its channels"]
 
 
 def _bench(*args):

@@ -18,8 +18,9 @@ import user_models  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.pytorch.export import export_onnx  # noqa: E402
+from bnfold.pytorch.export import _check_bn_nodes, export_onnx  # noqa: E402
 from bnfold.pytorch.export_inputs import InputSpec, parse_input_spec  # noqa: E402
+from bnfold.pytorch.export_run import BnUsage  # noqa: E402
 from bnfold.pytorch.zoo.prepare import flatten_outputs  # noqa: E402
 
 
@@ -78,6 +79,11 @@ CASES = {
     "aux_head": ([(1, 3, 6, 6)], {}, 2, 2),  # bn twice (Conv→BN→BN chain), aux head unused
     "functional_bn": ([(1, 3, 6, 6)], {}, 1, 1),
     "detector": ([parse_input_spec("batch=1x3xheight=8xwidth=12")], {}, 3, 3),
+    # F.batch_norm on statistics made in forward: Constant nodes and Exp(log_var) still fold,
+    # statistics reduced from the input are exported as computed and kept.
+    "constant_statistics": ([(1, 3, 6, 6)], {}, 1, 1),
+    "computed_statistics": ([(1, 3, 6, 6)], {}, 1, 1),
+    "input_statistics": ([(2, 3, 6, 6)], {}, 1, 0),
     "weight_norm_conv": ([(1, 3, 8, 8)], {}, 2, 2),
     "spectral_norm_conv": ([(1, 3, 8, 8)], {}, 2, 2),
     "old_weight_norm_conv": ([(1, 3, 8, 8)], {}, 2, 2),
@@ -125,6 +131,85 @@ def test_output_and_input_names_follow_the_model(tmp_path):
                          output_names=["s", "m"])
     assert [o.name for o in onnx.load(path).graph.output] == ["s", "m"]
     assert [o.name for o in onnx.load(str(tmp_path / "t.onnx")).graph.output] == ["s", "m"]
+
+
+def test_int_dict_keys_are_named_like_indices_and_fold(tmp_path):
+    model = user_models.int_keyed_heads()
+    path = tmp_path / "heads.onnx"
+    names = ["output_1_0", "output_1.map", "output_0"]  # dict order, int keys as indices
+    result = export_onnx(model, (1, 3, 6, 6), str(path))
+    assert result.output_names == names and result.bn_nodes == 2
+
+    folded = bnfold.fold_file(path, tmp_path / "heads.folded.onnx")
+    assert folded.report.folded_count == 2
+    written = onnx.load(folded.output_path)
+    assert [o.name for o in written.graph.output] == names
+    assert not any(n.op_type == "BatchNormalization" for n in written.graph.node)
+    feed = random_feed(result.inputs)
+    expected = torch_outputs(model, [torch.from_numpy(feed["x"])])
+    for e, g in zip(expected, run_onnx(written, feed), strict=True):
+        assert g.shape == e.shape
+        assert np.abs(g - e).max() <= 1e-5 * max(np.abs(e).max(), 1e-30)
+
+
+def test_dict_keys_other_than_str_or_int_are_refused_by_type(tmp_path):
+    class FloatKeyed(torch.nn.Module):
+        def forward(self, x):
+            return {1.5: x}
+
+    with pytest.raises(BnfoldError, match=r"^the model returns a dict with a float key \(1\.5\) "
+                                          r"at its output: key output dicts by str or int$"):
+        export_onnx(FloatKeyed(), (1, 2), str(tmp_path / "k.onnx"))
+
+
+def bn_graph(mean_source: str) -> onnx.ModelProto:
+    """x → BatchNormalization with constant scale/bias/var and a mean that is an initializer
+    ("initializer"), a Constant node ("constant") or Exp of an initializer ("computed")."""
+    mean = np.array([0.5, -1.0], np.float32)
+    nodes = [onnx.helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+                                   name="bn")]
+    tensors = {"s": np.ones(2, np.float32), "b": np.zeros(2, np.float32),
+               "v": np.ones(2, np.float32)}
+    if mean_source == "initializer":
+        tensors["m"] = mean
+    elif mean_source == "constant":
+        nodes.insert(0, onnx.helper.make_node(
+            "Constant", [], ["m"], value=onnx.numpy_helper.from_array(mean, "m")))
+    else:
+        tensors["log_m"] = np.log(np.abs(mean))
+        nodes.insert(0, onnx.helper.make_node("Exp", ["log_m"], ["m"]))
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        nodes, "g", [value("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [value("y", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in tensors.items()])
+    return onnx.helper.make_model(graph)
+
+
+def usage_with(*means) -> BnUsage:
+    usage = BnUsage(calls=len(means))
+    for k, mean in enumerate(means):
+        usage.statistics[k] = (f"F.batch_norm #{k + 1}", np.array(mean, np.float64), np.ones(2))
+    return usage
+
+
+@pytest.mark.parametrize("mean_source", ["initializer", "constant", "computed"])
+def test_bn_statistics_check_reads_constant_nodes_and_allows_computed_ones(mean_source):
+    notes = []
+    assert _check_bn_nodes(bn_graph(mean_source), usage_with([0.5, -1.0]), notes) == 1
+    assert notes == []  # computed from an initializer, not from the input
+
+
+@pytest.mark.parametrize("mean_source, calls, missing", [
+    ("initializer", [[0.5, 1.0]], "F.batch_norm #1"),  # changed values
+    ("constant", [[0.5, 1.0]], "F.batch_norm #1"),
+    ("computed", [[0.5, -1.0], [0.5, 1.0]], "F.batch_norm #2"),  # one computed node, two calls
+])
+def test_bn_statistics_check_still_refuses_statistics_no_node_has(mean_source, calls, missing):
+    with pytest.raises(BnfoldError, match=rf"the ONNX export has 1 BatchNormalization node\(s\), "
+                                          rf"none with the statistics of {missing}: torch's "
+                                          "exporter fused or changed them"):
+        _check_bn_nodes(bn_graph(mean_source), usage_with(*calls), [])
 
 
 def test_symbolic_dims_stay_dynamic_on_outputs(tmp_path):
@@ -205,6 +290,13 @@ def test_notes_say_what_was_adapted(tmp_path):
     assert result.notes == ["1 BatchNorm module(s) not called by the eval forward (aux.1): "
                             "not in the export"]
     assert (result.bn_modules, result.bn_calls) == (1, 2)
+    result = export_onnx(user_models.input_statistics(), (2, 3, 6, 6), str(tmp_path / "i.onnx"))
+    assert result.notes == ["1 BatchNormalization node(s) (/BatchNormalization) get statistics "
+                            "computed from the inputs (F.batch_norm on tensors derived from "
+                            "them): exported as torch runs them, but they cannot be folded; pass "
+                            "constant statistics (buffers) to fold them"]
+    for factory in (user_models.constant_statistics, user_models.computed_statistics):
+        assert export_onnx(factory(), (1, 3, 6, 6), str(tmp_path / "c.onnx")).notes == []
     result = export_onnx(user_models.spectral_norm_conv(), (1, 3, 8, 8), str(tmp_path / "s.onnx"))
     assert result.notes == ["made 1 parametrized weight(s) permanent on the exported copy "
                             "(0.weight)"]

@@ -104,6 +104,61 @@ class FunctionalBN(nn.Module):
                             training=False, eps=1e-5)
 
 
+class IntKeyedHeads(nn.Module):
+    """Returns {0: logits, 1: {0: aux, "map": features}}: int dict keys, as detection heads
+    indexed by level often are (the tracer cannot take them as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.aux, self.aux_bn = nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        features = self.bn(self.conv(x))
+        return {1: {0: self.aux_bn(self.aux(features)), "map": features},
+                0: features.mean((2, 3))}
+
+
+class StatisticsInForward(nn.Module):
+    """F.batch_norm on statistics built inside forward: "constant" ones from torch.tensor
+    (exported as Constant nodes), "computed" ones from buffers (var = exp(log_var), exported
+    as an Exp), "input" ones from the input itself (exported as reductions of it)."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        generator = torch.Generator().manual_seed(6)
+        self.register_buffer("mean", 0.3 * torch.randn(4, generator=generator))
+        self.register_buffer("log_var", 0.5 * torch.randn(4, generator=generator))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.source == "constant":
+            mean, var = torch.tensor([0.1, -0.2, 0.3, 0.05]), torch.tensor([0.9, 1.5, 0.6, 2.0])
+        elif self.source == "computed":
+            mean, var = 2 * self.mean, self.log_var.exp()
+        else:
+            mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3))
+        return F.batch_norm(y, mean, var, training=False, eps=1e-5)
+
+
+class UnbatchedConv1d(nn.Module):
+    """A batched Conv2d+BN stem, then a Conv1d+BatchNorm1d head on one unbatched (C, L)
+    sequence with C_out == L: BatchNorm1d reads the 2-D output as (N, C) and normalises L, so
+    fusing it into the Conv1d's channels would be wrong although the sizes agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head, self.head_bn = nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        features = self.stem_bn(self.stem(x))
+        sequence = features[0].flatten(1)[:, :6]  # (4, 6): the first sample, unbatched
+        return features, self.head_bn(self.head(sequence))
+
+
 class Detector(nn.Module):
     """Fully convolutional, any H/W; returns a tuple with a nested tuple."""
 
@@ -197,6 +252,26 @@ def aux_head():
 
 def functional_bn():
     return _ready(FunctionalBN())
+
+
+def int_keyed_heads():
+    return _ready(IntKeyedHeads())
+
+
+def constant_statistics():
+    return _ready(StatisticsInForward("constant"))
+
+
+def computed_statistics():
+    return _ready(StatisticsInForward("computed"))
+
+
+def input_statistics():
+    return _ready(StatisticsInForward("input"))
+
+
+def unbatched_conv1d():
+    return _ready(UnbatchedConv1d())
 
 
 def detector():

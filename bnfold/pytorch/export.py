@@ -12,7 +12,8 @@ a zero bias computed at run time, which blocks folding; it is also ~100× slower
 The copy is a plain module: DataParallel unwrapped, parametrizations made permanent
 (bnfold.pytorch.zoo.prepare). Inputs are one `InputSpec` per forward argument (bnfold.pytorch.export_inputs):
 several, integer, float64/float16, named after the forward signature, with symbolic dims.
-Outputs (tensors, tuples, dicts, nested) get stable names: dict keys, else output_0, ….
+Outputs (tensors, tuples, dicts, nested) get stable names: str dict keys, else output_0, …
+(int keys count as indices), and are exported as one flat tuple in that order.
 
 The result is checked, not trusted: the eval forward's batch_norm calls (counted as they
 happen, so a BN called twice counts twice and an unused auxiliary head's not at all) must
@@ -28,6 +29,7 @@ swallowed, so nothing reaches stdout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
@@ -108,9 +110,10 @@ def export_onnx(
         notes += check_bn_usage(model, usage)
         flat = flatten_outputs(reference)
         names = _output_names(flat, output_names, [s.name for s in specs])
-        proto = _torchscript_export(torch, call, examples, specs, names, opset)
+        proto = _torchscript_export(torch, _flat_output_call(call), examples, specs, names,
+                                    opset)
         _materialise_identity_constants(proto)
-        bn_nodes = _check_bn_nodes(proto, usage)
+        bn_nodes = _check_bn_nodes(proto, usage, notes)
         max_abs, max_rel, checked = parity(torch, call, proto, specs, examples, names, seed,
                                            _tolerance(flat), notes)
 
@@ -233,6 +236,23 @@ def _newest_export_opset(torch) -> int | None:
     return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
 
 
+def _flat_output_call(call):
+    """`call` returning its tensors as one flat tuple, in `flatten_outputs`' order.
+
+    The tracer keeps a dict's str keys as structure but turns int keys into traced values
+    ("output 1 (0) of traced region did not have observable data dependence"), so a forward
+    returning `{0: logits, 1: aux}` cannot be exported as it is; flat, the exporter's outputs
+    are the ones `output_names` names, in that order, whatever the nesting. A shallow copy with
+    its own forward keeps the parameter names (a wrapper module would prefix them `model.`).
+    """
+    from bnfold.pytorch.zoo.prepare import flatten_outputs
+
+    forward = call.forward
+    flat = copy.copy(call)
+    flat.forward = lambda *inputs: tuple(t for _, t in flatten_outputs(forward(*inputs)))
+    return flat
+
+
 def _torchscript_export(torch, call, examples, specs, output_names, opset) -> onnx.ModelProto:
     buffer = io.BytesIO()
     dynamic_axes = {s.name: dict(s.symbols) for s in specs if s.symbols} or None
@@ -294,10 +314,16 @@ def _materialise_identity_constants(model: onnx.ModelProto) -> None:
         graph.node.extend(kept)
 
 
-def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage) -> int:
+def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage, notes: list[str]) -> int:
     """Every batch_norm the eval forward calls has an inference BatchNormalization node with
     its running statistics (identical calls on identical inputs may share one: the exporter
-    merges common subexpressions)."""
+    merges common subexpressions).
+
+    Statistics that reach the node as initializers or Constant nodes are compared with the
+    forward's exactly. Statistics F.batch_norm got from tensors computed in forward (`v.exp()`)
+    stay computations in the graph: their values are covered by the parity run, so a forward
+    call whose statistics match no node is accepted while such nodes remain to account for it.
+    """
     bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     for node in bn:
         training = [a.i for a in node.attribute if a.name == "training_mode"]
@@ -307,21 +333,56 @@ def _check_bn_nodes(model: onnx.ModelProto, usage: BnUsage) -> int:
                 "eval forward uses running statistics: please report the model (bnfold exports "
                 "an eval copy)"
             )
-    initializers = {t.name: t for t in model.graph.initializer}
-    exported = []
+    constants = _constant_values(model.graph)
+    exported, computed = [], []
     for node in bn:
-        if len(node.input) == 5 and all(n in initializers for n in node.input[3:5]):
-            exported.append(tuple(numpy_helper.to_array(initializers[n]).astype(np.float64)
-                                  for n in node.input[3:5]))
+        statistics = [constants.get(n) for n in node.input[3:5]]
+        if len(statistics) == 2 and all(v is not None for v in statistics):
+            exported.append(tuple(v.astype(np.float64) for v in statistics))
+        else:
+            computed.append(node)
     missing = [who for who, mean, var in usage.statistics.values()
                if not any(m.shape == mean.shape and np.array_equal(m, mean)
                           and np.array_equal(v, var) for m, v in exported)]
-    if missing or len(bn) > usage.calls or (usage.calls and not bn):
+    unexplained = missing[len(computed):]
+    if unexplained or len(bn) > usage.calls or (usage.calls and not bn):
         raise BnfoldError(
             f"the eval forward calls batch_norm {usage.calls} time(s) ({usage.describe()}) but "
             f"the ONNX export has {len(bn)} BatchNormalization node(s)"
-            + (f", none with the statistics of {', '.join(missing[:3])}" if missing else "")
+            + (f", none with the statistics of {', '.join(unexplained[:3])}" if unexplained
+               else "")
             + ": torch's exporter fused or changed them; please report the model with your "
             "torch version"
         )
+    from_inputs = [n.name or n.output[0] for n in computed
+                   if set(n.input[3:5]) & _input_dependent(model.graph)]
+    if from_inputs:
+        notes.append(
+            f"{len(from_inputs)} BatchNormalization node(s) ({', '.join(from_inputs[:3])}) get "
+            "statistics computed from the inputs (F.batch_norm on tensors derived from them): "
+            "exported as torch runs them, but they cannot be folded; pass constant statistics "
+            "(buffers) to fold them"
+        )
     return len(bn)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node tensors by name (torch.tensor(...) built in forward is
+    exported as a Constant node)."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attribute.t)
+    return values
+
+
+def _input_dependent(graph: onnx.GraphProto) -> set[str]:
+    """Names whose value depends on a graph input (nodes are in topological order)."""
+    initializers = {t.name for t in graph.initializer}
+    dependent = {i.name for i in graph.input if i.name not in initializers}
+    for node in graph.node:
+        if dependent.intersection(node.input):
+            dependent.update(node.output)
+    return dependent

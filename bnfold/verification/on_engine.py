@@ -10,6 +10,10 @@ inspector, OpenVINO's compiled model, the graph's own types for ORT), not the on
 an fp16 engine is judged with fp16 tolerances, calibrated against the model's own float32
 noise as in plain verify, and the result says which precision and tolerance applied.
 
+As in plain verify, the candidate's outputs must be the reference's (none missing, none
+extra), and its runs are bounded by the same timeout where the engine can stop a run (ORT,
+OpenVINO: `EngineOptions.run_timeout`); TensorRT and torch cannot, and the result notes it.
+
     >>> verify("model.onnx", "model.folded.onnx", engine="openvino").engine["precision"]
     'float32'
 """
@@ -17,13 +21,19 @@ noise as in plain verify, and the result says which precision and tolerance appl
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from bnfold.verification.comparison import OutputMetrics, default_tolerance
 from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
 from bnfold.errors import BnfoldError
+
+# Engines whose runs cannot be interrupted from the host (EngineOptions.run_timeout).
+UNBOUNDED_ENGINES = {
+    "trt": "TensorRT has no way to stop an enqueued run",
+    "torch": "PyTorch cannot interrupt a forward",
+}
 
 
 @dataclass
@@ -76,7 +86,11 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
     ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
     del session  # the reference's session goes before the engine loads the candidate
-    backend = get_engine(engine, options)
+    # The candidate's runs get the reference's bound where the engine can interrupt a run.
+    backend = get_engine(engine, replace(options or EngineOptions(), run_timeout=timeout))
+    if timeout and engine in UNBOUNDED_ENGINES:
+        notes.append(f"the candidate's runs on {engine} are not bounded by the {timeout:g} s "
+                     f"timeout: {UNBOUNDED_ENGINES[engine]}")
     if engine == "torch" and isinstance(candidate, str):
         from bnfold.deploy.engines.torch_engine import fused_candidate
 
@@ -166,12 +180,12 @@ def _vetted_candidate(candidate, engine: str):
 
 
 def _check_outputs_match(ref: dict, cand: dict) -> None:
-    missing = [name for name in ref if name not in cand]
-    if missing:
+    """The candidate's outputs are the reference's, by name, as plain verify requires of the
+    two interfaces: a missing output cannot be judged, an extra one would go unjudged."""
+    if set(ref) != set(cand):
         raise BnfoldError(
-            f"the candidate has no output {', '.join(map(repr, missing))} (its outputs: "
-            f"{', '.join(map(repr, cand)) or 'none'}): compare a model with its own folded, "
-            f"converted or built version"
+            f"the models have different outputs ({sorted(ref)} vs {sorted(cand)}): compare a "
+            "model with its own folded, converted or built version"
         )
 
 

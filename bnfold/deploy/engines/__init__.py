@@ -40,6 +40,10 @@ class EngineOptions:
     # Requested compute precision ("f32", "f16", "bf16"): OpenVINO's inference precision hint,
     # TensorRT's fp16 build. What the engine really chose is read back into Session.precision.
     inference_precision: str | None = None
+    # Seconds one checked run (open's first run, `outputs()`) may take, where the engine can
+    # interrupt a run: ORT (RunOptions.terminate) and OpenVINO (InferRequest.cancel, between
+    # layers). TensorRT and torch cannot; timed runs are never bounded. Set by verify --engine.
+    run_timeout: float | None = None
 
 
 # Compute precisions bnfold knows tolerances for (bnfold.verification.comparison.PRECISION_TOLERANCES).
@@ -69,7 +73,8 @@ class Session(Protocol):
 
     def outputs(self, feed: dict | None = None) -> dict[str, Any]:
         """Run once on `feed` (default: the feed given to `open`; same shapes) and return every
-        output as a host numpy array, by the model's output name."""
+        output as a host numpy array, by the model's output name (bounded by
+        EngineOptions.run_timeout where the engine can interrupt a run)."""
 
     def close(self) -> None: ...
 
@@ -132,6 +137,11 @@ def lowest_precision(found) -> str:
         if name in found:
             return name
     return "float32"
+
+
+def run_timeout_error(label: str, seconds: float) -> BnfoldError:
+    return BnfoldError(f"{label} ran longer than {seconds:g} s on one input set: raise "
+                       "--verify-timeout or give smaller --shape dims")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

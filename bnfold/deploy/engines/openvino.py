@@ -19,7 +19,9 @@ from collections import Counter
 
 import numpy as np
 
-from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, first_line, lowest_precision
+from bnfold.deploy.engines import (
+    INSTALL_HINTS, EngineOptions, Precision, first_line, lowest_precision, run_timeout_error,
+)
 from bnfold.errors import BnfoldError
 
 HINTS = ("f32", "bf16", "f16")
@@ -42,8 +44,9 @@ def available() -> bool:
 
 class OpenVinoSession:
     def __init__(self, label: str, compiled, feed: dict, precision: Precision,
-                 graph_names: frozenset = frozenset()):
+                 graph_names: frozenset = frozenset(), timeout: float | None = None):
         self.label = label
+        self._timeout = timeout
         self.precision = precision
         self._compiled = compiled
         self._graph_names = graph_names
@@ -77,7 +80,9 @@ class OpenVinoSession:
         if feed is not None:
             self._set_inputs(feed)
         try:
-            self._request.infer()
+            self._infer()
+        except BnfoldError:
+            raise
         except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ trace
             raise BnfoldError(f"OpenVINO cannot run {self.label}: {first_line(exc)}") from None
         finally:
@@ -86,6 +91,22 @@ class OpenVinoSession:
         # Copies: the request reuses its output buffers on the next run.
         return {name: np.array(self._request.get_tensor(port).data, copy=True)
                 for name, port in zip(self._names, self._compiled.outputs)}
+
+    def _infer(self) -> None:
+        """One run, cancelled after the timeout (the CPU plugin stops between layers)."""
+        if not self._timeout:
+            self._request.infer()
+            return
+        self._request.start_async()
+        if self._request.wait_for(max(1, int(self._timeout * 1000))):
+            self._request.wait()  # raises what the run raised
+            return
+        self._request.cancel()
+        try:
+            self._request.wait()
+        except Exception:  # "Infer Request was canceled": the end we asked for
+            pass
+        raise run_timeout_error(self.label, self._timeout)
 
     def close(self) -> None:
         self._request = None
@@ -149,7 +170,8 @@ class OpenVinoEngine:
             "num_streams": int(compiled.get_property("NUM_STREAMS")),
             "layer_precisions": precision.layers,
         }
-        session = OpenVinoSession(label, compiled, feed, precision, graph_names)
+        session = OpenVinoSession(label, compiled, feed, precision, graph_names,
+                                  self.options.run_timeout)
         session.outputs()  # a bad shape or dtype fails here, in one line, before any timing
         return session
 

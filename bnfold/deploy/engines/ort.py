@@ -12,12 +12,16 @@ Unverified on hardware so far: the CUDA path is written against the ORT Python A
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 import numpy as np
 
-from bnfold.deploy.engines import INSTALL_HINTS, EngineOptions, Precision, Timing, first_line
+from bnfold.deploy.engines import (
+    INSTALL_HINTS, EngineOptions, Precision, Timing, first_line, run_timeout_error,
+)
 from bnfold.errors import BnfoldError
 
 OPTIMISATION_NOTE = (
@@ -64,15 +68,39 @@ def _create_session(model, options, providers, label: str):
         ) from None
 
 
-def _checked_run(session, feed: dict, label: str) -> list[np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
+@contextlib.contextmanager
+def _bounded(timeout: float | None):
+    """RunOptions that ORT terminates after `timeout` seconds (None: never), as plain verify
+    bounds its runs (bnfold.verification.runs); the run then fails with terminate set."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    timer = None
+    if timeout:
+        timer = threading.Timer(timeout, setattr, (options, "terminate", True))
+        timer.daemon = True
+        timer.start()
     try:
-        return session.run(names, feed)
-    except Exception as exc:  # bad shape or dtype: ORT's errors share no base class
-        raise BnfoldError(
-            f"ONNX Runtime cannot run {label}: {first_line(exc)}; check the input shapes "
-            f"(--shape name=DxD...) or pass real inputs with --inputs"
-        ) from None
+        yield options
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _checked_run(session, feed: dict, label: str, timeout: float | None = None
+                 ) -> list[np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    with _bounded(timeout) as options:
+        try:
+            return session.run(names, feed, options)
+        except Exception as exc:  # bad shape or dtype: ORT's errors share no base class
+            if options.terminate:
+                raise run_timeout_error(label, timeout) from None
+            raise BnfoldError(
+                f"ONNX Runtime cannot run {label}: {first_line(exc)}; check the input shapes "
+                f"(--shape name=DxD...) or pass real inputs with --inputs"
+            ) from None
 
 
 def graph_precision(model) -> Precision:
@@ -110,9 +138,9 @@ def graph_precision(model) -> Precision:
                      "declared)", counts)
 
 
-def _host_outputs(session, feed: dict, label: str) -> dict:
+def _host_outputs(session, feed: dict, label: str, timeout: float | None = None) -> dict:
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, _checked_run(session, feed, label)))
+    return dict(zip(names, _checked_run(session, feed, label, timeout)))
 
 
 def _environment(threads_requested: int | None) -> dict:
@@ -129,10 +157,11 @@ def _environment(threads_requested: int | None) -> dict:
 
 
 class OrtCpuSession:
-    def __init__(self, label: str, session, feed: dict):
+    def __init__(self, label: str, session, feed: dict, timeout: float | None = None):
         self.label = label
         self._session = session
         self._feed = feed
+        self._timeout = timeout
         self._outputs = [o.name for o in session.get_outputs()]
         self.precision = Precision("float32", "")
 
@@ -140,7 +169,8 @@ class OrtCpuSession:
         self._session.run(self._outputs, self._feed)
 
     def outputs(self, feed: dict | None = None) -> dict:
-        return _host_outputs(self._session, self._feed if feed is None else feed, self.label)
+        return _host_outputs(self._session, self._feed if feed is None else feed, self.label,
+                             self._timeout)
 
     def close(self) -> None:
         self._session = None
@@ -159,8 +189,8 @@ class OrtCpuEngine:
     def open(self, label: str, model, feed: dict) -> OrtCpuSession:
         options = session_options(self.options.threads)
         session = _create_session(model, options, ["CPUExecutionProvider"], label)
-        _checked_run(session, feed, label)
-        opened = OrtCpuSession(label, session, feed)
+        _checked_run(session, feed, label, self.options.run_timeout)
+        opened = OrtCpuSession(label, session, feed, self.options.run_timeout)
         opened.precision = graph_precision(model)
         return opened
 
@@ -179,10 +209,12 @@ def _refuse_precision_request(options: EngineOptions) -> None:
 class OrtCudaSession:
     """One model on the CUDA EP; inputs resident on the device unless include_transfers."""
 
-    def __init__(self, label, session, feed, timer, include_transfers, output_shapes):
+    def __init__(self, label, session, feed, timer, include_transfers, output_shapes,
+                 timeout: float | None = None):
         import onnxruntime as ort
 
         self.label = label
+        self._timeout = timeout
         self._session = session
         self._feed = feed
         self._timer = timer
@@ -236,7 +268,7 @@ class OrtCudaSession:
         inputs are copied into the bound device buffers, the outputs back to the host."""
         feed = self._feed if feed is None else feed
         if self._binding is None:
-            return _host_outputs(self._session, feed, self.label)
+            return _host_outputs(self._session, feed, self.label, self._timeout)
         for name, value in self._inputs.items():
             array = np.ascontiguousarray(feed[name])
             if tuple(value.shape()) != array.shape:
@@ -245,7 +277,13 @@ class OrtCudaSession:
                     f"{list(array.shape)}: outputs are checked at the shape the session opened with"
                 )
             value.update_inplace(array)
-        self._session.run_with_iobinding(self._binding)
+        with _bounded(self._timeout) as options:
+            try:
+                self._session.run_with_iobinding(self._binding, options)
+            except Exception:
+                if options.terminate:
+                    raise run_timeout_error(self.label, self._timeout) from None
+                raise
         self._binding.synchronize_outputs()
         values = self._binding.copy_outputs_to_cpu()
         return dict(zip(self._outputs, values))
@@ -306,9 +344,10 @@ class OrtCudaEngine:
         if self.options.cuda_graphs:
             output_shapes = self._output_shapes(label, model, feed)
         else:
-            _checked_run(session, feed, label)
+            _checked_run(session, feed, label, self.options.run_timeout)
         opened = OrtCudaSession(
-            label, session, feed, self._timer, self.options.include_transfers, output_shapes
+            label, session, feed, self._timer, self.options.include_transfers, output_shapes,
+            self.options.run_timeout,
         )
         opened.precision = _cuda_precision(session, model)
         return opened
@@ -317,7 +356,7 @@ class OrtCudaEngine:
         """Output shapes and dtypes from one CPU run (a graph-capturing session needs
         device-resident inputs even for its first run)."""
         cpu = _create_session(model, session_options(None), ["CPUExecutionProvider"], label)
-        values = _checked_run(cpu, feed, label)
+        values = _checked_run(cpu, feed, label, self.options.run_timeout)
         names = [o.name for o in cpu.get_outputs()]
         return {name: (v.shape, v.dtype) for name, v in zip(names, values)}
 

@@ -38,8 +38,9 @@ def fuse_bn(module, example_inputs=None) -> Fusion:
     is exactly one affine map: the producer's output feeds the BN alone; a Conv module called
     at several sites gets one fused copy per site (the other calls keep the original); a Linear
     only when its output is 2-D (N, F), so BatchNorm1d's channel axis 1 is the feature axis —
-    on (N, C, L) BN normalises C while the Linear mixes L. That needs shapes: give
-    `example_inputs` (positional tensors) or Linear pairs are skipped.
+    on (N, C, L) BN normalises C while the Linear mixes L; a Conv only when its input is
+    batched (Conv1d on an unbatched (C, L) makes BatchNorm1d normalise L). That needs shapes:
+    give `example_inputs` (positional tensors) or Linear and Conv1d pairs are skipped.
     """
     require_torch()
     import copy
@@ -120,11 +121,36 @@ def _fusion_for(traced, producer, bn, shapes):
             return (f"the Linear's output is {len(shape)}-D {shape}: BN normalises axis 1, "
                     "the Linear's features are the last axis"), None
         return None, fuse_linear_bn_eval(first, bn)
+    unbatched = _unbatched_reason(first, bn, shapes.get(producer.name))
+    if unbatched:
+        return unbatched, None
     if isinstance(first, transposed):
         if first.groups != 1:
             return "grouped ConvTranspose (torch's fuser scales the wrong weight axis)", None
         return None, fuse_conv_bn_eval(first, bn, transpose=True)
     return None, fuse_conv_bn_eval(first, bn)
+
+
+def _unbatched_reason(conv, bn, shape) -> str | None:
+    """Why the BN may normalise another axis than `conv`'s channels, or None.
+
+    On an unbatched input (Conv1d on (C, L)) the conv's channels are axis 0 of its output,
+    while BatchNorm1d reads a 2-D tensor as (N, C) and normalises axis 1. Without a shape this
+    is only ruled out where the BN refuses the unbatched rank (BatchNorm2d after Conv2d).
+    """
+    from torch import nn
+
+    name, batched = type(conv).__name__, len(conv.kernel_size) + 2
+    if shape is not None:
+        if len(shape) == batched:
+            return None
+        return (f"the {name}'s output is {len(shape)}-D {shape} (an unbatched input): "
+                f"{type(bn).__name__} normalises axis 1, the {name}'s channels are axis 0")
+    ranks = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}.get(type(bn))
+    if ranks is not None and batched - 1 not in ranks:
+        return None
+    return (f"the {name}'s output shape is unknown (no example input): on an unbatched input "
+            f"{type(bn).__name__} would normalise another axis than its channels")
 
 
 def _install(traced, producer, replacement) -> None:

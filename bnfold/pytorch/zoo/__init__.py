@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 
 from bnfold.errors import BnfoldError
 
@@ -108,7 +109,9 @@ def read_state_dict(path: str | os.PathLike, notes: list[str] | None = None) -> 
     if not os.path.isfile(path):
         raise BnfoldError(f"checkpoint {path!r} does not exist: check the path")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
         raise BnfoldError(_unreadable(path, exc)) from None
     if _is_state_dict(torch, data):
@@ -140,10 +143,28 @@ def _unreadable(path: str, exc: BaseException) -> str:
         head = handle.read(4)
     if "Weights only load failed" in text and "GLOBAL" in text:
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f" (it needs class {found.group(1)})" if found else ""
-        return (f"checkpoint {path!r} is a pickled Python object{what}, not a state_dict: bnfold "
-                "loads weights only (weights_only=True) and never runs a file's code; where the "
-                f"model is built, {SAVE_HINT}")
+        refused = found.group(1) if found else None
+        top = _top_level_type(_object_opcodes(path))
+        if refused is None or top == refused:
+            what = f" (it needs class {refused})" if refused else ""
+            return (f"checkpoint {path!r} is a pickled Python object{what}, not a state_dict: "
+                    "bnfold loads weights only (weights_only=True) and never runs a file's code; "
+                    f"where the model is built, {SAVE_HINT}")
+        what = (f"a numpy value ({refused})" if refused.startswith("numpy.")
+                else f"an object of type {refused}")
+        where = f" inside its top-level {top}" if top in ("dict", "list") else ""
+        return (f"checkpoint {path!r} holds {what}{where}, which weights_only=True loading "
+                "refuses (bnfold loads no other way: it never runs a file's code): save only "
+                "tensors, e.g. "
+                "torch.save(model.state_dict(), path), or re-save the checkpoint with plain "
+                "types (dict, list, str, int, float, tensors) in place of that object")
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    protocol = next((arg for name, arg in _object_opcodes(path, 1) if name == "PROTO"), None)
+    if operand and protocol is not None and protocol >= 4:
+        # torch's weights-only unpickler reads protocols up to 3: 149 is protocol 4's FRAME.
+        return (f"checkpoint {path!r} was saved with pickle protocol {protocol}, which "
+                f"weights_only=True loading cannot read (unsupported opcode {operand.group(1)}): "
+                "re-save it with torch.save's default protocol (no pickle_protocol argument)")
     if head == ZIP_MAGIC:
         detail = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:120]
         return (f"checkpoint {path!r} is a damaged or truncated torch.save archive ({detail}): "
@@ -154,6 +175,49 @@ def _unreadable(path: str, exc: BaseException) -> str:
     return (f"checkpoint {path!r} is a legacy pickle that weights-only loading rejects "
             f"({(text.strip().splitlines() or ['?'])[-1][:120]}): load it once in Python and "
             f"re-save with torch.save(model.state_dict(), path)")
+
+
+def _object_opcodes(path: str, limit: int = 32) -> list[tuple[str, object]]:
+    """The first (opcode name, argument) pairs of the pickle that holds the checkpoint's
+    object, read and never run; [] where the file is not understood (torch.save's zip
+    archive and its legacy format are)."""
+    import io
+    import itertools
+    import pickletools
+    import zipfile
+
+    def head(stream, skipped: int):
+        for _ in range(skipped):
+            for _ in pickletools.genops(stream):
+                pass
+        return [(op.name, arg) for op, arg, _ in itertools.islice(pickletools.genops(stream), limit)]
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                return head(io.BytesIO(archive.read(name)), 0)
+        with open(path, "rb") as stream:  # legacy: magic number, protocol, sys_info, object
+            return head(stream, 3)
+    except (ValueError, KeyError, OSError, StopIteration, zipfile.BadZipFile):
+        return []
+
+
+def _top_level_type(opcodes) -> str | None:
+    """What the top-level object is built from: "dict", "list" or a class's module.name."""
+    strings = []
+    for name, arg in opcodes:
+        if name in ("PROTO", "FRAME", "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+            continue
+        if "UNICODE" in name or "STRING" in name:
+            strings.append(arg)  # STACK_GLOBAL's module and name (protocol 4+)
+            continue
+        if name == "GLOBAL":
+            return arg.replace(" ", ".")
+        if name == "STACK_GLOBAL" and len(strings) == 2:
+            return ".".join(strings)
+        return {"EMPTY_DICT": "dict", "EMPTY_LIST": "list"}.get(name)
+    return None
 
 
 def load_checkpoint(model, path: str | os.PathLike, notes: list[str] | None = None) -> None:

@@ -155,7 +155,8 @@ def flatten_outputs(output, prefix: str = "") -> list[tuple[str, object]]:
 
     A single tensor is `output`; tuple/list items are `output_0`, `output_1`, … (nested:
     `output_1_0`); dict entries are named by their key (a tuple under key `aux` gives `aux_0`,
-    a dict under it `aux.key`). None entries are dropped, as the exporter drops them.
+    a dict under it `aux.key`), int keys like indices (`{0: a, 1: b}` gives `output_0`,
+    `output_1`, as `(a, b)` does). None entries are dropped, as the exporter drops them.
     """
     import torch
 
@@ -166,7 +167,7 @@ def flatten_outputs(output, prefix: str = "") -> list[tuple[str, object]]:
     if isinstance(output, dict):
         found = []
         for key, value in output.items():
-            found += flatten_outputs(value, f"{prefix}.{key}" if prefix else str(key))
+            found += flatten_outputs(value, _key_name(prefix, key))
         return found
     if isinstance(output, (tuple, list)):
         found = []
@@ -176,6 +177,17 @@ def flatten_outputs(output, prefix: str = "") -> list[tuple[str, object]]:
     raise BnfoldError(
         f"the model returns a {type(output).__name__} at {prefix or 'its output'}: return "
         "tensors (or tuples, lists, dicts of tensors) from forward"
+    )
+
+
+def _key_name(prefix: str, key) -> str:
+    if isinstance(key, str):
+        return f"{prefix}.{key}" if prefix else key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{prefix}_{key}" if prefix else f"output_{key}"
+    raise BnfoldError(
+        f"the model returns a dict with a {type(key).__name__} key ({key!r}) at "
+        f"{prefix or 'its output'}: key output dicts by str or int"
     )
 
 
