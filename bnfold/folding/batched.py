@@ -112,7 +112,7 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     if isinstance(epsilon, str):
         return None
     conv_inputs = view.table.inputs[conv]
-    weight = view.constant_value(conv_inputs[1])
+    weight = _value(view, conv_inputs[1])
     if isinstance(weight, str) or weight[1] != onnx.TensorProto.FLOAT:
         return None
     weight = weight[0]
@@ -121,12 +121,12 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     channels = weight.shape[0]
     bias = None
     if len(conv_inputs) > 2 and conv_inputs[2]:
-        bias = view.constant_value(conv_inputs[2])
+        bias = _value(view, conv_inputs[2])
         if isinstance(bias, str) or bias[0].shape != (channels,):
             return None
         bias = bias[0]
     names = view.table.inputs[index][1:5]
-    found = [view.constant_value(name) for name in names]
+    found = [_value(view, name) for name in names]
     if any(isinstance(value, str) for value in found):
         return None
     parameters = parameters_from_values(names, found, epsilon)
@@ -135,6 +135,12 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     match = Match(node_index=index, target_index=conv,
                   extra={"data_slot": 0, "passed": [], "weight": weight})
     return _Pair(match, parameters, weight, bias)
+
+
+def _value(view: GraphView, name: str) -> tuple[np.ndarray, int] | str:
+    """view.constant_value, through the short path for the usual small float32 initializer."""
+    stored = view.stored_float32(name)
+    return (stored, onnx.TensorProto.FLOAT) if stored is not None else view.constant_value(name)
 
 
 def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray, np.ndarray]]:

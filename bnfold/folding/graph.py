@@ -8,10 +8,11 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -321,6 +322,22 @@ class GraphView:
         if isinstance(found, str):
             return found
         return self._value(name, found), found.tensor.data_type
+
+    def stored_float32(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is a float32 initializer of this graph whose raw bytes
+        are in the proto (no new value pending): what constant_value reads, read with a
+        quarter of its steps, for the batched pass. None: use constant_value."""
+        tensor = self.initializers.get(name)
+        if (tensor is None or name in self.graph_inputs
+                or (self.pending is not None and name in self.pending)
+                or tensor.data_type != onnx.TensorProto.FLOAT or not tensor.HasField("raw_data")):
+            return None
+        dims = tuple(tensor.dims)
+        raw = tensor.raw_data
+        if (dims and min(dims) < 0) or len(raw) != 4 * math.prod(dims) or (
+                tensor.data_location == onnx.TensorProto.EXTERNAL):
+            return None  # constant_value says what is wrong
+        return np.frombuffer(raw, dtype="<f4").reshape(dims)
 
     def constant_array(self, name: str) -> np.ndarray | None:
         found = self.constant(name)

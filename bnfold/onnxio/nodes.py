@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import onnx
 
-from bnfold.onnxio.tensors import names_read_by_subgraphs
+from bnfold.onnxio.tensors import GRAPH_OPS, names_read_by_subgraphs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-# The standard ops that hold subgraphs. A standard op with a graph attribute outside its schema
-# fails onnx.checker, which every written model passes, so only these (and ops of other domains)
-# have their attributes read.
-SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+# The standard ops that hold subgraphs: only these (and ops of other domains) have their
+# attributes read (see bnfold.onnxio.tensors.all_graphs).
+SUBGRAPH_OPS = GRAPH_OPS
 
 
 class NodeTable:

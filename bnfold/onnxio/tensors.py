@@ -8,10 +8,18 @@ from collections.abc import Iterator
 import onnx
 
 
+# Standard ops whose schema has a graph attribute, or a tensor one (onnx.defs, every version).
+GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_HOLDING_OPS = GRAPH_OPS | {"Constant", "ConstantOfShape"}
+
+
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and every subgraph in it, depth first."""
+    """`graph` and every subgraph in it, depth first (standard ops without a graph attribute
+    in their schema are not looked into: such an attribute fails onnx.checker)."""
     yield graph
     for node in graph.node:
+        if node.op_type not in GRAPH_OPS and node.domain in ("", "ai.onnx"):
+            continue
         for attr in node.attribute:
             if attr.HasField("g"):
                 yield from all_graphs(attr.g)
@@ -50,8 +58,7 @@ def iter_other_tensors(model: onnx.ModelProto, *, schema_only: bool = False
             yield from _node_tensors(node, schema_only)
 
 
-# Standard ops whose schema has a tensor or graph attribute (onnx.defs, every version).
-_HOLDING_OPS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
+
 
 
 def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True, schema_only: bool = False
