@@ -11,22 +11,27 @@ import textwrap
 
 HEAVY = ("torch", "tensorrt", "openvino", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
 
-# Prints the heavy top-level packages in sys.modules as JSON, after running `body`.
+# Prints the modules in sys.modules under the given packages as JSON, after running `body`.
 PROBE = textwrap.dedent("""
     import json, sys
     {body}
-    heavy = {heavy!r}
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
-    print("HEAVY=" + json.dumps(loaded))
+    packages = {packages!r}
+    loaded = sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in packages))
+    print("LOADED=" + json.dumps(loaded))
 """)
 
 
-def loaded_heavy(body: str) -> list[str]:
-    code = PROBE.format(body=textwrap.dedent(body).strip(), heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def loaded_modules(body: str, packages: tuple[str, ...], *args: str) -> list[str]:
+    code = PROBE.format(body=textwrap.dedent(body).strip(), packages=packages)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")]
-    return json.loads(line[len("HEAVY="):])
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("LOADED=")]
+    return json.loads(line[len("LOADED="):])
+
+
+def loaded_heavy(body: str) -> list[str]:
+    return loaded_modules(body, HEAVY)
 
 
 HELP_ALL = """
@@ -131,3 +136,25 @@ def test_every_module_of_every_package_imports_light():
     """
     loaded = [m for m in loaded_heavy(body) if m.split(".")[0] != "onnxruntime"]
     assert loaded == [], f"importing every bnfold module imported {loaded}"
+
+
+def test_lazy_public_names_are_the_library_objects():
+    body = """
+    import bnfold
+    from bnfold import verify, VerifyResult
+    import bnfold.verification.runs as runs
+    import bnfold.folding.api as api
+    from bnfold.folding.report import FoldReport
+    assert verify is runs.verify and VerifyResult is runs.VerifyResult
+    assert bnfold.fold is api.fold and bnfold.fold_file is api.fold_file
+    assert bnfold.FoldResult is api.FoldResult and bnfold.FoldReport is FoldReport
+    assert all(callable(getattr(bnfold, name)) for name in bnfold.__all__)
+    assert set(bnfold.__all__) <= set(dir(bnfold))
+    try:
+        bnfold.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("bnfold.no_such_name did not raise AttributeError")
+    """
+    assert loaded_heavy(body) == []
