@@ -38,7 +38,9 @@ HELP_ALL = """
 import bnfold, bnfold.cli
 from click.testing import CliRunner
 runner = CliRunner()
-for args in [["--help"]] + [[name, "--help"] for name in bnfold.cli.cli.commands]:
+names = bnfold.cli.cli.list_commands(None)
+assert len(names) == 9 and "fold" in names and "export" in names, names
+for args in [["--help"]] + [[name, "--help"] for name in names]:
     result = runner.invoke(bnfold.cli.cli, args)
     assert result.exit_code == 0, (args, result.output, result.exception)
     assert "Usage:" in result.output, (args, result.output)
@@ -136,6 +138,14 @@ def test_every_module_of_every_package_imports_light():
     """
     loaded = [m for m in loaded_heavy(body) if m.split(".")[0] != "onnxruntime"]
     assert loaded == [], f"importing every bnfold module imported {loaded}"
+
+
+def test_import_bnfold_and_its_cli_load_no_library():
+    # The API behind `import bnfold` loads on first use; the group loads no command module.
+    packages = ("onnx", "numpy", "rich", "bnfold.folding", "bnfold.verification",
+                "bnfold.deploy", "bnfold.cli.onnx_commands", "bnfold.cli.torch_commands")
+    loaded = loaded_modules("import bnfold, bnfold.cli", packages)
+    assert loaded == [], f"`import bnfold, bnfold.cli` imported {loaded}"
 
 
 def test_lazy_public_names_are_the_library_objects():
