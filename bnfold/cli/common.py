@@ -3,7 +3,8 @@
 Command modules (onnx_commands.py, verify_commands.py, torch_commands.py, deploy_commands.py)
 only parse, call the library and print. BnfoldError is translated into a one-line message and
 exit 1 here, once, by BnfoldGroup, which also imports each command's module only when that
-command is needed. rich loads on first use of `console`.
+command is needed. rich loads on first use of `console`: `bnfold fold` prints its usual report
+without it (bnfold.cli.fold_summary).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Registered lazily on the main group (bnfold/cli/__init__.py). `fold --no-verify` is meant to
 cost what a file copy does, so nothing heavy is imported here: the library loads inside the
-commands.
+commands, and a report without a table is printed without rich (bnfold.cli.fold_summary).
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, w
 def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, list_all,
                  freeze_inputs, seed, runs, atol, rtol, shapes, inputs_path, timeout):
     """Fold every foldable BatchNormalization in MODEL and write the result."""
-    from rich.markup import escape
-
-    from bnfold.cli.common import console
-    from bnfold.cli.report_view import render_fold_report, render_verification
+    from bnfold.cli.fold_summary import echo, print_fold_report
     from bnfold.folding.api import fold_file
 
     require_folder_of(report_path, "--report")
@@ -45,17 +42,22 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
                        in_place=in_place, verify_options=options, freeze_inputs=freeze)
-    render_fold_report(result.report, console, title=f"bnfold fold {os.path.basename(model)}",
-                       full=list_all)
+    print_fold_report(result.report, title=f"bnfold fold {os.path.basename(model)}",
+                      full=list_all)
     if result.report.verification is not None:
+        from bnfold.cli.common import console
+        from bnfold.cli.report_view import render_verification
+
         render_verification(result.report.verification, console)
     if report_path:
         write_json(report_path, result.report.to_dict())
-    if result.output_path is None:
+    if result.output_path is None:  # only after a verification, which printed with rich
+        from bnfold.cli.common import console
+
         console.print("[red]verification failed: nothing was written[/] (inspect with "
                       "`bnfold verify`, or write anyway with --no-verify)")
         raise SystemExit(1)
-    console.print(f"wrote {escape(result.output_path)}", soft_wrap=True)
+    echo(f"wrote {result.output_path}")
 
 
 @click.command("inspect")
