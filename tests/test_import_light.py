@@ -19,7 +19,8 @@ PROBE = textwrap.dedent("""
     import json, sys
     {body}
     packages = {packages!r}
-    loaded = sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in packages))
+    loaded = sorted(m for m in sys.modules
+                    if any(m == p or m.startswith(p + ".") for p in packages))
     print("LOADED=" + json.dumps(loaded))
 """)
 
@@ -144,9 +145,9 @@ def test_every_module_of_every_package_imports_light():
 
 
 # What `bnfold fold MODEL -o OUT --no-verify` does not need, and so must not import.
-NOT_FOR_FOLD = ("bnfold.verification", "bnfold.deploy", "bnfold.pytorch", "bnfold.cli.torch_commands",
-                "bnfold.cli.deploy_commands", "bnfold.cli.verify_commands", "bnfold.cli.report_view",
-                "rich", *HEAVY)
+NOT_FOR_FOLD = ("bnfold.verification", "bnfold.deploy", "bnfold.pytorch",
+                "bnfold.cli.torch_commands", "bnfold.cli.deploy_commands",
+                "bnfold.cli.verify_commands", "bnfold.cli.report_view", "rich", *HEAVY)
 
 
 def _all_folding_model(path) -> None:
