@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import onnx
 import pytest
@@ -357,6 +358,17 @@ def test_subprocess_user_errors_have_no_traceback(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and part in lines[0], lines
     assert sorted(os.listdir(tmp_path)) == ["g.onnx"]
+
+
+def test_subprocess_mistyped_command_is_usage_error_with_a_suggestion(tmp_path):
+    # In a fresh process no command module is loaded yet: the suggestion must still be found
+    # (click suggests from 8.4 on).
+    suggests = hasattr(click.exceptions, "NoSuchCommand")
+    for typo, meant in [("folt", "fold"), ("expotr", "export")]:
+        proc = run_module(typo, cwd=tmp_path)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert f"No such command '{typo}'." in proc.stderr, proc.stderr
+        assert (f"Did you mean '{meant}'?" in proc.stderr) == suggests, proc.stderr
 
 
 def test_subprocess_fold_succeeds(model_path):

@@ -1,5 +1,8 @@
 """`import bnfold` and `bnfold --help` stay light: no torch, tensorrt, openvino, onnxruntime,
-graphsurgeon or matplotlib, whatever command modules get registered. Each check runs in a fresh interpreter.
+graphsurgeon or matplotlib, whatever command modules get registered. And what the fold path
+loads lazily (the API behind `import bnfold`, verification, the other commands' modules, rich)
+stays lazy: `bnfold fold --no-verify` is meant to cost what a file copy does. Each check runs in
+a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -11,29 +14,37 @@ import textwrap
 
 HEAVY = ("torch", "tensorrt", "openvino", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
 
-# Prints the heavy top-level packages in sys.modules as JSON, after running `body`.
+# Prints the modules in sys.modules under the given packages as JSON, after running `body`.
 PROBE = textwrap.dedent("""
     import json, sys
     {body}
-    heavy = {heavy!r}
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
-    print("HEAVY=" + json.dumps(loaded))
+    packages = {packages!r}
+    loaded = sorted(m for m in sys.modules
+                    if any(m == p or m.startswith(p + ".") for p in packages))
+    print("LOADED=" + json.dumps(loaded))
 """)
 
 
-def loaded_heavy(body: str) -> list[str]:
-    code = PROBE.format(body=textwrap.dedent(body).strip(), heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def loaded_modules(body: str, packages: tuple[str, ...], *args: str) -> list[str]:
+    code = PROBE.format(body=textwrap.dedent(body).strip(), packages=packages)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")]
-    return json.loads(line[len("HEAVY="):])
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("LOADED=")]
+    return json.loads(line[len("LOADED="):])
+
+
+def loaded_heavy(body: str) -> list[str]:
+    return loaded_modules(body, HEAVY)
 
 
 HELP_ALL = """
 import bnfold, bnfold.cli
 from click.testing import CliRunner
 runner = CliRunner()
-for args in [["--help"]] + [[name, "--help"] for name in bnfold.cli.cli.commands]:
+names = bnfold.cli.cli.list_commands(None)
+assert len(names) == 9 and "fold" in names and "export" in names, names
+for args in [["--help"]] + [[name, "--help"] for name in names]:
     result = runner.invoke(bnfold.cli.cli, args)
     assert result.exit_code == 0, (args, result.output, result.exception)
     assert "Usage:" in result.output, (args, result.output)
@@ -131,3 +142,91 @@ def test_every_module_of_every_package_imports_light():
     """
     loaded = [m for m in loaded_heavy(body) if m.split(".")[0] != "onnxruntime"]
     assert loaded == [], f"importing every bnfold module imported {loaded}"
+
+
+# What `bnfold fold MODEL -o OUT --no-verify` does not need, and so must not import.
+NOT_FOR_FOLD = ("bnfold.verification", "bnfold.deploy", "bnfold.pytorch",
+                "bnfold.cli.torch_commands", "bnfold.cli.deploy_commands",
+                "bnfold.cli.verify_commands", "bnfold.cli.report_view", "rich", *HEAVY)
+
+
+def _all_folding_model(path) -> None:
+    """Conv -> BatchNormalization: everything folds, so the report is lines, not a table."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), name)
+              for name in ("scale", "bias", "mean", "var")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"],
+                          name="bn")],
+        "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(path))
+
+
+# The console script's path: `bnfold fold IN -o OUT --no-verify`, IN and OUT from the probe's argv.
+FOLD_NO_VERIFY = """
+import runpy
+sys.argv = ["bnfold", "fold", sys.argv[1], "-o", sys.argv[2], "--no-verify"]
+try:
+    runpy.run_module("bnfold", run_name="__main__")
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+assert "bnfold.folding.api" in sys.modules  # the probe sees what the fold did load
+"""
+
+
+def test_fold_no_verify_loads_only_the_fold(tmp_path):
+    _all_folding_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    loaded = loaded_modules(FOLD_NO_VERIFY, NOT_FOR_FOLD, str(tmp_path / "m.onnx"), str(out))
+    assert out.exists()
+    assert loaded == [], f"`bnfold fold --no-verify` imported {loaded}"
+
+
+def test_fold_with_a_kept_batchnorm_still_draws_its_table(tmp_path):
+    # Control for the test above: a report with a table does load rich, through the same path.
+    import onnx
+
+    from bnfold.sample_model import build_sample_model  # preact_bn is kept: a table
+
+    onnx.save(build_sample_model(), str(tmp_path / "m.onnx"))
+    loaded = loaded_modules(FOLD_NO_VERIFY, ("rich.table", "bnfold.verification"),
+                            str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"))
+    assert loaded == ["rich.table"], loaded
+
+
+def test_import_bnfold_and_its_cli_load_no_library():
+    # The API behind `import bnfold` loads on first use; the group loads no command module.
+    packages = ("onnx", "numpy", "rich", "bnfold.folding", "bnfold.verification",
+                "bnfold.deploy", "bnfold.cli.onnx_commands", "bnfold.cli.torch_commands")
+    loaded = loaded_modules("import bnfold, bnfold.cli", packages)
+    assert loaded == [], f"`import bnfold, bnfold.cli` imported {loaded}"
+
+
+def test_lazy_public_names_are_the_library_objects():
+    body = """
+    import bnfold
+    from bnfold import verify, VerifyResult
+    import bnfold.verification.runs as runs
+    import bnfold.folding.api as api
+    from bnfold.folding.report import FoldReport
+    assert verify is runs.verify and VerifyResult is runs.VerifyResult
+    assert bnfold.fold is api.fold and bnfold.fold_file is api.fold_file
+    assert bnfold.FoldResult is api.FoldResult and bnfold.FoldReport is FoldReport
+    assert all(callable(getattr(bnfold, name)) for name in bnfold.__all__)
+    assert set(bnfold.__all__) <= set(dir(bnfold))
+    try:
+        bnfold.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("bnfold.no_such_name did not raise AttributeError")
+    """
+    assert loaded_heavy(body) == []

@@ -1,4 +1,8 @@
-"""Rich rendering of fold reports and verification results (display only, no logic)."""
+"""Rich rendering of fold reports and verification results (display only, no logic).
+
+The text of the fold report's lines comes from bnfold.cli.fold_summary, which prints the report
+without rich when it has no table.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from bnfold.cli.fold_summary import fold_counts_line, summary_lines
 from bnfold.folding.report import FOLDED, LOWERED, FoldReport
 
 _STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
@@ -56,26 +61,12 @@ def render_fold_report(
 
 
 def _print_fold_counts(report: FoldReport, console: Console) -> None:
-    by_rule: dict[str, int] = {}
-    for entry in report.folded:
-        by_rule[entry.rule or "?"] = by_rule.get(entry.rule or "?", 0) + 1
-    counts = ", ".join(f"{rule} {count}" for rule, count in sorted(by_rule.items(),
-                                                                    key=lambda i: -i[1]))
-    text = f"folded {len(report.folded)}" + (f": {counts}" if counts else "")
-    console.print(Text(text + " (every entry: --list or --report)", style="green"),
-                  soft_wrap=True)
+    console.print(Text(fold_counts_line(report), style="green"), soft_wrap=True)
 
 
 def _print_summary(report: FoldReport, console: Console) -> None:
-    for note in report.notes:
-        console.print(Text(note, style="dim"), soft_wrap=True)
-    summary = report.to_dict()["summary"]
-    console.print(
-        f"BatchNormalization: {summary['batchnorm']}  folded: {summary['folded']}  "
-        f"lowered: {summary['lowered']}  kept: {summary['kept']}   "
-        f"nodes: {report.nodes_before} → {report.nodes_after}   "
-        f"parameters: {report.params_before:,} → {report.params_after:,}", soft_wrap=True
-    )
+    for text, style in summary_lines(report):
+        console.print(Text(text, style=style or ""), soft_wrap=True)
 
 
 def render_verification(result: dict, console: Console) -> None:

@@ -1,0 +1,89 @@
+"""`bnfold fold`, `bnfold inspect` and `bnfold demo`: parse, call the library, print.
+
+Registered lazily on the main group (bnfold/cli/__init__.py). `fold --no-verify` is meant to
+cost what a file copy does, so nothing heavy is imported here: the library loads inside the
+commands, and a report without a table is printed without rich (bnfold.cli.fold_summary).
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, write_json
+
+
+@click.command("fold")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output file [MODEL.folded.onnx].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
+@click.option(
+    "--lower-standalone", is_flag=True, help="Turn a BN with nothing to fold into into Mul+Add."
+)
+@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--list", "list_all", is_flag=True,
+              help="List every BatchNormalization, folded ones too (default: counts per rule "
+                   "and every one kept).")
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME|all",
+              help="Treat a graph input that has an initializer as a constant (IR >= 4), so it "
+                   "can fold; 'all' for every such input.")
+@verify_options
+def fold_command(model, output, report_path, no_verify, lower_standalone, in_place, list_all,
+                 freeze_inputs, seed, runs, atol, rtol, shapes, inputs_path, timeout):
+    """Fold every foldable BatchNormalization in MODEL and write the result."""
+    from bnfold.cli.fold_summary import echo, print_fold_report
+    from bnfold.folding.api import fold_file
+
+    require_folder_of(report_path, "--report")
+    options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
+                   inputs=inputs_path, timeout=timeout)
+    freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
+    result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
+                       in_place=in_place, verify_options=options, freeze_inputs=freeze)
+    print_fold_report(result.report, title=f"bnfold fold {os.path.basename(model)}",
+                      full=list_all)
+    if result.report.verification is not None:
+        from bnfold.cli.common import console
+        from bnfold.cli.report_view import render_verification
+
+        render_verification(result.report.verification, console)
+    if report_path:
+        write_json(report_path, result.report.to_dict())
+    if result.output_path is None:  # only after a verification, which printed with rich
+        from bnfold.cli.common import console
+
+        console.print("[red]verification failed: nothing was written[/] (inspect with "
+                      "`bnfold verify`, or write anyway with --no-verify)")
+        raise SystemExit(1)
+    echo(f"wrote {result.output_path}")
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--freeze-input", "freeze_inputs", multiple=True, metavar="NAME|all",
+              help="As for fold: treat a graph input that has an initializer as a constant.")
+def inspect_command(model, json_path, freeze_inputs):
+    """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
+    from bnfold.cli.common import console
+    from bnfold.cli.report_view import render_fold_report
+    from bnfold.folding.api import fold
+
+    require_folder_of(json_path, "--json")
+    freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
+    result = fold(model, freeze_inputs=freeze)
+    render_fold_report(result.report, console, title=f"bnfold inspect {os.path.basename(model)}")
+    if json_path:
+        write_json(json_path, result.report.to_dict())
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+def demo_command(out_dir):
+    """Run the whole job on a built-in sample model: build, fold, verify, report, bench."""
+    from bnfold.cli.common import console
+    from bnfold.demo import run_demo
+
+    run_demo(out_dir, console)

@@ -1,0 +1,63 @@
+"""`bnfold verify`: parse, call the library, print.
+
+Apart from `fold` because its --engine choice needs the engine registry (bnfold.deploy.engines),
+which `fold` never does; registered lazily on the main group (bnfold/cli/__init__.py).
+"""
+
+from __future__ import annotations
+
+import click
+
+from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, write_json
+from bnfold.deploy.engines import ENGINES
+
+
+@click.command("verify")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
+@click.option("--ground-truth/--no-ground-truth", default=None,
+              help="Compare with a float64 evaluation [auto: small models only].")
+@click.option("--engine", type=click.Choice(list(ENGINES)),
+              help="Run CANDIDATE on this engine (an .onnx; for trt also a built .engine; for "
+                   "torch a model SPEC); REFERENCE stays ORT CPU, optimisation off.")
+@click.option("--inference-precision", type=click.Choice(["f32", "f16", "bf16"]),
+              help="Ask the engine for this precision (openvino hint, trt fp16 build); the "
+                   "precision judged is the one the engine reports.")
+@click.option("--tolerances", "tolerance_precision",
+              type=click.Choice(["float32", "tf32", "float16", "bfloat16"]),
+              help="Judge with this precision's tolerances instead of the engine's.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of the candidate engine.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="--engine torch: weights for the model SPEC.")
+@verify_options
+def verify_command(reference, candidate, json_path, ground_truth, engine, inference_precision,
+                   tolerance_precision, threads, checkpoint, seed, runs, atol, rtol, shapes,
+                   inputs_path, timeout):
+    """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not).
+
+    With --engine, CANDIDATE runs on that engine (what you deploy) and is judged with the
+    tolerance of the precision the engine really computes in.
+    """
+    from bnfold.cli.common import console
+    from bnfold.cli.report_view import render_verification
+    from bnfold.verification.runs import verify
+
+    require_folder_of(json_path, "--json")
+    if engine is None and (inference_precision or tolerance_precision or threads or checkpoint):
+        raise click.UsageError("--inference-precision, --tolerances, --threads and --checkpoint "
+                               "need --engine")
+    engine_options = None
+    if engine is not None:
+        from bnfold.deploy.engines import EngineOptions
+
+        engine_options = EngineOptions(threads=threads, inference_precision=inference_precision)
+    result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
+                    rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth,
+                    timeout=timeout, engine=engine, engine_options=engine_options,
+                    tolerance_precision=tolerance_precision, torch_checkpoint=checkpoint)
+    render_verification(result.to_dict(), console)
+    if json_path:
+        write_json(json_path, result.to_dict())
+    if not result.ok:
+        raise SystemExit(1)
