@@ -61,9 +61,20 @@ def report_rows(result):
                   for e in result.report.entries)
 
 
-def test_plain_chain_is_bit_identical_to_the_rules(monkeypatch):
+@pytest.mark.parametrize("chunk, largest, computed", [
+    (1 << 20, 16384, [12]),  # one chunk
+    (300, 16384, [3] * 4),  # each weight has 144 values: a chunk closes at the third
+    (1 << 20, 100, []),  # weights over the limit: all left to the rules
+], ids=["one-chunk", "chunks-of-3", "weights-too-large"])
+def test_plain_chain_is_bit_identical_to_the_rules(chunk, largest, computed, monkeypatch):
     m = chain(12)
+    monkeypatch.setattr(batched, "_CHUNK_VALUES", chunk)
+    monkeypatch.setattr(batched, "_MAX_WEIGHT_VALUES", largest)
+    sizes = []
+    compute = batched._compute
+    monkeypatch.setattr(batched, "_compute", lambda pairs: sizes.append(len(pairs)) or compute(pairs))
     fast, slow = folded_both_ways(m, monkeypatch)
+    assert sizes == computed
     assert fast.report.folded_count == 12
     assert count_ops(fast.model, "BatchNormalization") == 0
     assert canonical(fast.model) == canonical(slow.model)

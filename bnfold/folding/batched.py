@@ -3,8 +3,9 @@
 On a graph with thousands of small Conv→BN pairs, a fold made pair by pair spends most of its
 time in numpy's per-call overhead on tiny arrays. Before the rules run, this pass collects every
 pair that ConvBnRule matches and whose structure it accepts (the same match, chain, channel and
-BatchNormalization checks, called from the rule), then computes all their folds together: the
-parameters, weights and biases of every pair concatenated, one elementwise numpy call each for
+BatchNormalization checks) and whose weight has at most 16k values, then computes their folds
+together, in chunks of about a million weight values: the parameters, weights and biases of
+the pairs concatenated, one elementwise numpy call each for
 
     s = γ/√(σ²+ε),  t = β − μ·s,  W' = W·s (in float64, rounded once),  b' = b·s + t
 
@@ -18,6 +19,7 @@ another way or report why not.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,10 @@ from bnfold.precision import HEADROOM
 
 _FLOAT32_CEILING = float(np.finfo(np.float32).max) / HEADROOM  # precision.headroom_problem's
 _MIN_PAIRS = 8  # below this the rules' own pair-by-pair path costs as little
+# Larger weights cost their bytes, not the graph: the rules fold them one at a time, so a
+# model's weights are never held (and concatenated) all at once.
+_MAX_WEIGHT_VALUES = 16384
+_CHUNK_VALUES = 1 << 20
 # A Conv fed by one of these may take a fold on its input side (bn-conv) or sit behind a no-op
 # the rules look through: it keeps the rules' node order.
 _INPUT_SIDE_OPS = frozenset({*SOURCE_OPS, "Identity", "Dropout", "Cast"})
@@ -60,7 +66,7 @@ def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule) -> tuple[list[FoldEntr
     pairs = _collect(view, rule)
     if len(pairs) < _MIN_PAIRS:
         return [], []
-    accepted = _compute(pairs)
+    accepted = [done for chunk in _chunks(pairs) for done in _compute(chunk)]
     entries, dead = [], []
     for pair, affine, weight, bias in accepted:
         match = pair.match
@@ -112,6 +118,9 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     if isinstance(epsilon, str):
         return None
     conv_inputs = view.table.inputs[conv]
+    stored = view.initializers.get(conv_inputs[1])
+    if stored is None or math.prod(stored.dims) > _MAX_WEIGHT_VALUES:
+        return None
     weight = _value(view, conv_inputs[1])
     if isinstance(weight, str) or weight[1] != onnx.TensorProto.FLOAT:
         return None
@@ -135,6 +144,19 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     match = Match(node_index=index, target_index=conv,
                   extra={"data_slot": 0, "passed": [], "weight": weight})
     return _Pair(match, parameters, weight, bias)
+
+
+def _chunks(pairs: list[_Pair]):
+    """Consecutive runs of pairs holding about _CHUNK_VALUES weight values together, so the
+    float64 temporaries of a chunk stay a few MB."""
+    start, total = 0, 0
+    for end, pair in enumerate(pairs, 1):
+        total += pair.weight.size
+        if total >= _CHUNK_VALUES:
+            yield pairs[start:end]
+            start, total = end, 0
+    if start < len(pairs):
+        yield pairs[start:]
 
 
 def _value(view: GraphView, name: str) -> tuple[np.ndarray, int] | str:
