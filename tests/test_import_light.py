@@ -170,10 +170,10 @@ def _all_folding_model(path) -> None:
               str(path))
 
 
-# The console script's path: `bnfold fold IN -o OUT --no-verify`, IN and OUT from the probe's argv.
+# The console script's path: `bnfold fold IN -o OUT --no-verify [MORE]`, from the probe's argv.
 FOLD_NO_VERIFY = """
 import runpy
-sys.argv = ["bnfold", "fold", sys.argv[1], "-o", sys.argv[2], "--no-verify"]
+sys.argv = ["bnfold", "fold", sys.argv[1], "-o", sys.argv[2], "--no-verify", *sys.argv[3:]]
 try:
     runpy.run_module("bnfold", run_name="__main__")
 except SystemExit as exc:
@@ -190,16 +190,17 @@ def test_fold_no_verify_loads_only_the_fold(tmp_path):
     assert loaded == [], f"`bnfold fold --no-verify` imported {loaded}"
 
 
-def test_fold_with_a_kept_batchnorm_still_draws_its_table(tmp_path):
-    # Control for the test above: a report with a table does load rich, through the same path.
+def test_kept_batchnorms_print_without_rich_and_list_draws_the_table(tmp_path):
+    # A kept BN is a plain line; --list (every entry, a table) loads rich through the same path.
     import onnx
 
-    from bnfold.sample_model import build_sample_model  # preact_bn is kept: a table
+    from bnfold.sample_model import build_sample_model  # preact_bn is kept
 
     onnx.save(build_sample_model(), str(tmp_path / "m.onnx"))
-    loaded = loaded_modules(FOLD_NO_VERIFY, ("rich.table", "bnfold.verification"),
-                            str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"))
-    assert loaded == ["rich.table"], loaded
+    args = (str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"))
+    watched = ("rich.table", "bnfold.verification")
+    assert loaded_modules(FOLD_NO_VERIFY, watched, *args) == []
+    assert loaded_modules(FOLD_NO_VERIFY, watched, *args, "--list") == ["rich.table"]
 
 
 def test_import_bnfold_and_its_cli_load_no_library():

@@ -1,5 +1,5 @@
-"""The fold table shows the op and graph columns only when they carry information, and a
-report without a table, printed without rich, looks as rich draws it."""
+"""The --list table shows the op and graph columns only when they carry information; the
+default report is plain lines (no rich), styled as rich would style them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 
 from bnfold.cli.fold_summary import print_fold_report
 from bnfold.cli.report_view import render_fold_report
-from bnfold.folding.report import FOLDED, KEPT, FoldEntry, FoldReport
+from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 
 
 def _rendered(entries: list[FoldEntry]) -> str:
@@ -55,9 +55,7 @@ def _all_folded_report() -> FoldReport:
 @pytest.mark.parametrize("env", [{}, {"FORCE_COLOR": "1"}, {"FORCE_COLOR": "1", "NO_COLOR": "1"},
                                  {"FORCE_COLOR": "1", "TERM": "dumb"}],
                          ids=["pipe", "force-color", "no-color", "dumb-terminal"])
-def test_report_printed_without_rich_is_what_rich_draws(env, monkeypatch, capsys):
-    # `bnfold fold` prints a table-less report with click (rich's import costs more than the
-    # printing): byte for byte what rich draws, styles included, in each environment.
+def test_default_report_is_plain_lines_styled_as_rich_would(env, monkeypatch, capsys):
     for name in ("FORCE_COLOR", "NO_COLOR", "TERM"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -65,18 +63,35 @@ def test_report_printed_without_rich_is_what_rich_draws(env, monkeypatch, capsys
     report, title = _all_folded_report(), "bnfold fold m[bold].onnx"
     print_fold_report(report, title=title)
     plain = capsys.readouterr().out
-    render_fold_report(report, Console(highlight=False, file=sys.stdout), title=title, full=False)
-    drawn = capsys.readouterr().out
-    assert plain == drawn
     assert "folded 4: conv-bn 3, gemm-bn 1" in plain and "[x] froze input w" in plain
+    assert "m[bold].onnx" in plain  # the model's text, never markup
+    assert "┃" not in plain and "kept" not in plain.split("BatchNormalization:")[0]
     assert ("\x1b[3m" in plain) == (env.get("FORCE_COLOR") == "1" and "TERM" not in env)
     assert ("\x1b[32m" in plain) == (env == {"FORCE_COLOR": "1"})
 
 
-def test_report_with_a_kept_batchnorm_is_drawn_by_rich(capsys):
+def test_default_report_lists_each_kept_and_lowered_batchnorm_in_full(capsys):
     report = _all_folded_report()
-    report.entries.append(FoldEntry("pre", "BatchNormalization", KEPT, "main", None, None,
-                                    ["output also feeds Relu_3"]))
+    long_name = "backbone.stage4.block12.branch_a.norm_with_a_very_long_identifying_suffix"
+    report.entries += [
+        FoldEntry(long_name, "BatchNormalization", KEPT, "main", None, None,
+                  ["output also feeds Relu_3", "into conv9: padding"]),
+        FoldEntry("bn_if", "BatchNormalization", KEPT, "main/If_0/then_branch", None, None,
+                  ["is a graph input"]),
+        FoldEntry("bn_low", "BatchNormalization", LOWERED, "main", "Mul+Add", "lower-bn",
+                  ["no Conv beside it"]),
+    ]
     print_fold_report(report, title="bnfold fold m.onnx")
+    lines = capsys.readouterr().out.splitlines()
+    assert "kept 2:" in lines and "lowered to Mul+Add 1:" in lines
+    assert f"  {long_name}: output also feeds Relu_3; into conv9: padding" in lines
+    assert "  main/If_0/then_branch: bn_if: is a graph input" in lines
+    assert "  bn_low: no Conv beside it" in lines
+    assert not any("┃" in line for line in lines)
+
+
+def test_list_draws_every_entry_as_a_table(capsys):
+    report = _all_folded_report()
+    print_fold_report(report, title="bnfold fold m.onnx", full=True)
     out = capsys.readouterr().out
-    assert "┃" in out and "output also feeds Relu_3" in out and "kept: 1" in out
+    assert "┃" in out and out.count("conv-bn)") == 3 and "gemm-bn" in out

@@ -1,8 +1,5 @@
-"""Rich rendering of fold reports and verification results (display only, no logic).
-
-The text of the fold report's lines comes from bnfold.cli.fold_summary, which prints the report
-without rich when it has no table.
-"""
+"""Rich rendering of fold reports (every entry, as a table) and verification results
+(display only, no logic). The default fold report is plain lines (bnfold.cli.fold_summary)."""
 
 from __future__ import annotations
 
@@ -11,26 +8,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.cli.fold_summary import fold_counts_line, summary_lines
+from bnfold.cli.fold_summary import summary_lines
 from bnfold.folding.report import FOLDED, LOWERED, FoldReport
 
 _STATUS_STYLE = {FOLDED: "green", LOWERED: "yellow"}
 
 
-def render_fold_report(
-    report: FoldReport, console: Console, title: str = "bnfold", full: bool = True
-) -> None:
-    """The report as a table. `full=False` lists only what a user must read (every kept or
-    lowered node with its reason) and counts the folds per rule, so a 4,000-BN model prints a
-    few lines; the JSON report always has every entry."""
-    entries = report.entries if full else [e for e in report.entries if e.status != FOLDED]
-    if not full:
-        console.print(Text(title, style="italic"), soft_wrap=True)
-        _print_fold_counts(report, console)
-        if not entries:
-            _print_summary(report, console)
-            return
-        title = ""
+def render_fold_report(report: FoldReport, console: Console, title: str = "bnfold") -> None:
+    """Every entry of the report as a table, then the notes and the summary."""
+    entries = report.entries
     # The op and graph columns only appear when they say something (a Mul/Add fold, a BN inside
     # a subgraph): a 100-BN report stays readable, and renders in half the time.
     show_op = any(e.op_type != "BatchNormalization" for e in entries)
@@ -58,10 +44,6 @@ def render_fold_report(
         table.add_row("-", "-", "no BatchNormalization or foldable Mul/Add found")
     console.print(table)
     _print_summary(report, console)
-
-
-def _print_fold_counts(report: FoldReport, console: Console) -> None:
-    console.print(Text(fold_counts_line(report), style="green"), soft_wrap=True)
 
 
 def _print_summary(report: FoldReport, console: Console) -> None:
