@@ -257,3 +257,19 @@ def test_opset6_training_mode_is_refused():
     result = bnfold.fold(m)
     assert result.report.folded_count == 0
     assert "is_test=0" in result.report.kept[0].reasons[0]
+
+
+@pytest.mark.parametrize("data_type", [onnx.TensorProto.INT4, onnx.TensorProto.INT8],
+                         ids=["int4", "int8"])
+def test_gemm_weight_that_is_not_floating_point_is_refused(data_type):
+    # Found by fuzzing: an INT4 B reached the writer as an unstorable array (a traceback).
+    b = helper.make_tensor("B", data_type, [5, 3], [1, -2, 3, 0, 1] * 3)
+    nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["g"], name="gemm", transB=1),
+             bn_node("g", "y")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])],
+        [b, tensor("C", np.zeros(5)), *bn_params("bn", 5)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    name = onnx.TensorProto.DataType.Name(data_type)
+    fold_refused(m, None, f"B is {name}, not float16/bfloat16/float32/float64")

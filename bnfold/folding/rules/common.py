@@ -273,6 +273,10 @@ def round_into(values: np.ndarray, elem_type: int) -> np.ndarray:
 def plan_problem(match: Match, view: GraphView) -> str | None:
     """Why the planned constants cannot be stored in their dtypes, or None."""
     for update in match.updates:
+        if update.elem_type not in FLOAT_TYPES:  # int4, float8, ...: no folded value to store
+            name = onnx.TensorProto.DataType.Name(update.elem_type) if update.elem_type in (
+                onnx.TensorProto.DataType.values()) else str(update.elem_type)
+            return f"{update.hint} is {name}, not float16/bfloat16/float32/float64"
         dtype = ONNX_DTYPE_NAME.get(update.elem_type)
         what = f"folded {update.hint}"
         if dtype is not None:
