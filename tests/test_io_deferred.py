@@ -290,3 +290,20 @@ def test_malformed_tensors_are_user_errors(tmp_path, case):
     with pytest.raises(BnfoldError):
         bnfold.fold_file(path, tmp_path / "o.onnx", verify=False)
     assert os.listdir(tmp_path) == ["bad.onnx"]
+
+
+@pytest.mark.parametrize("text", [b"stem_relu.out", b"\x1a\x09stem_relu"],
+                         ids=["tensor-name", "node-name"])
+def test_node_names_not_utf8_are_refused_by_fold_and_by_load(tmp_path, text):
+    # fold_file leaves the nodes' names to NodeTable (one read of every node); load_model checks
+    # them itself: both refuse with one line.
+    data = build_sample_model().SerializeToString()
+    assert data.count(text) >= 1
+    broken = text[:-3] + b"\xff" + text[-2:]
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data.replace(text, broken))
+    with pytest.raises(BnfoldError, match="not valid UTF-8"):
+        bnfold.fold_file(path, tmp_path / "o.onnx", verify=False)
+    with pytest.raises(BnfoldError, match="not valid UTF-8"):
+        load_model(path)
+    assert os.listdir(tmp_path) == ["bad.onnx"]

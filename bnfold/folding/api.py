@@ -126,7 +126,7 @@ def fold(
         return FoldResult(model, fold_model(model, **options))
     # From a file, weights stay where they are until `result.model` is asked for, so a caller
     # that only wants the report (`bnfold inspect`) never loads the model in full.
-    model, deferred, _ = load_model_deferred(model_or_path)
+    model, deferred, _ = load_model_deferred(model_or_path, nodes_read_later=True)
     pending = PendingTensors()
     report = _fold_deferred(model, options, pending, deferred)
     deferred.release_files()
@@ -173,7 +173,7 @@ def fold_file(
         raise BnfoldError(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
-    model, deferred, source_data_files = load_model_deferred(input_path)
+    model, deferred, source_data_files = load_model_deferred(input_path, nodes_read_later=True)
     if os.path.realpath(output_path) in source_data_files:
         deferred.close()
         raise BnfoldError(

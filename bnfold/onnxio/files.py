@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -25,6 +26,7 @@ from bnfold.errors import BnfoldError
 from bnfold.onnxio.deferred import DEFER_MIN_BYTES, DeferredData
 from bnfold.onnxio.external import load_external_data
 from bnfold.onnxio.stream import TYPED_DATA, WireError, read_model, write_model
+from bnfold.onnxio.nodes import node_names
 from bnfold.onnxio.tensors import all_graphs, iter_tensors, iter_tensors_by_scope
 
 # Protobuf cannot serialise a message over 2 GiB; leave headroom for the graph itself.
@@ -50,10 +52,14 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]
 
 
 def load_model_deferred(
-    path: str | os.PathLike,
+    path: str | os.PathLike, *, nodes_read_later: bool = False
 ) -> tuple[onnx.ModelProto, DeferredData, set[str]]:
     """Load `path` leaving large main-graph initializers' bytes where they lie (see
-    bnfold.onnxio.deferred); also gives the real paths of the external data files it uses."""
+    bnfold.onnxio.deferred); also gives the real paths of the external data files it uses.
+
+    `nodes_read_later`: the caller reads every node through bnfold.onnxio.nodes.NodeTable,
+    which checks the nodes' names itself, so loading checks only the others (at 48k nodes,
+    reading every node's names twice costs more than parsing the file)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BnfoldError(f"{path!r} does not exist: check the path")
@@ -63,14 +69,15 @@ def load_model_deferred(
         raise BnfoldError(f"{path!r} is empty: re-export the model")
     deferred = DeferredData()
     try:
-        model, data_files = _load_into(path, deferred)
+        model, data_files = _load_into(path, deferred, not nodes_read_later)
     except BaseException:
         deferred.close()
         raise
     return model, deferred, data_files
 
 
-def _load_into(path: str, deferred: DeferredData) -> tuple[onnx.ModelProto, set[str]]:
+def _load_into(path: str, deferred: DeferredData, check_nodes: bool = True
+               ) -> tuple[onnx.ModelProto, set[str]]:
     try:
         model = _parse_file(path, deferred)
     except PermissionError:
@@ -84,7 +91,7 @@ def _load_into(path: str, deferred: DeferredData) -> tuple[onnx.ModelProto, set[
         ) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError(f"{path!r} is not an ONNX model (no graph or IR version): re-export it")
-    _check_names(model, path)
+    _check_names(model, path, check_nodes)
     base_dir = os.path.dirname(os.path.abspath(path))
     try:
         return model, load_external_data(model, base_dir, path, deferred)
@@ -95,25 +102,25 @@ def _load_into(path: str, deferred: DeferredData) -> tuple[onnx.ModelProto, set[
         ) from None
 
 
-def _check_names(model: onnx.ModelProto, path: str) -> None:
+def _check_names(model: onnx.ModelProto, path: str, check_nodes: bool = True) -> None:
     """Names must be text (protobuf hands invalid UTF-8 back as bytes, which would fail deep in
     the fold) and main-graph initializers unique (the checker rejects duplicates; ONNX Runtime
-    silently keeps the last one, so which one a fold should use is not defined)."""
-    seen: set[str] = set()
-    for tensor in model.graph.initializer:
-        name = tensor.name
-        if name in seen:
-            raise BnfoldError(
-                f"initializer {name!r} is defined more than once in {path!r}; names must be "
-                f"unique (onnx.checker rejects this model): re-export it"
-            )
-        seen.add(name)
+    silently keeps the last one, so which one a fold should use is not defined). Without
+    `check_nodes` the nodes' own names are left to NodeTable."""
+    initializers = [t.name for t in model.graph.initializer]
+    if len(set(initializers)) != len(initializers):
+        seen: set[str] = set()
+        name = next(n for n in initializers if n in seen or seen.add(n))
+        raise BnfoldError(
+            f"initializer {name!r} is defined more than once in {path!r}; names must be "
+            f"unique (onnx.checker rejects this model): re-export it"
+        )
     for graph in all_graphs(model.graph):
-        names = [t.name for t in graph.initializer]
-        for node in graph.node:
-            names += [node.op_type, node.name, *node.input, *node.output]
-        names += [v.name for v in (*graph.input, *graph.output, *graph.value_info)]
-        bad = next((n for n in names if not isinstance(n, str)), None)
+        names = initializers if graph is model.graph else [t.name for t in graph.initializer]
+        names = chain(names, (v.name for v in (*graph.input, *graph.output, *graph.value_info)))
+        if check_nodes:
+            names = chain(names, *(node_names(node) for node in graph.node))
+        bad = next((n for n in names if type(n) is not str), None)
         if bad is not None:
             raise BnfoldError(
                 f"{path!r} holds a name that is not valid UTF-8 ({bad[:40]!r}): re-export it"

@@ -9,8 +9,11 @@ Every such analysis reads this table instead, built in one pass.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import onnx
 
+from bnfold.errors import BnfoldError
 from bnfold.onnxio.tensors import GRAPH_OPS, names_read_by_subgraphs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -29,6 +32,16 @@ class NodeTable:
         self.domains: list[str] = [n.domain for n in nodes]
         self.inputs: list[tuple[str, ...]] = [tuple(n.input) for n in nodes]
         self.outputs: list[tuple[str, ...]] = [tuple(n.output) for n in nodes]
+        # protobuf hands a name that is not valid UTF-8 back as bytes: refuse it here, once
+        # (loading leaves the nodes' names to this table, see load_model_deferred).
+        labels = [n.name for n in nodes]
+        bad = next((name for name in chain(self.op_types, self.domains, labels,
+                                           chain.from_iterable(self.inputs),
+                                           chain.from_iterable(self.outputs))
+                    if type(name) is not str), None)
+        if bad is not None:
+            raise BnfoldError(
+                f"the model holds a name that is not valid UTF-8 ({bad[:40]!r}): re-export it")
         # node index -> outer-scope names its subgraphs read (only nodes that have subgraphs)
         self.implicit: dict[int, set[str]] = {}
         for index, (op_type, domain) in enumerate(zip(self.op_types, self.domains)):
@@ -47,3 +60,8 @@ class NodeTable:
 
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def node_names(node: onnx.NodeProto) -> tuple:
+    """Every name a node holds: op type, domain, its own name, inputs and outputs."""
+    return (node.op_type, node.domain, node.name, *node.input, *node.output)
