@@ -526,11 +526,20 @@ class GraphView:
 
 
 def _delete_named(container, names: set[str]) -> None:
-    """Delete the entries of a repeated field whose `name` is in `names`, in one walk."""
+    """Delete the entries of a repeated field whose `name` is in `names`: one walk, then one
+    slice deletion per run of neighbours (a BN's four parameters usually sit together), last
+    run first. Deleting in place keeps the other entries' wrappers valid and copies nothing."""
     if not names:
         return
-    for index in reversed([i for i, entry in enumerate(container) if entry.name in names]):
-        del container[index]
+    doomed = [i for i, entry in enumerate(container) if entry.name in names]
+    runs: list[list[int]] = []
+    for index in doomed:
+        if runs and runs[-1][1] == index:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+    for start, end in reversed(runs):
+        del container[start:end]
 
 
 def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
