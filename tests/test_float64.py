@@ -39,3 +39,18 @@ def test_verify_reports_ground_truth_for_the_sample_model():
     (errors,) = result.ground_truth.values()
     # Both are float32 computations of the same function: each within float32 noise of the truth.
     assert errors["reference_rel_error"] < 1e-5 and errors["candidate_rel_error"] < 1e-5
+
+
+def test_ground_truth_is_skipped_above_the_node_limit_and_says_why(monkeypatch):
+    from bnfold.verification import runs
+
+    original = build_sample_model()
+    nodes = len(original.graph.node)
+    monkeypatch.setattr(runs, "GROUND_TRUTH_MAX_NODES", nodes - 1)
+    result = bnfold.verify(original, bnfold.fold(original).model)
+    assert result.ok and not result.ground_truth
+    assert result.ground_truth_skipped == (
+        f"graph too large for the float64 reference evaluator ({nodes:,} nodes, limit "
+        f"{nodes - 1:,}; --ground-truth forces it)")
+    forced = bnfold.verify(original, bnfold.fold(original).model, ground_truth=True)
+    assert forced.ground_truth_skipped is None and forced.ground_truth
