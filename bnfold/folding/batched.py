@@ -52,9 +52,10 @@ _CHUNK_VALUES = 1 << 20
 _INPUT_SIDE_OPS = frozenset({*SOURCE_OPS, "Identity", "Dropout", "Cast"})
 
 
-@dataclass
+@dataclass(slots=True)  # one per pair: 16k of them on a 48k-node graph
 class _Pair:
-    match: Match
+    bn: int  # node indices
+    conv: int
     parameters: BnParameters
     weight: np.ndarray  # float32 [C, …]
     bias: np.ndarray | None  # [C]
@@ -69,7 +70,8 @@ def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule) -> tuple[list[FoldEntr
     accepted = [done for chunk in _chunks(pairs) for done in _compute(chunk)]
     entries, dead = [], []
     for pair, affine, weight, bias in accepted:
-        match = pair.match
+        match = Match(node_index=pair.bn, target_index=pair.conv,
+                      extra={"data_slot": 0, "passed": [], "weight": pair.weight})
         match.affine = affine
         match.updates = weight_and_bias_updates(view, match, weight, bias)
         bn = view.nodes[match.node_index]
@@ -141,9 +143,7 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     parameters = parameters_from_values(names, found, epsilon)
     if isinstance(parameters, str) or parameters.gamma.shape != (channels,):
         return None
-    match = Match(node_index=index, target_index=conv,
-                  extra={"data_slot": 0, "passed": [], "weight": weight})
-    return _Pair(match, parameters, weight, bias)
+    return _Pair(index, conv, parameters, weight, bias)
 
 
 def _chunks(pairs: list[_Pair]):

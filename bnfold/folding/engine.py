@@ -98,6 +98,7 @@ class _ModelFolder:
              fresh: bool = False) -> GraphView:
         if graph is self.main_graph:
             table = None if fresh else self.main_table
+            self.main_table = None  # the view owns it now (and drops it once unedited use ends)
             return GraphView(graph, self.names, self.types, outer, path, self.pending, self.opset,
                              self.deferred, self.computed, self.initializers_are_inputs,
                              table=table)
@@ -132,6 +133,7 @@ class _ModelFolder:
         # through each edit, and building it is the graph-size cost of a pass. Each pass that
         # changes something removes a node, so this ends.
         entries, dead = fold_plain_conv_bn(view, FOLD_RULES[0])
+        view.table = None  # stale from the first edit on; its name tuples are a graph's worth
         self.report.entries.extend(entries)
         self.dead.extend(dead)
         while self.fold_pass(view):

@@ -110,7 +110,9 @@ class GraphView:
         self.pending = pending
         self.path = path
         table = table if table is not None else NodeTable(graph)
-        self.table = table  # the nodes as they were when the view was built; edits go below
+        # The nodes as they were when the view was built, for what runs before any edit (the
+        # arity check, the batched pass); the engine drops it afterwards.
+        self.table: NodeTable | None = table
         self.nodes: list[onnx.NodeProto] = list(table.nodes)
         self.op_types: list[str] = list(table.op_types)  # kept in step with self.nodes
         self.subgraph_nodes: list[int] = list(table.implicit)  # nodes that hold subgraphs
@@ -337,7 +339,8 @@ class GraphView:
         if (dims and min(dims) < 0) or len(raw) != 4 * math.prod(dims) or (
                 tensor.data_location == onnx.TensorProto.EXTERNAL):
             return None  # constant_value says what is wrong
-        return np.frombuffer(raw, dtype="<f4").reshape(dims)
+        values = np.frombuffer(raw, dtype="<f4")
+        return values if len(dims) == 1 else values.reshape(dims)
 
     def constant_array(self, name: str) -> np.ndarray | None:
         found = self.constant(name)

@@ -159,7 +159,7 @@ def set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, float(value)))
 
 
-@dataclass
+@dataclass(slots=True)
 class BnParameters:
     """The constants of an inference BatchNormalization, read but not yet combined."""
 
