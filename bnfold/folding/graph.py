@@ -449,9 +449,11 @@ class GraphView:
 
     def remove_node(self, index: int) -> None:
         self.removed.add(index)
+        consumers = self.consumers
         for name in self.nodes[index].input:
-            if name:
-                self.consumers[name] = [i for i in self.consumers[name] if i != index]
+            readers = consumers.get(name) if name else None
+            while readers and index in readers:  # once per input slot that reads it
+                readers.remove(index)
 
     def insert_node_before(self, before_index: int, node: onnx.NodeProto) -> int:
         """Add `node`; commit() places it just before `before_index` (topological order)."""
