@@ -228,3 +228,21 @@ def test_gemm_c_that_does_not_broadcast_to_the_columns_is_refused(gemm_first):
     m.graph.initializer.append(tensor("C3", np.ones(3)))
     m.graph.node[0 if gemm_first else 1].input.append("C3")
     assert "does not broadcast to 4 columns" in _kept_reasons(m)
+
+
+@pytest.mark.parametrize("op_type, shape", [("MatMul", [4, 4]), ("Conv", [1, 1, 1, 1])])
+def test_tensor_read_in_two_slots_of_the_folded_node_is_kept(op_type, shape):
+    # Review find: MatMul(W, W) -> BN folded W' into a copy and forgot that input 0 still reads
+    # W, so W was dropped and the model no longer loaded.
+    channels = shape[1] if op_type == "MatMul" else 1
+    nodes = [helper.make_node(op_type, ["W", "W"], ["p"], name="p"), bn_node("p", "y"),
+             helper.make_node("Add", ["y", "x"], ["z"], name="add")]
+    inits = [tensor("W", rng(4).standard_normal(shape)), *bn_params("bn", channels)]
+    m = model(nodes, [("x", shape)], [("z", shape)], inits)
+    result = bnfold.fold(m)
+    assert result.report.folded_count == 1
+    assert "W" in {t.name for t in result.model.graph.initializer}
+    onnx.checker.check_model(result.model)
+    from golden import assert_same_outputs
+
+    assert_same_outputs(m, result.model, {"x": rng(5).standard_normal(shape).astype(np.float32)})

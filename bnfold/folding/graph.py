@@ -389,7 +389,7 @@ class GraphView:
         while len(node.input) <= input_slot:
             node.input.append("")
         if old:
-            self.consumers[old] = [i for i in self.consumers[old] if i != node_index]
+            self._forget_reader(old, node_index)
         node.input[input_slot] = name
         self.consumers[name].append(node_index)
         return name
@@ -428,9 +428,16 @@ class GraphView:
     def set_input(self, node_index: int, input_slot: int, name: str) -> None:
         node = self.nodes[node_index]
         old = node.input[input_slot]
-        self.consumers[old] = [i for i in self.consumers[old] if i != node_index]
+        self._forget_reader(old, node_index)
         node.input[input_slot] = name
         self.consumers[name].append(node_index)
+
+    def _forget_reader(self, name: str, node_index: int) -> None:
+        """One input slot of `node_index` stops reading `name`: consumers lists a node once per
+        slot, so a node that reads `name` in another slot (MatMul(W, W)) still counts."""
+        readers = self.consumers.get(name)
+        if readers and node_index in readers:
+            readers.remove(node_index)
 
     def bypass(self, remove_index: int, keep_index: int, keep_output_slot: int = 0) -> None:
         """Remove node `remove_index`, letting `keep_index` produce its first output instead.
