@@ -246,3 +246,21 @@ def test_tensor_read_in_two_slots_of_the_folded_node_is_kept(op_type, shape):
     from golden import assert_same_outputs
 
     assert_same_outputs(m, result.model, {"x": rng(5).standard_normal(shape).astype(np.float32)})
+
+
+def test_folded_weight_holding_raw_and_typed_data_is_written_checked(tmp_path):
+    # Review find: a weight holding both raw_data and float_data (onnx.checker refuses it) is
+    # rewritten as raw data only, so the written model passes; the check must judge what is
+    # written, not the original tensor.
+    w = tensor("W", rng(6).standard_normal((4, 3, 1, 1)))
+    w.float_data.extend([0.0] * 12)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 2, 2])],
+        [w, *bn_params("bn", 4)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(m, tmp_path / "m.onnx")
+    result = bnfold.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", verify=False)
+    assert result.report.folded_count == 1
+    onnx.checker.check_model(onnx.load(tmp_path / "o.onnx"))

@@ -46,7 +46,7 @@ _MIN_PAIRS = 8  # below this the rules' own pair-by-pair path costs as little
 # Larger weights cost their bytes, not the graph: the rules fold them one at a time, so a
 # model's weights are never held (and concatenated) all at once.
 _MAX_WEIGHT_VALUES = 16384
-_CHUNK_VALUES = 1 << 20
+_CHUNK_VALUES = 1 << 18
 # A Conv fed by one of these may take a fold on its input side (bn-conv) or sit behind a no-op
 # the rules look through: it keeps the rules' node order.
 _INPUT_SIDE_OPS = frozenset({*SOURCE_OPS, "Identity", "Dropout", "Cast"})
@@ -57,28 +57,37 @@ class _Pair:
     bn: int  # node indices
     conv: int
     parameters: BnParameters
-    weight: np.ndarray  # float32 [C, …]
+    weight_name: str  # a float32 initializer of shape weight_shape, read chunk by chunk
+    weight_shape: tuple[int, ...]
     bias: np.ndarray | None  # [C]
+    weight: np.ndarray | None = None  # while its chunk is computed
 
 
-def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule) -> tuple[list[FoldEntry], list[str]]:
-    """Fold every plain Conv→BN pair of `view`; returns the report entries (in node order) and
-    the names that may have become unused."""
+def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule
+                       ) -> tuple[list[tuple[int, FoldEntry]], list[str]]:
+    """Fold every plain Conv→BN pair of `view`; returns (BN node index, report entry) of each,
+    in node order, and the names that may have become unused."""
     pairs = _collect(view, rule)
     if len(pairs) < _MIN_PAIRS:
         return [], []
-    accepted = [done for chunk in _chunks(pairs) for done in _compute(chunk)]
     entries, dead = [], []
-    for pair, affine, weight, bias in accepted:
-        match = Match(node_index=pair.bn, target_index=pair.conv,
-                      extra={"data_slot": 0, "passed": [], "weight": pair.weight})
-        match.affine = affine
-        match.updates = weight_and_bias_updates(view, match, weight, bias)
-        bn = view.nodes[match.node_index]
-        into = node_label(view.nodes[match.target_index])
-        dead.extend(rule.rewrite(view, match))
-        entries.append(FoldEntry(node_label(bn), bn.op_type, FOLDED, view.path, into, rule.name,
-                                 output=bn.output[0]))
+    for chunk in _chunks(pairs):
+        # Only one chunk's original weights are in memory at a time (the folded ones wait in
+        # view.pending for the writer, as the rules' do).
+        for pair in chunk:
+            pair.weight = _value(view, pair.weight_name)[0]
+        for pair, affine, weight, bias in _compute(chunk):
+            match = Match(node_index=pair.bn, target_index=pair.conv,
+                          extra={"data_slot": 0, "passed": []})
+            match.affine = affine
+            match.updates = weight_and_bias_updates(view, match, weight, bias)
+            bn = view.nodes[match.node_index]
+            into = node_label(view.nodes[match.target_index])
+            dead.extend(rule.rewrite(view, match))
+            entries.append((pair.bn, FoldEntry(node_label(bn), bn.op_type, FOLDED, view.path,
+                                               into, rule.name, output=bn.output[0])))
+        for pair in chunk:
+            pair.weight = None
     return entries, dead
 
 
@@ -120,16 +129,17 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     if isinstance(epsilon, str):
         return None
     conv_inputs = view.table.inputs[conv]
-    stored = view.initializers.get(conv_inputs[1])
-    if stored is None or math.prod(stored.dims) > _MAX_WEIGHT_VALUES:
+    # ConvBnRule.output_channels, from the weight's header: the values are read by chunk.
+    name = conv_inputs[1]
+    stored = view.initializers.get(name)
+    if (stored is None or name in view.graph_inputs
+            or (view.pending is not None and name in view.pending)
+            or stored.data_type != onnx.TensorProto.FLOAT):
         return None
-    weight = _value(view, conv_inputs[1])
-    if isinstance(weight, str) or weight[1] != onnx.TensorProto.FLOAT:
-        return None
-    weight = weight[0]
-    if weight.ndim < 3 or weight.size == 0:
-        return None
-    channels = weight.shape[0]
+    shape = tuple(stored.dims)
+    if len(shape) < 3 or min(shape) <= 0 or math.prod(shape) > _MAX_WEIGHT_VALUES:
+        return None  # empty, corrupt (the rules say so) or large (its bytes cost, not the graph)
+    channels = shape[0]
     bias = None
     if len(conv_inputs) > 2 and conv_inputs[2]:
         bias = _value(view, conv_inputs[2])
@@ -143,7 +153,7 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     parameters = parameters_from_values(names, found, epsilon)
     if isinstance(parameters, str) or parameters.gamma.shape != (channels,):
         return None
-    return _Pair(index, conv, parameters, weight, bias)
+    return _Pair(index, conv, parameters, name, shape, bias)
 
 
 def _chunks(pairs: list[_Pair]):
@@ -151,7 +161,7 @@ def _chunks(pairs: list[_Pair]):
     float64 temporaries of a chunk stay a few MB."""
     start, total = 0, 0
     for end, pair in enumerate(pairs, 1):
-        total += pair.weight.size
+        total += math.prod(pair.weight_shape)
         if total >= _CHUNK_VALUES:
             yield pairs[start:end]
             start, total = end, 0
@@ -167,7 +177,7 @@ def _value(view: GraphView, name: str) -> tuple[np.ndarray, int] | str:
 
 def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray, np.ndarray]]:
     """The folded weight and bias of every pair that passes the rule's checks."""
-    channels = np.array([p.weight.shape[0] for p in pairs])
+    channels = np.array([p.weight_shape[0] for p in pairs])
     starts = np.concatenate(([0], np.cumsum(channels)[:-1]))
 
     def joined(arrays) -> np.ndarray:

@@ -132,19 +132,23 @@ class _ModelFolder:
         # pair by pair, for everything else. One view for every pass: it keeps its maps current
         # through each edit, and building it is the graph-size cost of a pass. Each pass that
         # changes something removes a node, so this ends.
-        entries, dead = fold_plain_conv_bn(view, FOLD_RULES[0])
+        batched, dead = fold_plain_conv_bn(view, FOLD_RULES[0])
         view.table = None  # stale from the first edit on; its name tuples are a graph's worth
-        self.report.entries.extend(entries)
         self.dead.extend(dead)
-        while self.fold_pass(view):
-            pass
+        # The report lists the folds as the rules alone would: the first pass in node order
+        # (the batched pairs are ones it would have folded where they stand), then each pass.
+        folded = sorted(batched + self.fold_pass(view), key=lambda placed: placed[0])
+        while folded:
+            self.report.entries.extend(entry for _, entry in folded)
+            folded = self.fold_pass(view)
         self.settle_kept(view)
         leftover = view.drop_unused(self.dead)
         view.commit()
         return leftover
 
-    def fold_pass(self, view: GraphView) -> bool:
-        changed = False
+    def fold_pass(self, view: GraphView) -> list[tuple[int, FoldEntry]]:
+        """One pass of the rules over the graph's nodes: (node index, entry) of each fold."""
+        folded: list[tuple[int, FoldEntry]] = []
         for index, node in list(view.live_nodes_of(_CANDIDATE_OPS)):
             if index in view.removed:
                 continue
@@ -159,13 +163,10 @@ class _ModelFolder:
                 # A Mul/Add (a frozen BN) folded by conv-bn is reported as conv-mul / conv-add.
                 label = rule.name if node.op_type == "BatchNormalization" else rule.name.replace(
                     "bn", node.op_type.lower())
-                self.report.entries.append(
-                    FoldEntry(node_label(node), node.op_type, FOLDED, view.path, into, label,
-                              output=node.output[0])
-                )
-                changed = True
+                folded.append((index, FoldEntry(node_label(node), node.op_type, FOLDED,
+                                                view.path, into, label, output=node.output[0])))
                 break
-        return changed
+        return folded
 
     def settle_kept(self, view: GraphView) -> None:
         """Record why each remaining BN stays; lower it to Mul+Add when asked and possible."""

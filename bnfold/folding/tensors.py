@@ -99,6 +99,9 @@ class PendingTensors:
     def put(self, name: str, stored: np.ndarray, elem_type: int) -> None:
         self._items[name] = (np.ascontiguousarray(stored), elem_type)
 
+    def names(self) -> set[str]:
+        return set(self._items)
+
     def get(self, name: str) -> tuple[np.ndarray, int] | None:
         return self._items.get(name)
 

@@ -87,24 +87,25 @@ def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) ->
     sizes are checked here instead), so it costs the graph, not the weights."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    # Only tensors without their bytes need a stand-in. A new value for a tensor still in the
-    # proto (overrides) has its dtype, and its shape is the fold's own: the checker looks at
-    # neither beyond the data matching the dims, which the proto's own data does.
+    # Stand-ins for the tensors whose bytes are elsewhere (deferred) or replaced (overrides:
+    # the writer writes raw data only, so an original holding typed data too must not count).
     held = deferred.names() if deferred is not None else set()
+    replaced = overrides.names() if overrides else set()
     initializers = skeleton.graph.initializer
-    positions = [i for i, t in enumerate(initializers) if t.name in held] if held else []
+    swapped = held | replaced
+    positions = [i for i, t in enumerate(initializers) if t.name in swapped] if swapped else []
     for index in positions:
         tensor = initializers[index]
-        if not deferred.holds(tensor):
-            continue
-        override = overrides.get(tensor.name) if overrides else None
+        override = overrides.get(tensor.name) if tensor.name in replaced else None
         if override is not None:
             tensor.data_type = override[1]
-        else:
+        elif deferred is not None and deferred.holds(tensor):
             needed = tensor_nbytes(tensor)
             if needed is not None and deferred.nbytes(tensor.name) < needed:
                 _refuse(f"initializer {tensor.name!r} holds {deferred.nbytes(tensor.name)} "
                         f"bytes but its dims {list(tensor.dims)} need {needed}")
+        else:
+            continue
         _make_stand_in(tensor)
     try:
         onnx.checker.check_model(skeleton)
