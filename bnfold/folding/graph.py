@@ -50,6 +50,7 @@ class NameAllocator:
         used.update(v.name for v in graph.input)
         used.update(v.name for v in graph.output)
         used.update(v.name for v in graph.value_info)
+        used.update(s.values.name for s in graph.sparse_initializer)
         used.update(chain.from_iterable(table.inputs))
         used.update(chain.from_iterable(table.outputs))
         for index in table.implicit:
