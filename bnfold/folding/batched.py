@@ -109,7 +109,7 @@ def _collect(view: GraphView, rule: ConvBnRule) -> list[_Pair]:
                 or conv in targets):
             continue
         # view.chain_problem: the Conv's output feeds this BN alone
-        if outputs[conv][:1] != (data,) or consumers.get(data) != {index: 1}:
+        if outputs[conv][:1] != (data,) or consumers.get(data) != [index]:
             continue
         if data in view.graph_outputs or len(inputs[conv]) < 2:
             continue

@@ -60,6 +60,7 @@ def fold_model(
     if frozen:
         report.notes.append(f"froze {len(frozen)} initializer input(s): {', '.join(frozen)}")
     folder = _ModelFolder(model, lower_standalone, report, pending, deferred, main)
+    del main  # the folder hands it to the main graph's view, which drops it when done with it
     # Every folded value is checked for range and finiteness before it is used, so numpy's
     # overflow/invalid warnings would only be stray stderr lines.
     with np.errstate(all="ignore"):

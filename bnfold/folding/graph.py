@@ -120,10 +120,10 @@ class GraphView:
         self.removed: set[int] = set()
         self._placement: dict[int, list[int]] = {}  # node index -> nodes inserted before it
         self.producer: dict[str, int] = {}
-        # name -> {reader node index: how many of its input slots read it (+1 when its
-        # subgraphs do)}; a removed node leaves every map, so all readers are live. A dict, not
-        # a list: a tensor shared by 16k BNs loses a reader per fold in O(1).
-        self.consumers: dict[str, dict[int, int]] = defaultdict(dict)
+        # name -> the nodes reading it, once per input slot (and once for a node whose
+        # subgraphs read it). Removed nodes stay listed (removing one is O(1), even from a
+        # tensor shared by 16k BNs); live_consumers skips them.
+        self.consumers: dict[str, list[int]] = defaultdict(list)
         self.graph_outputs = {v.name for v in graph.output}
         # Below IR 4 every initializer must also be listed as a graph input, and runtimes treat
         # it as a constant: such listings are declarations, not inputs (folding keeps them in
@@ -148,12 +148,10 @@ class GraphView:
         for index, (inputs, outputs) in enumerate(zip(table.inputs, table.outputs)):
             for name in inputs:
                 if name:
-                    readers = consumers[name]
-                    readers[index] = readers.get(index, 0) + 1
+                    consumers[name].append(index)
             if index in implicit:
                 for name in implicit[index]:
-                    readers = consumers[name]
-                    readers[index] = readers.get(index, 0) + 1
+                    consumers[name].append(index)
             for name in outputs:
                 if name:
                     producer[name] = index
@@ -250,11 +248,9 @@ class GraphView:
         return None
 
     def live_consumers(self, name: str) -> list[int]:
-        """The nodes reading `name`, once per slot, in node order of their first read."""
-        readers = self.consumers.get(name)
-        if not readers:
-            return []
-        return [i for i, slots in readers.items() for _ in range(slots)]
+        """The nodes reading `name` that are not removed, once per slot."""
+        removed = self.removed
+        return [i for i in self.consumers.get(name, ()) if i not in removed]
 
     def sole_consumer_problem(self, name: str, expected: int) -> str | None:
         """Why `name` is not read by node `expected` alone, or None."""
@@ -370,7 +366,17 @@ class GraphView:
             return False
         if name in self.graph_outputs:
             return False
-        return self.consumers.get(name) == {node_index: 1}
+        # consumers lists a node once per input slot: one live entry means "read once". The
+        # scan runs from the newest entries (folds remove readers in node order, from the
+        # front) and stops at a second live reader: a tensor shared by thousands costs O(1).
+        found = 0
+        removed = self.removed
+        for reader in reversed(self.consumers.get(name, ())):
+            if reader not in removed:
+                if reader != node_index or found:
+                    return False
+                found = 1
+        return found == 1
 
     # ---- edits ---------------------------------------------------------------------------
     def set_constant(
@@ -441,18 +447,14 @@ class GraphView:
         self._add_reader(name, node_index)
 
     def _add_reader(self, name: str, node_index: int) -> None:
-        readers = self.consumers[name]
-        readers[node_index] = readers.get(node_index, 0) + 1
+        self.consumers[name].append(node_index)
 
     def _forget_reader(self, name: str, node_index: int) -> None:
         """One input slot of `node_index` stops reading `name`; a node that reads `name` in
         another slot too (MatMul(W, W)) still counts as a reader."""
         readers = self.consumers.get(name)
-        slots = readers.get(node_index) if readers else None
-        if slots == 1:
-            del readers[node_index]
-        elif slots:
-            readers[node_index] = slots - 1
+        if readers and node_index in readers:
+            readers.remove(node_index)
 
     def bypass(self, remove_index: int, keep_index: int, keep_output_slot: int = 0) -> None:
         """Remove node `remove_index`, letting `keep_index` produce its first output instead.
@@ -470,14 +472,7 @@ class GraphView:
         self.drop_value_info(old_name)
 
     def remove_node(self, index: int) -> None:
-        self.removed.add(index)
-        consumers = self.consumers
-        node = self.nodes[index]
-        implicit = names_read_by_subgraphs(node) if index in self.subgraph_nodes else ()
-        for name in (*node.input, *implicit):
-            readers = consumers.get(name) if name else None
-            if readers:
-                readers.pop(index, None)
+        self.removed.add(index)  # its reader entries stay; live_consumers skips them
 
     def insert_node_before(self, before_index: int, node: onnx.NodeProto) -> int:
         """Add `node`; commit() places it just before `before_index` (topological order)."""
@@ -500,7 +495,9 @@ class GraphView:
         A graph input is never removed; below IR 4 a main-graph initializer is only declared as
         one, and its declaration goes with it."""
         outer: list[str] = []
-        work = list(names)  # a name comes back when a node that read it goes: it may be free now
+        # Each name once (a shared BN parameter is named by every BN that read it); a name comes
+        # back when a node that read it goes: it may be free now.
+        work = list(dict.fromkeys(names))
         while work:
             name = work.pop()
             if not name:
