@@ -146,3 +146,21 @@ def test_float16_weights_are_left_to_the_rules(monkeypatch):
     fast, slow = folded_both_ways(m, monkeypatch)
     assert fast.report.folded_count == 9
     assert canonical(fast.model) == canonical(slow.model)
+
+
+def test_fold_pauses_the_garbage_collector_only_while_it_runs(tmp_path):
+    import gc
+
+    assert gc.isenabled()
+    bnfold.fold(chain(2))
+    assert gc.isenabled()
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(bnfold.BnfoldError):
+        bnfold.fold_file(tmp_path / "bad.onnx", tmp_path / "o.onnx")
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        bnfold.fold(chain(2))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
