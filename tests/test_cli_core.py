@@ -382,3 +382,15 @@ def test_report_in_a_missing_folder_fails_before_writing_the_model(model_path, t
     result = bnfold("fold", model_path, "--report", tmp_path / "absent" / "r.json")
     assert_user_error(result, "--report", "does not exist")
     assert not (tmp_path / "m.folded.onnx").exists() and not list(tmp_path.glob("*.folded.onnx"))
+
+
+def test_report_json_is_written_even_when_stdout_is_closed_early(model_path, tmp_path):
+    # `bnfold fold M --report r.json | head -1`: the report file comes before the printing.
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", "fold", str(model_path), "-o", str(tmp_path / "o.onnx"),
+         "--no-verify", "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    proc.wait(timeout=120)
+    assert json.loads(report.read_text())["summary"]["folded"] == 6
+    assert (tmp_path / "o.onnx").exists()

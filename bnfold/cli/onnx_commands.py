@@ -42,6 +42,8 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold_file(model, output, verify=not no_verify, lower_standalone=lower_standalone,
                        in_place=in_place, verify_options=options, freeze_inputs=freeze)
+    if report_path:  # before printing: a reader that closes stdout early (| head) loses no file
+        write_json(report_path, result.report.to_dict())
     print_fold_report(result.report, title=f"bnfold fold {os.path.basename(model)}",
                       full=list_all)
     if result.report.verification is not None:
@@ -49,8 +51,6 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
         from bnfold.cli.report_view import render_verification
 
         render_verification(result.report.verification, console)
-    if report_path:
-        write_json(report_path, result.report.to_dict())
     if result.output_path is None:  # only after a verification, which printed with rich
         from bnfold.cli.common import console
 
