@@ -131,10 +131,8 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     conv_inputs = view.table.inputs[conv]
     # ConvBnRule.output_channels, from the weight's header: the values are read by chunk.
     name = conv_inputs[1]
-    stored = view.initializers.get(name)
-    if (stored is None or name in view.graph_inputs
-            or (view.pending is not None and name in view.pending)
-            or stored.data_type != onnx.TensorProto.FLOAT):
+    stored = view.float32_initializer(name)
+    if stored is None:
         return None
     shape = tuple(stored.dims)
     if len(shape) < 3 or min(shape) <= 0 or math.prod(shape) > _MAX_WEIGHT_VALUES:

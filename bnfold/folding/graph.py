@@ -76,13 +76,6 @@ class Constant:
     deferred: DeferredData | None = None  # holds the bytes when the tensor was loaded without
     value: np.ndarray | None = None  # a value computed from other constants (folding.constants)
 
-    def array(self) -> np.ndarray:
-        if self.value is not None:
-            return self.value
-        if self.deferred is not None and self.deferred.holds(self.tensor):
-            return tensor_to_array(self.tensor, self.deferred.read(self.tensor.name))
-        return tensor_to_array(self.tensor)
-
 
 class GraphView:
     """Producers, consumers and constants of one graph, kept current while rules edit it."""
@@ -331,14 +324,22 @@ class GraphView:
             return found
         return self._value(name, found), found.tensor.data_type
 
-    def stored_float32(self, name: str) -> np.ndarray | None:
-        """The value of `name` when it is a float32 initializer of this graph whose raw bytes
-        are in the proto (no new value pending): what constant_value reads, read with a
-        quarter of its steps, for the batched pass. None: use constant_value."""
+    def float32_initializer(self, name: str) -> onnx.TensorProto | None:
+        """The tensor of `name` when it is a constant float32 initializer of this graph (not
+        an overridable input) with no new value pending, else None."""
         tensor = self.initializers.get(name)
         if (tensor is None or name in self.graph_inputs
                 or (self.pending is not None and name in self.pending)
-                or tensor.data_type != onnx.TensorProto.FLOAT or not tensor.HasField("raw_data")):
+                or tensor.data_type != onnx.TensorProto.FLOAT):
+            return None
+        return tensor
+
+    def stored_float32(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is a float32_initializer whose raw bytes are in the
+        proto: what constant_value reads, read with a quarter of its steps, for the batched
+        pass. None: use constant_value."""
+        tensor = self.float32_initializer(name)
+        if tensor is None or not tensor.HasField("raw_data"):
             return None
         dims = tuple(tensor.dims)
         raw = tensor.raw_data
