@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.folding.report import FOLDED, FoldEntry
 from bnfold.folding.rules.common import (
     BnParameters,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import onnx
 
 from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs, as_tensor
+from bnfold.folding.names import NameAllocator, node_label  # noqa: F401  (re-exported)
 from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors: re-exported)
+    Constant,
     PendingTensors,
     constant_node_tensor,
     fill_tensor,
@@ -27,55 +27,7 @@ from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors
 from bnfold.folding.types import TypeTable  # noqa: F401  (re-exported)
 from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.nodes import NodeTable
-from bnfold.onnxio.tensors import names_read_by_subgraphs, subgraphs  # noqa: F401
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A name for reports: the node's own, else op type and first output."""
-    if node.name:
-        return node.name
-    return f"{node.op_type}({node.output[0] if node.output else '?'})"
-
-
-class NameAllocator:
-    """Fresh tensor names, unique across the whole model (subgraphs may not shadow)."""
-
-    def __init__(self, model: onnx.ModelProto, main: NodeTable | None = None):
-        self._used: set[str] = set()
-        self._collect(model.graph, main)
-
-    def _collect(self, graph: onnx.GraphProto, table: NodeTable | None = None) -> None:
-        table = table if table is not None else NodeTable(graph)
-        used = self._used
-        used.update(t.name for t in graph.initializer)
-        used.update(v.name for v in graph.input)
-        used.update(v.name for v in graph.output)
-        used.update(v.name for v in graph.value_info)
-        used.update(s.values.name for s in graph.sparse_initializer)
-        used.update(chain.from_iterable(table.inputs))
-        used.update(chain.from_iterable(table.outputs))
-        for index in table.implicit:
-            for _, sub in subgraphs(table.nodes[index]):
-                self._collect(sub)
-
-    def fresh(self, base: str) -> str:
-        candidate, index = base, 0
-        while candidate in self._used:
-            index += 1
-            candidate = f"{base}_{index}"
-        self._used.add(candidate)
-        return candidate
-
-
-@dataclass
-class Constant:
-    """A constant tensor visible in a graph: an initializer or a Constant node's value."""
-
-    tensor: onnx.TensorProto
-    owner: onnx.GraphProto  # the graph that holds it (an outer one for outer-scope names)
-    is_initializer: bool
-    deferred: DeferredData | None = None  # holds the bytes when the tensor was loaded without
-    value: np.ndarray | None = None  # a value computed from other constants (folding.constants)
-
+from bnfold.onnxio.tensors import delete_named, names_read_by_subgraphs, subgraphs  # noqa: F401
 
 class GraphView:
     """Producers, consumers and constants of one graph, kept current while rules edit it."""
@@ -532,10 +484,10 @@ class GraphView:
     def commit(self) -> None:
         """Write the node list back, and drop what drop_value_info / drop_unused marked. The
         view is spent afterwards: build a new one to go on."""
-        _delete_named(self.graph.value_info, self._dropped_value_info)
-        _delete_named(self.graph.initializer, self._dropped_initializers)
+        delete_named(self.graph.value_info, self._dropped_value_info)
+        delete_named(self.graph.initializer, self._dropped_initializers)
         if self.initializers_are_inputs:
-            _delete_named(self.graph.input, self._dropped_initializers)
+            delete_named(self.graph.input, self._dropped_initializers)
         if self._placement:
             inserted = {i for group in self._placement.values() for i in group}
             order: list[int] = []
@@ -550,23 +502,6 @@ class GraphView:
             # Deleting by index keeps the remaining wrappers valid and copies nothing.
             for index in sorted(self.removed, reverse=True):
                 del self.graph.node[index]
-
-
-def _delete_named(container, names: set[str]) -> None:
-    """Delete the entries of a repeated field whose `name` is in `names`: one walk, then one
-    slice deletion per run of neighbours (a BN's four parameters usually sit together), last
-    run first. Deleting in place keeps the other entries' wrappers valid and copies nothing."""
-    if not names:
-        return
-    doomed = [i for i, entry in enumerate(container) if entry.name in names]
-    runs: list[list[int]] = []
-    for index in doomed:
-        if runs and runs[-1][1] == index:
-            runs[-1][1] = index + 1
-        else:
-            runs.append([index, index + 1])
-    for start, end in reversed(runs):
-        del container[start:end]
 
 
 def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:

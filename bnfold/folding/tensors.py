@@ -2,18 +2,20 @@
 
 `tensor_to_array` refuses data whose size does not match its dims; `PendingTensors` holds new
 initializer values until save_model writes them straight from numpy; `fill_tensor` stores a
-value as raw data.
+value as raw data; `Constant` is a constant tensor as a graph view sees it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.stream import TYPED_DATA
 from bnfold.precision import bfloat16_bits_to_float32
 
@@ -143,3 +145,14 @@ def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, elem_type: int) ->
     tensor.dims.extend(values.shape)
     tensor.data_type = elem_type
     tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+@dataclass
+class Constant:
+    """A constant tensor visible in a graph: an initializer or a Constant node's value."""
+
+    tensor: onnx.TensorProto
+    owner: onnx.GraphProto  # the graph that holds it (an outer one for outer-scope names)
+    is_initializer: bool
+    deferred: DeferredData | None = None  # holds the bytes when the tensor was loaded without
+    value: np.ndarray | None = None  # a value computed from other constants (folding.constants)

@@ -115,3 +115,20 @@ def names_read_by_subgraphs(node: onnx.NodeProto) -> set[str]:
         used.update(v.name for v in graph.output)
         used -= defined
     return used
+
+
+def delete_named(container, names: set[str]) -> None:
+    """Delete the entries of a repeated field whose `name` is in `names`: one walk, then one
+    slice deletion per run of neighbours (a BN's four parameters usually sit together), last
+    run first. Deleting in place keeps the other entries' wrappers valid and copies nothing."""
+    if not names:
+        return
+    doomed = [i for i, entry in enumerate(container) if entry.name in names]
+    runs: list[list[int]] = []
+    for index in doomed:
+        if runs and runs[-1][1] == index:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1])
+    for start, end in reversed(runs):
+        del container[start:end]

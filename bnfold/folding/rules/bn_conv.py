@@ -8,7 +8,8 @@ A zero-padded Conv is not exact: the padding zeros would skip the shift t.
 from __future__ import annotations
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
     Match,
     apply_plan,

@@ -7,7 +7,8 @@ with op(B') = diag(s)·op(B). With transA=1 the BN channels are Gemm's output ro
 from __future__ import annotations
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.folding.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
 from bnfold.folding.rules.common import (
     Match,

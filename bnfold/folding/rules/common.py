@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.precision import (
     ONNX_DTYPE_NAME,
     float32_to_bfloat16_bits,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import onnx
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.graph import GraphView, node_label
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
     Match,
     apply_plan,
