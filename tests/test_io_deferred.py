@@ -15,11 +15,19 @@ from onnx import numpy_helper
 
 import bnfold
 import bnfold.onnxio.deferred
+import bnfold.onnxio.files
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import load_model, load_model_deferred, save_model
 from bnfold.onnxio.deferred import DEFER_MIN_BYTES
 from bnfold.onnxio.stream import read_model, write_model
 from bnfold.sample_model import build_sample_model
+
+
+@pytest.fixture(autouse=True)
+def defer_every_file(monkeypatch):
+    """Files under DIRECT_PARSE_MAX_BYTES are parsed whole; these tests' models are small, so
+    defer theirs as a large model's would be."""
+    monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES", 0)
 
 
 @pytest.fixture
@@ -50,6 +58,18 @@ def test_reader_leaves_large_raw_data_out_and_says_where_it_is():
             offset, length = spans[tensor.name]
             tensor.raw_data = data[offset:offset + length]
     assert parsed == onnx.ModelProto.FromString(data)
+
+
+def test_small_file_is_parsed_whole_and_equals_the_deferred_parse(sample_path, monkeypatch):
+    deferred_model, deferred, _ = load_model_deferred(sample_path)
+    assert len(deferred) > 0
+    deferred.materialize(deferred_model.graph)
+    monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES",
+                        os.path.getsize(sample_path) + 1)
+    model, direct, _ = load_model_deferred(sample_path)
+    assert len(direct) == 0
+    direct.close()
+    assert model == deferred_model
 
 
 def test_deferred_load_holds_only_headers(tmp_path):
@@ -307,3 +327,28 @@ def test_node_names_not_utf8_are_refused_by_fold_and_by_load(tmp_path, text):
     with pytest.raises(BnfoldError, match="not valid UTF-8"):
         load_model(path)
     assert os.listdir(tmp_path) == ["bad.onnx"]
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw", "float_data"])
+def test_whole_and_streamed_saves_write_the_same_bytes(tmp_path, monkeypatch, typed):
+    """A small model with nothing deferred is serialised in one call (serialize_whole); the
+    streaming writer must write the very same file, folded values included, also where the
+    replaced weight held typed data."""
+    m = build_sample_model()
+    if typed:
+        for index, tensor in enumerate(m.graph.initializer):
+            if tensor.data_type == onnx.TensorProto.FLOAT:
+                values = numpy_helper.to_array(tensor)
+                m.graph.initializer[index].CopyFrom(onnx.helper.make_tensor(
+                    tensor.name, onnx.TensorProto.FLOAT, values.shape, values.ravel()))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES", 2**30)  # defer nothing
+    written = {}
+    for way, limit in (("streamed", -1), ("whole", 2**30)):
+        monkeypatch.setattr(bnfold.onnxio.files, "SERIALIZE_WHOLE_MAX_BYTES", limit)
+        result = bnfold.fold_file(path, tmp_path / f"{way}.onnx", verify=False)
+        assert result.report.folded_count > 0
+        written[way] = (tmp_path / f"{way}.onnx").read_bytes()
+    assert written["whole"] == written["streamed"]
+    assert written["whole"] == _eager_fold_bytes(path)

@@ -179,8 +179,8 @@ def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray,
     channels = np.array([p.weight_shape[0] for p in pairs])
     starts = np.concatenate(([0], np.cumsum(channels)[:-1]))
 
-    def joined(arrays) -> np.ndarray:
-        return np.concatenate([np.ravel(a) for a in arrays], dtype=np.float64)
+    def joined(arrays) -> np.ndarray:  # vectors of C values (_plain_pair checked the shapes)
+        return np.concatenate(list(arrays), dtype=np.float64)
 
     gamma = joined(p.parameters.gamma for p in pairs)
     beta = joined(p.parameters.beta for p in pairs)
@@ -194,7 +194,7 @@ def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray,
 
     sizes = np.array([p.weight.size for p in pairs])
     weight_starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    weights = np.concatenate([np.ravel(p.weight) for p in pairs])
+    weights = np.concatenate([p.weight.reshape(-1) for p in pairs])
     # conv_output_fold: W·s in float64, rounded once into float32.
     folded = fold_math.scaled(weights, np.repeat(scale, np.repeat(sizes // channels, channels)),
                               np.float32)

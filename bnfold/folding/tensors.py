@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.deferred import DeferredData
-from bnfold.onnxio.stream import TYPED_DATA
+from bnfold.onnxio.stream import fill_tensor  # noqa: F401  (re-exported)
 from bnfold.precision import bfloat16_bits_to_float32
 
 # Little-endian storage, as ONNX requires for raw_data.
@@ -135,16 +135,6 @@ def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
         if attr.name == "value_floats":
             return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
     return None
-
-
-def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, elem_type: int) -> None:
-    """Store `values` (already rounded into elem_type's numpy dtype) as raw data."""
-    for field in TYPED_DATA:
-        tensor.ClearField(field)
-    del tensor.dims[:]
-    tensor.dims.extend(values.shape)
-    tensor.data_type = elem_type
-    tensor.raw_data = np.ascontiguousarray(values).tobytes()
 
 
 @dataclass

@@ -38,6 +38,30 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
+def fill_tensor(tensor: onnx.TensorProto, values, elem_type: int) -> None:
+    """Store `values` (a numpy array already rounded into elem_type's dtype) as raw data."""
+    for field in TYPED_DATA:
+        tensor.ClearField(field)
+    del tensor.dims[:]
+    tensor.dims.extend(values.shape)
+    tensor.data_type = elem_type
+    tensor.raw_data = values.tobytes()  # C order, whatever the array's layout
+
+
+def serialize_whole(model: onnx.ModelProto, overrides=None) -> bytes:
+    """What write_model writes (with no deferred tensors), as one protobuf serialisation of a
+    copy holding the overrides: for a model small enough to hold twice, one C call instead of
+    a Python step per initializer."""
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    if overrides:
+        for tensor in whole.graph.initializer:
+            override = overrides.get(tensor.name)
+            if override is not None:
+                fill_tensor(tensor, override[0], override[1])
+    return whole.SerializeToString()
+
+
 def _serialized_fields(source, below: int | None = None, above: int | None = None) -> bytes:
     """`source`'s fields numbered below `below` or above `above`, serialised in order."""
     target = type(source)()

@@ -113,6 +113,14 @@ def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) ->
         _refuse(str(exc))
 
 
+def check_serialized(data: bytes) -> None:
+    """check_before_write for a model already serialised whole (serialize_whole)."""
+    try:
+        onnx.checker.check_model(data)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        _refuse(str(exc))
+
+
 def _make_stand_in(tensor: onnx.TensorProto) -> None:
     name, data_type = tensor.name, tensor.data_type
     tensor.Clear()
