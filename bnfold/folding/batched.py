@@ -29,19 +29,13 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.report import FOLDED, FoldEntry
-from bnfold.folding.rules.common import (
-    BnParameters,
-    ChannelAffine,
-    Match,
-    batchnorm_epsilon,
-    parameters_from_values,
-    weight_and_bias_updates,
-)
+from bnfold.folding.rules.common import BnParameters, batchnorm_epsilon, parameters_from_values
 from bnfold.folding.rules.conv_bn import ConvBnRule
 from bnfold.folding.rules.into_producer import SOURCE_OPS
 from bnfold.onnxio.nodes import DEFAULT_DOMAINS
 from bnfold.precision import HEADROOM
 
+_FLOAT = onnx.TensorProto.FLOAT
 _FLOAT32_CEILING = float(np.finfo(np.float32).max) / HEADROOM  # precision.headroom_problem's
 _MIN_PAIRS = 8  # below this the rules' own pair-by-pair path costs as little
 # Larger weights cost their bytes, not the graph: the rules fold them one at a time, so a
@@ -77,19 +71,27 @@ def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule
         # view.pending for the writer, as the rules' do).
         for pair in chunk:
             pair.weight = _value(view, pair.weight_name)[0]
-        for pair, affine, weight, bias in _compute(chunk):
-            match = Match(node_index=pair.bn, target_index=pair.conv,
-                          extra={"data_slot": 0, "passed": []})
-            match.affine = affine
-            match.updates = weight_and_bias_updates(view, match, weight, bias)
-            bn = view.nodes[match.node_index]
-            into = node_label(view.nodes[match.target_index])
-            dead.extend(rule.rewrite(view, match))
+        for pair, weight, bias in _compute(chunk):
+            bn = view.nodes[pair.bn]
+            into = node_label(view.nodes[pair.conv])
+            dead.extend(_rewrite(view, pair, weight, bias))
             entries.append((pair.bn, FoldEntry(node_label(bn), bn.op_type, FOLDED, view.path,
                                                into, rule.name, output=bn.output[0])))
         for pair in chunk:
             pair.weight = None
     return entries, dead
+
+
+def _rewrite(view: GraphView, pair: _Pair, weight: np.ndarray, bias: np.ndarray) -> list[str]:
+    """IntoProducerRule.rewrite of a plain pair, without the rule's Match: the float32 weight
+    and bias (rounded here, as apply_plan rounds) replace the Conv's, and the Conv takes over
+    the BN's output. Returns the names that may have become unused."""
+    conv = view.nodes[pair.conv]
+    dead = list(conv.input[1:3])
+    view.set_constant(pair.conv, 1, weight, _FLOAT, pair.weight_name)
+    view.set_constant(pair.conv, 2, bias.astype(np.float32), _FLOAT, f"{pair.weight_name}_bias")
+    view.bypass(pair.bn, pair.conv)
+    return dead + list(pair.parameters.names)
 
 
 def _collect(view: GraphView, rule: ConvBnRule) -> list[_Pair]:
@@ -174,7 +176,7 @@ def _value(view: GraphView, name: str) -> tuple[np.ndarray, int] | str:
     return (stored, onnx.TensorProto.FLOAT) if stored is not None else view.constant_value(name)
 
 
-def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray, np.ndarray]]:
+def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, np.ndarray, np.ndarray]]:
     """The folded weight and bias of every pair that passes the rule's checks."""
     channels = np.array([p.weight_shape[0] for p in pairs])
     starts = np.concatenate(([0], np.cumsum(channels)[:-1]))
@@ -213,8 +215,7 @@ def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, ChannelAffine, np.ndarray,
         if not (positive[number] and finite[number] and fits[number]):
             continue
         at, count = starts[number], channels[number]
-        affine = ChannelAffine(scale[at:at + count], shift[at:at + count], pair.parameters.names)
         weight_at = weight_starts[number]
         weight = folded[weight_at:weight_at + sizes[number]].reshape(pair.weight.shape)
-        accepted.append((pair, affine, weight, folded_bias[at:at + count]))
+        accepted.append((pair, weight, folded_bias[at:at + count]))
     return accepted
