@@ -208,8 +208,10 @@ def save_model(
     fully written file before it is moved into place (e.g. to verify it) and veto the write.
     `overrides` (bnfold.folding.graph.PendingTensors) are new initializer values to write in place
     of the model's own; `deferred` holds the bytes of initializers the model was loaded without.
-    The model itself is left as it was. With `check`, a model that fails onnx.checker is
-    refused (BnfoldError) before anything is written. SIGTERM/SIGHUP during the save (a
+    The model itself is left as it was. A model with nothing deferred and at most
+    SERIALIZE_WHOLE_MAX_BYTES of tensors is serialised in one call; larger ones are streamed,
+    so memory grows by one tensor, not the model. With `check`, a model that fails
+    onnx.checker is refused (BnfoldError) before anything is written. SIGTERM/SIGHUP during the save (a
     verification can take minutes) exit through the cleanup, so no staging folder is left.
     """
     path = os.path.abspath(os.fspath(path))
