@@ -211,8 +211,9 @@ def save_model(
     The model itself is left as it was. A model with nothing deferred and at most
     SERIALIZE_WHOLE_MAX_BYTES of tensors is serialised in one call; larger ones are streamed,
     so memory grows by one tensor, not the model. With `check`, a model that fails
-    onnx.checker is refused (BnfoldError) before anything is written. SIGTERM/SIGHUP during the save (a
-    verification can take minutes) exit through the cleanup, so no staging folder is left.
+    onnx.checker is refused (BnfoldError) before anything is written. SIGTERM/SIGHUP during
+    the save (a verification can take minutes) exit through the cleanup, so no staging folder
+    is left.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -232,7 +233,7 @@ def save_model(
         from bnfold.onnxio.validity import check_before_write, check_serialized
 
         if whole is not None:
-            check_serialized(whole)
+            check_serialized(model, whole, overrides)
         else:
             check_before_write(model, overrides, deferred)
     with _signals_exit():

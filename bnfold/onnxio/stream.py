@@ -95,7 +95,8 @@ def _tensor_header(tensor: onnx.TensorProto, override=None) -> tuple[bytes, byte
     if tensor.HasField("data_location"):
         after.data_location = tensor.data_location
     after.metadata_props.extend(tensor.metadata_props)
-    return before.SerializeToString(), after.SerializeToString()
+    # unknown fields (a newer ONNX's) go last, as protobuf and serialize_whole write them
+    return before.SerializeToString(), after.SerializeToString() + _unknown_bytes(tensor)
 
 
 def _unknown_bytes(message) -> bytes:

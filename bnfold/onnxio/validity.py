@@ -14,6 +14,7 @@ import re
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.onnxio.deferred import DEFER_MIN_BYTES
 from bnfold.onnxio.external import tensor_nbytes
 from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import all_graphs
@@ -113,8 +114,20 @@ def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) ->
         _refuse(str(exc))
 
 
-def check_serialized(data: bytes) -> None:
-    """check_before_write for a model already serialised whole (serialize_whole)."""
+def check_serialized(model: onnx.ModelProto, data: bytes, overrides=None) -> None:
+    """check_before_write for `model` already serialised whole (serialize_whole) into `data`.
+
+    onnx.checker before 1.2x does not compare raw_data with the dims; check_before_write does
+    for every tensor a large model's loader defers (DEFER_MIN_BYTES and up): so here too."""
+    replaced = overrides.names() if overrides else set()
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() < DEFER_MIN_BYTES or tensor.name in replaced or not (
+                tensor.HasField("raw_data")):
+            continue
+        needed = tensor_nbytes(tensor)
+        if needed is not None and len(tensor.raw_data) < needed:
+            _refuse(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes but its "
+                    f"dims {list(tensor.dims)} need {needed}")
     try:
         onnx.checker.check_model(data)
     except (onnx.checker.ValidationError, ValueError) as exc:
