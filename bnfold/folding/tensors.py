@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.deferred import DeferredData
-from bnfold.onnxio.stream import fill_tensor  # noqa: F401  (re-exported)
+from bnfold.onnxio.stream import fill_tensor
 from bnfold.precision import bfloat16_bits_to_float32
 
 # Little-endian storage, as ONNX requires for raw_data.

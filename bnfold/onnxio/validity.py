@@ -101,35 +101,38 @@ def check_before_write(model: onnx.ModelProto, overrides=None, deferred=None) ->
         if override is not None:
             tensor.data_type = override[1]
         elif deferred is not None and deferred.holds(tensor):
-            needed = tensor_nbytes(tensor)
-            if needed is not None and deferred.nbytes(tensor.name) < needed:
-                _refuse(f"initializer {tensor.name!r} holds {deferred.nbytes(tensor.name)} "
-                        f"bytes but its dims {list(tensor.dims)} need {needed}")
+            _check_data_size(tensor, deferred.nbytes(tensor.name))
         else:
             continue
         _make_stand_in(tensor)
-    try:
-        onnx.checker.check_model(skeleton)
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        _refuse(str(exc))
+    _run_checker(skeleton)
 
 
 def check_serialized(model: onnx.ModelProto, data: bytes, overrides=None) -> None:
     """check_before_write for `model` already serialised whole (serialize_whole) into `data`.
 
-    onnx.checker before 1.2x does not compare raw_data with the dims; check_before_write does
-    for every tensor a large model's loader defers (DEFER_MIN_BYTES and up): so here too."""
+    onnx.checker does not always compare raw_data with the dims (1.18's does not);
+    check_before_write does for every tensor a large model's loader defers (DEFER_MIN_BYTES
+    and up): so here too."""
     replaced = overrides.names() if overrides else set()
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() < DEFER_MIN_BYTES or tensor.name in replaced or not (
+        if tensor.ByteSize() >= DEFER_MIN_BYTES and tensor.name not in replaced and (
                 tensor.HasField("raw_data")):
-            continue
-        needed = tensor_nbytes(tensor)
-        if needed is not None and len(tensor.raw_data) < needed:
-            _refuse(f"initializer {tensor.name!r} holds {len(tensor.raw_data)} bytes but its "
-                    f"dims {list(tensor.dims)} need {needed}")
+            _check_data_size(tensor, len(tensor.raw_data))
+    _run_checker(data)
+
+
+def _check_data_size(tensor: onnx.TensorProto, held: int) -> None:
+    """Refuse a tensor whose `held` bytes of data are fewer than its dims and type need."""
+    needed = tensor_nbytes(tensor)
+    if needed is not None and held < needed:
+        _refuse(f"initializer {tensor.name!r} holds {held} bytes but its dims "
+                f"{list(tensor.dims)} need {needed}")
+
+
+def _run_checker(model: onnx.ModelProto | bytes) -> None:
     try:
-        onnx.checker.check_model(data)
+        onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         _refuse(str(exc))
 
