@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
+# Known-slow releases kept out (constraints.txt says which and why).
+INSTALL := $(PIP) install -c constraints.txt
 # The CPU build of torch; an unpinned torch pulls several GB of CUDA packages.
 TORCH  := torch==2.13.0
 
@@ -11,13 +13,13 @@ TORCH  := torch==2.13.0
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.core: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e .
+$(VENV)/.core: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(INSTALL) -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[dev]'
+$(VENV)/.dev: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(INSTALL) $(TORCH)
+	$(INSTALL) -e '.[dev]'
 	touch $@ $(VENV)/.core
 
 venv: $(VENV)/.core
