@@ -25,7 +25,7 @@ from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors
     tensor_to_array,
 )
 from bnfold.folding.types import TypeTable  # noqa: F401  (re-exported)
-from bnfold.onnxio.deferred import DeferredData
+from bnfold.onnxio.deferred import MAP_MIN_BYTES, DeferredData
 from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import delete_named, names_read_by_subgraphs, subgraphs  # noqa: F401
 
@@ -262,11 +262,15 @@ class GraphView:
         # A rule reads a weight, its bias and four BN parameters, then its checks read the weight
         # again (range headroom): keep the last six read from the file rather than pread twice;
         # six (one fold's worth), so memory stays bounded by the fold at hand.
+        # Large ones are views of the file's pages: no copy, and a folded weight computed from
+        # one (bnfold.folding.product) never needs the whole weight in fresh memory.
         recent = self._recent_reads
         if name not in recent:
             if len(recent) >= 6:
                 recent.pop(next(iter(recent)))
-            recent[name] = tensor_to_array(constant.tensor, deferred.read(name))
+            large = deferred.nbytes(name) >= MAP_MIN_BYTES
+            raw = deferred.view(name) if large else deferred.read(name)
+            recent[name] = tensor_to_array(constant.tensor, raw)
         return recent[name]
 
     def constant_value(self, name: str) -> tuple[np.ndarray, int] | str:

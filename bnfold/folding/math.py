@@ -14,7 +14,9 @@ sums over a full window of BN-ed inputs (no zero padding):
     W'[…, i, …] = W[…, i, …]·s[i],   b' = b + Σ_i W[…, i, …]·t[i]
 
 Weights come back in `dtype` (float64 by default): the product is computed in float64 and
-rounded once into `dtype` chunk by chunk, without a float64 copy of the whole weight.
+rounded once into `dtype` chunk by chunk, without a float64 copy of the whole weight. A float32
+weight of LAZY_MIN_BYTES or more comes back as a WeightProduct (bnfold.folding.product): the
+same values, computed when they are written.
 
 Axis conventions (ONNX):
 - Conv weight      [Cout, Cin/g, k…]: output channel axis 0; input channel j of group gi is
@@ -28,12 +30,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnfold.folding.product import LAZY_MIN_BYTES, WeightProduct
+
 
 def scaled(weight: np.ndarray, factors: np.ndarray, dtype=np.float64) -> np.ndarray:
     """weight·factors (broadcast) computed in float64, rounded once into `dtype`."""
     out = np.empty(np.broadcast_shapes(weight.shape, factors.shape), dtype)
     np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
     return out
+
+
+def folded_weight(weight: np.ndarray, factors: np.ndarray, dtype=np.float64):
+    """scaled(weight, factors, dtype), left as a WeightProduct when it is a large float32 one."""
+    if (np.dtype(dtype) == WeightProduct.dtype and factors.ndim == weight.ndim
+            and weight.size * 4 >= LAZY_MIN_BYTES
+            and np.broadcast_shapes(weight.shape, factors.shape) == weight.shape):
+        return WeightProduct(weight, factors)
+    return scaled(weight, factors, dtype)
 
 
 def bn_scale_shift(
@@ -56,7 +69,7 @@ def conv_output_fold(
     """Conv (weight [Cout, Cin/g, k…]) followed by y = s·x + t over Cout."""
     s = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
     b = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-    return scaled(weight, s, dtype), b * scale + shift
+    return folded_weight(weight, s, dtype), b * scale + shift
 
 
 def conv_transpose_output_fold(
@@ -68,7 +81,7 @@ def conv_transpose_output_fold(
     kernel = weight.shape[2:]
     grouped = weight.reshape((group, c_in // group, c_out_per_group) + kernel)
     s = scale.reshape((group, 1, c_out_per_group) + (1,) * len(kernel))
-    folded = scaled(grouped, s, dtype).reshape(weight.shape)
+    folded = folded_weight(grouped, s, dtype).reshape(weight.shape)
     b = np.zeros(group * c_out_per_group) if bias is None else np.asarray(bias, np.float64)
     return folded, b * scale + shift
 
@@ -86,7 +99,7 @@ def gemm_output_fold(
 
     Returns (B', C', β'). When β is 0 (C ignored) or C is absent, C' = t and β' = 1.
     """
-    folded_b = scaled(b_matrix, scale[:, None] if trans_b else scale[None, :], dtype)
+    folded_b = folded_weight(b_matrix, scale[:, None] if trans_b else scale[None, :], dtype)
     if c is None or beta == 0.0:
         return folded_b, shift.copy(), 1.0
     c64 = np.asarray(c, dtype=np.float64)
@@ -98,7 +111,7 @@ def matmul_output_fold(
     dtype=np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """X·B (+ bias) followed by y = s·x + t over B's columns (the MatMul's last axis)."""
-    folded_b = scaled(b_matrix, scale[None, :], dtype)
+    folded_b = folded_weight(b_matrix, scale[None, :], dtype)
     bias64 = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
     return folded_b, bias64 * scale + shift
 
@@ -116,7 +129,7 @@ def conv_input_fold(
     # Σ_{j,k} W[o, j, k]·t[i(o, j)]: sum the kernel taps first (in float64), then weight by t.
     taps = weight.reshape(c_out, c_in_per_group, -1).sum(axis=2, dtype=np.float64)
     extra = (taps * shift[input_channel]).sum(axis=1)
-    return scaled(weight, s, dtype), b + extra
+    return folded_weight(weight, s, dtype), b + extra
 
 
 def gemm_input_fold(
@@ -131,7 +144,7 @@ def gemm_input_fold(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """y = s·x + t over A's K columns followed by Gemm (transA=0). Returns (B', C', β')."""
     b = np.asarray(b_matrix, dtype=np.float64)
-    folded_b = scaled(b_matrix, scale[None, :] if trans_b else scale[:, None], dtype)
+    folded_b = folded_weight(b_matrix, scale[None, :] if trans_b else scale[:, None], dtype)
     extra = alpha * (shift @ (b.T if trans_b else b))
     if c is None or beta == 0.0:
         return folded_b, extra, 1.0

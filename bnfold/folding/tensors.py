@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.product import WeightProduct
 from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.stream import fill_tensor
 from bnfold.precision import bfloat16_bits_to_float32
@@ -27,9 +28,11 @@ _RAW_FLOAT_TYPES = {
 }
 
 
-def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.ndarray:
+def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | memoryview | None = None
+                    ) -> np.ndarray:
     """A tensor's values, refusing data whose size does not match its dims. `raw` gives the
-    bytes of a tensor loaded without them (bnfold.onnxio.deferred)."""
+    bytes of a tensor loaded without them (bnfold.onnxio.deferred); floats are read in place
+    (read-only), without a copy."""
     dims = tuple(tensor.dims)  # each field read crosses into protobuf: read each once
     if dims and min(dims) < 0:
         raise BnfoldError(
@@ -60,7 +63,7 @@ def tensor_to_array(tensor: onnx.TensorProto, raw: bytes | None = None) -> np.nd
             _check_count(tensor, len(raw) // dtype.itemsize, count, len(raw) % dtype.itemsize)
         return np.frombuffer(raw, dtype=dtype).reshape(dims)
     if raw is not None and not tensor.HasField("raw_data"):
-        tensor = _with_raw_data(tensor, raw)
+        tensor = _with_raw_data(tensor, bytes(raw))
     try:
         array = numpy_helper.to_array(tensor)
     except (ValueError, TypeError, KeyError) as exc:  # KeyError: an unknown data_type
@@ -98,8 +101,12 @@ class PendingTensors:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, name: str, stored: np.ndarray, elem_type: int) -> None:
-        self._items[name] = (np.ascontiguousarray(stored), elem_type)
+    def put(self, name: str, stored, elem_type: int) -> None:
+        """`stored`: an array, or a WeightProduct (bnfold.folding.product) left uncomputed
+        until it is written or read back."""
+        if not isinstance(stored, WeightProduct):
+            stored = np.ascontiguousarray(stored)
+        self._items[name] = (stored, elem_type)
 
     def names(self) -> set[str]:
         return set(self._items)
@@ -109,6 +116,9 @@ class PendingTensors:
 
     def values(self, name: str) -> np.ndarray:
         stored, elem_type = self._items[name]
+        if isinstance(stored, WeightProduct):  # read back by a second fold: computed once
+            stored = np.asarray(stored)
+            self._items[name] = (stored, elem_type)
         if elem_type == onnx.TensorProto.BFLOAT16:
             return bfloat16_bits_to_float32(stored)
         return stored

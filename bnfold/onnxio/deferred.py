@@ -13,6 +13,7 @@ bytes back when a caller wants a complete ModelProto.
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 from typing import BinaryIO
@@ -24,6 +25,9 @@ from bnfold.errors import BnfoldError
 # Smaller tensors are parsed into the proto as usual: deferring them saves nothing.
 DEFER_MIN_BYTES = 4096
 _CHUNK = 8 * 2**20
+# Tensors this large are read through a memory map of their file (`view`): the page cache's own
+# pages, no copy. Smaller ones are cheaper to pread.
+MAP_MIN_BYTES = 2**20
 # Models saved with one data file per tensor can name thousands of files: keep only the most
 # recently used open (a closed one reopens, checked unchanged) instead of hitting EMFILE.
 MAX_OPEN_FILES = 32
@@ -36,6 +40,9 @@ class DeferredData:
         self._files: dict[str, BinaryIO] = {}  # real path -> file opened for reading
         self._identity: dict[str, tuple[int, ...]] = {}  # real path -> the file first opened
         self._spans: dict[str, tuple[str, int, int]] = {}  # name -> (real path, offset, length)
+        # real path -> read-only map of it (None: it cannot be mapped). Never closed here: the
+        # arrays made from it keep it alive, and it goes when the last of them does.
+        self._maps: dict[str, mmap.mmap | None] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._files)
 
     def file(self, path: str) -> BinaryIO:
@@ -69,6 +76,7 @@ class DeferredData:
         """Close the open files (a kept FoldResult must not hold descriptors); reading a tensor
         afterwards reopens its file, refusing one that has changed since."""
         _close_all(self._files)
+        self._maps.clear()
 
     def add(self, name: str, path: str, offset: int, length: int) -> None:
         self.file(path)
@@ -91,6 +99,22 @@ class DeferredData:
             parts.append(self._pread(name, path, min(length - done, 2**30), offset + done))
             done += len(parts[-1])
         return b"".join(parts)
+
+    def view(self, name: str) -> memoryview:
+        """The tensor's raw bytes, read-only, without copying them where the OS can map its
+        file (else a copy, as `read`). The file must not be truncated while a view is in use."""
+        path, offset, length = self._spans[name]
+        if path not in self._maps:
+            self._maps[path] = _map(self.file(path))
+        mapped = self._maps[path]
+        if mapped is None:
+            return memoryview(self.read(name))
+        if offset + length > len(mapped):
+            raise BnfoldError(
+                f"the data of tensor {name!r} ends early: its file changed or was truncated "
+                f"while bnfold was reading it; run again on a complete file"
+            )
+        return memoryview(mapped)[offset:offset + length]
 
     def _pread(self, name: str, path: str, size: int, offset: int) -> bytes:
         source = self.file(path)
@@ -147,6 +171,7 @@ class DeferredData:
 
     def close(self) -> None:
         self._spans.clear()
+        self._maps.clear()
         self._finalizer()
 
 
@@ -162,6 +187,13 @@ def _copy_range(in_fd: int, out_fd: int, offset: int, length: int) -> int:
             return done
         done += copied
     return done
+
+
+def _map(handle: BinaryIO) -> mmap.mmap | None:
+    try:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # an empty or special file, or no mmap here: pread instead
+        return None
 
 
 def _identity(stat: os.stat_result) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ from bnfold.onnxio.stream import (
     read_model,
     serialize_whole,
     write_model,
+    write_values,
 )
 from bnfold.onnxio.nodes import node_names
 from bnfold.onnxio.tensors import all_graphs, iter_tensors, iter_tensors_by_scope
@@ -323,7 +324,7 @@ def _write_with_external_data(
                 raw, undo = _detach_raw_data(tensor)
                 restore.append(undo)
                 if override is not None:
-                    payload = memoryview(override[0]).cast("B")
+                    payload = override[0]
                     tensor.data_type = override[1]
                     del tensor.dims[:]
                     tensor.dims.extend(override[0].shape)
@@ -331,9 +332,11 @@ def _write_with_external_data(
                         tensor.ClearField(field)
                 else:
                     payload = None if from_source else raw  # None: still in the source file
-                size = deferred.nbytes(tensor.name) if payload is None else len(payload)
+                size = deferred.nbytes(tensor.name) if payload is None else (
+                    len(payload) if isinstance(payload, bytes) else payload.nbytes)
                 if size < _EXTERNAL_MIN_BYTES:  # stays inline
-                    inline = deferred.read(tensor.name) if payload is None else bytes(payload)
+                    inline = deferred.read(tensor.name) if payload is None else (
+                        payload if isinstance(payload, bytes) else payload.tobytes())
                     tensor.raw_data = inline
                     continue
                 pad = -offset % 4096  # page-aligned, as onnx and ORT's mmap prefer
@@ -341,8 +344,10 @@ def _write_with_external_data(
                 offset += pad
                 if payload is None:
                     deferred.copy_to(tensor.name, data)
-                else:
+                elif isinstance(payload, bytes):
                     data.write(payload)
+                else:
+                    write_values(data, payload)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", location), ("offset", offset), ("length", size)):
                     entry = tensor.external_data.add()

@@ -39,7 +39,8 @@ def varint(value: int) -> bytes:
 
 
 def fill_tensor(tensor: onnx.TensorProto, values, elem_type: int) -> None:
-    """Store `values` (a numpy array already rounded into elem_type's dtype) as raw data."""
+    """Store `values` (a numpy array already rounded into elem_type's dtype, or anything with
+    its shape and tobytes(), like bnfold.folding.product.WeightProduct) as raw data."""
     for field in TYPED_DATA:
         tensor.ClearField(field)
     del tensor.dims[:]
@@ -135,7 +136,7 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
     for tensor in graph.initializer:
         override = overrides.get(tensor.name) if overrides else None
         if override is not None:
-            source = memoryview(override[0]).cast("B")
+            source = override[0]
             raw_size = source.nbytes
         elif deferred is not None and deferred.holds(tensor):
             source = tensor.name
@@ -163,11 +164,22 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
             handle.write(header[0] + _RAW_DATA_TAG + varint(deferred.nbytes(source)))
             deferred.copy_to(source, handle)
         else:
-            handle.write(header[0] + _RAW_DATA_TAG + varint(len(source)))
-            handle.write(source)
+            handle.write(header[0] + _RAW_DATA_TAG + varint(source.nbytes))
+            write_values(handle, source)
         handle.write(header[1])
     handle.write(after)
     handle.write(_serialized_fields(model, above=graph_number) + _unknown_bytes(model))
+
+
+def write_values(handle: BinaryIO, values) -> None:
+    """Write `values` (C order): an array's buffer, or the chunks of something that computes
+    its values as they are written (bnfold.folding.product.WeightProduct)."""
+    chunks = getattr(values, "chunks", None)
+    if chunks is None:
+        handle.write(memoryview(values).cast("B"))
+        return
+    for chunk in chunks():
+        handle.write(chunk)
 
 
 # ---- reading ------------------------------------------------------------------------------
