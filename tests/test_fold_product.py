@@ -262,3 +262,18 @@ def test_float16_weights_are_computed_eagerly(tmp_path, monkeypatch):
     made = _counted(monkeypatch)
     result = bnfold.fold(original)
     assert len(result.report.folded) == 1 and not made
+
+
+@pytest.mark.parametrize("special", [None, np.nan, np.inf, -3e38])
+def test_source_bounds_are_the_weights_own(special):
+    weight = rng().normal(size=(6, 5, 3)).astype(np.float32)
+    if special is not None:
+        weight[2, 1, 0] = special
+    product = WeightProduct(weight, rng(1).normal(size=(6, 1, 1)))
+    with np.errstate(all="ignore"):
+        bounds = product.source_bounds(weight)
+    assert bounds.dtype == weight.dtype
+    for ours, theirs in ((bounds.min(), weight.min()), (bounds.max(), weight.max())):
+        assert np.isnan(ours) == np.isnan(theirs) and (np.isnan(ours) or ours == theirs)
+    assert product.source_bounds(weight.copy()) is None  # other memory: not known to be it
+    assert product.source_bounds(weight[:3]) is None

@@ -17,6 +17,7 @@ import onnx
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
+from bnfold.folding.product import WeightProduct
 from bnfold.precision import (
     ONNX_DTYPE_NAME,
     float32_to_bfloat16_bits,
@@ -304,6 +305,9 @@ def _replaced_headroom_problem(view: GraphView, update: ConstantUpdate) -> str |
     original = view.constant_array(node.input[update.slot])
     if original is None or original.dtype.kind != "f":
         return None
+    if isinstance(update.values, WeightProduct):  # its bounds pass read the original already
+        bounds = update.values.source_bounds(original)
+        original = original if bounds is None else bounds
     return headroom_problem(original, update.elem_type, f"{update.hint} before folding")
 
 
