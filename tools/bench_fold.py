@@ -442,6 +442,22 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def compile_bnfold(python: str = sys.executable) -> str:
+    """Compile bnfold's modules to bytecode beside them, as `pip install` does for a wheel, and
+    say so. onnx, numpy, click and rich arrive compiled; an editable bnfold does not, and where
+    PYTHONDONTWRITEBYTECODE is set (this workplace sets it) every run would compile bnfold's
+    30-odd modules again, ~25 ms that no user of an installed bnfold pays."""
+    spec = importlib.util.find_spec("bnfold")
+    if spec is None or not spec.origin:
+        return "bnfold not importable: nothing compiled"
+    folder = os.path.dirname(spec.origin)
+    done = subprocess.run([python, "-m", "compileall", "-q", folder], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPYCACHEPREFIX": ""})
+    if done.returncode != 0:
+        return f"could not compile {folder} ({done.stdout.strip()[-200:]}): runs compile it"
+    return f"bnfold compiled to bytecode in {folder}/**/__pycache__, as an install does"
+
+
 def _source_revision() -> str:
     """The checkout this bench (and an editable bnfold) ran from, as bnfold keeps changing."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     tools, missing = available_tools(args.tools)
     print(f"python {sys.executable} ({sys.version.split()[0]}), {os.cpu_count()} CPUs, "
           f"repeat {args.repeat}, warmup {args.warmup}, {_source_revision()}", flush=True)
+    print(compile_bnfold(), flush=True)
     for name, why in missing.items():
         print(f"{name}: {why}", flush=True)
 

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     args = parser.parse_args(argv)
     python = sys.executable
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_fold import compile_bnfold
+
+    print(compile_bnfold(python), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for count in args.sizes:

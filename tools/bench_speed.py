@@ -35,7 +35,14 @@ import tempfile
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS_DIR)
-from bench_fold import Run, _format_table, _geomean, _source_revision, run_measured  # noqa: E402
+from bench_fold import (  # noqa: E402
+    Run,
+    _format_table,
+    _geomean,
+    _source_revision,
+    compile_bnfold,
+    run_measured,
+)
 
 LOAD_SAVE = "import sys, onnx; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
 FOLD_FILE = "import sys, bnfold; bnfold.fold_file(sys.argv[1], sys.argv[2], verify=False)"
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {python}, CLI `{' '.join(cli)}`, bnfold from "
           f"{os.path.dirname(spec.origin) if spec else 'nowhere'}, {os.cpu_count()} CPUs, "
           f"repeat {args.repeat}; tools from {_source_revision()}", flush=True)
+    print(compile_bnfold(python), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as workdir:
         # `python -c` puts the current folder first on sys.path: run every child from here, so
