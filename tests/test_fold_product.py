@@ -3,6 +3,12 @@ the checks' minimum and maximum and every written byte equal the eager computati
 
 from __future__ import annotations
 
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +19,7 @@ from onnx import TensorProto, helper
 import bnfold
 import bnfold.folding.math
 import bnfold.folding.product
+import bnfold.onnxio.deferred
 import bnfold.onnxio.files
 from bnfold.errors import BnfoldError
 from bnfold.folding.math import scaled
@@ -227,28 +234,133 @@ def test_fold_result_model_computes_the_values(tmp_path, monkeypatch):
     assert folded.SerializeToString() == bnfold.fold(original).model.SerializeToString()
 
 
-def test_large_weights_are_read_through_a_map_of_the_file(tmp_path, monkeypatch):
+def test_large_weights_are_read_through_a_map_only_where_allowed(tmp_path, monkeypatch):
     monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES", 0)
     source = tmp_path / "m.onnx"
     onnx.save(_conv_bn(True), source)
-    model_, deferred, _ = load_model_deferred(source)
-    view = deferred.view("W")
-    assert view.readonly and view.nbytes == 256 * 128 * 9 * 4
-    assert bytes(view) == deferred.read("W")
-    del view
-    deferred.close()
+    for map_files, backing in ((True, mmap.mmap), (False, bytes)):
+        model_, deferred, _ = load_model_deferred(source, map_files=map_files)
+        view = deferred.view("W")
+        assert isinstance(view.obj, backing)
+        assert view.readonly and view.nbytes == 256 * 128 * 9 * 4
+        assert bytes(view) == deferred.read("W")
+        del view
+        deferred.close()
 
 
-def test_map_of_a_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_mapped_file_that_changes_is_refused(tmp_path, monkeypatch, change):
     monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES", 0)
     source = tmp_path / "m.onnx"
     onnx.save(_conv_bn(True), source)
-    model_, deferred, _ = load_model_deferred(source)
-    with open(source, "r+b") as handle:
-        handle.truncate(4096)
-    with pytest.raises(BnfoldError, match="ends early"):
+    model_, deferred, _ = load_model_deferred(source, map_files=True)
+    first = deferred.view("W")
+    _change(source, change)
+    with pytest.raises(BnfoldError, match="changed or was truncated"):
+        deferred.check_unchanged()
+    with pytest.raises(BnfoldError, match="changed or was truncated"):
         deferred.view("W")
+    del first
     deferred.close()
+
+
+def _change(path, how: str) -> None:
+    """Change `path` in place (same inode), as another process writing it would."""
+    with open(path, "r+b") as handle:
+        if how == "truncate":
+            handle.truncate(4096)
+        else:
+            handle.seek(-64, 2)
+            handle.write(bytes(64))
+
+
+# In a child: reading a mapped page past a file's new end is SIGBUS, which would take pytest down.
+_FOLD_WHILE_CHANGED = """
+import sys
+import bnfold, bnfold.folding.api as api
+from bnfold.errors import BnfoldError
+sys.path.insert(0, sys.argv[4])
+from test_fold_product import _change
+save = api.save_model
+
+def changed_first(*args, **kwargs):
+    _change(sys.argv[1], sys.argv[3])
+    return save(*args, **kwargs)
+
+api.save_model = changed_first
+try:
+    bnfold.fold_file(sys.argv[1], sys.argv[2], verify=False)
+except BnfoldError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_fold_file_refuses_an_input_changed_before_it_is_written(tmp_path, change):
+    source, output = tmp_path / "m.onnx", tmp_path / "out" / "f.onnx"
+    output.parent.mkdir()
+    # Over 8 MiB: loaded deferred, so the 9 MiB weight is read through a map.
+    w = tensor("W", rng(2).normal(0, 0.1, (1024, 256, 3, 3)))
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"]), bn_node("c", "Y")]
+    onnx.save(model(nodes, [("X", [1, 256, 3, 3])], [("Y", None)], [w, *bn_params("bn", 1024)]),
+              source)
+    done = subprocess.run([sys.executable, "-c", _FOLD_WHILE_CHANGED, str(source), str(output),
+                           change, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "changed or was truncated" in done.stdout
+    assert os.listdir(output.parent) == []  # no output, no staging folder
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_fold_file_holds_no_maps_or_files_once_it_returns(tmp_path, monkeypatch):
+    """One data file per tensor: at most MAX_MAPPED_FILES maps while folding, none after."""
+    source = tmp_path / "m.onnx"
+    onnx.save(_twelve_pairs(), source, save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=2**20)  # onnx.save moves the saved proto's data out: a fresh one
+    maps = []
+    real_map = bnfold.onnxio.deferred._map
+    monkeypatch.setattr(bnfold.onnxio.deferred, "_map",
+                        lambda handle: maps.append(real_map(handle)) or maps[-1])
+    before = _open_descriptors()
+    result = bnfold.fold_file(source, tmp_path / "f.onnx", verify=False)
+    assert 0 < len(maps) <= bnfold.onnxio.deferred.MAX_MAPPED_FILES
+    del maps[:]
+    assert _open_descriptors() == before
+    assert result.report.folded_count == 12
+    assert_same_outputs(_twelve_pairs(), result.model, _feed(_twelve_pairs()))
+    assert _open_descriptors() == before
+
+
+def _twelve_pairs():
+    nodes, inits = [], []
+    for i in range(12):
+        nodes += [helper.make_node("Conv", [f"x{i}", f"W{i}"], [f"c{i}"], name=f"conv{i}"),
+                  bn_node(f"c{i}", f"x{i + 1}", prefix=f"bn{i}", name=f"bn{i}")]
+        inits += [tensor(f"W{i}", rng(i).normal(0, 0.05, (512, 512, 1, 1))),
+                  *bn_params(f"bn{i}", 512)]
+    return model(nodes, [("x0", [1, 512, 2, 2])], [("x12", None)], inits)
+
+
+def _feed(original) -> dict:
+    return {i.name: rng(9).normal(size=[d.dim_value for d in i.type.tensor_type.shape.dim])
+            .astype(np.float32) for i in original.graph.input}
+
+
+def test_fold_of_a_path_keeps_no_map_of_it(tmp_path, monkeypatch):
+    """fold(path) hands back a result that may be read much later: its large weights are
+    read, never mapped, so a file changed meanwhile is refused on reopen, not read."""
+    monkeypatch.setattr(bnfold.onnxio.files, "DIRECT_PARSE_MAX_BYTES", 0)
+    monkeypatch.setattr(bnfold.onnxio.deferred, "_map", lambda handle: pytest.fail("mapped"))
+    source = tmp_path / "m.onnx"
+    onnx.save(_conv_bn(True), source)
+    result = bnfold.fold(source)
+    assert result.report.folded_count == 1
+    assert_same_outputs(_conv_bn(True), result.model, _feed(_conv_bn(True)))
 
 
 def test_float16_weights_are_computed_eagerly(tmp_path, monkeypatch):

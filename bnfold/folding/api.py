@@ -173,7 +173,10 @@ def fold_file(
         raise BnfoldError(
             f"output {output_path!r} is the input: choose another -o, or pass --in-place"
         )
-    model, deferred, source_data_files = load_model_deferred(input_path, nodes_read_later=True)
+    # Large weights are read through maps of the input's files; every array made from one is
+    # dropped before this returns (the result then stands on the file written).
+    model, deferred, source_data_files = load_model_deferred(input_path, nodes_read_later=True,
+                                                             map_files=True)
     if os.path.realpath(output_path) in source_data_files:
         deferred.close()
         raise BnfoldError(
@@ -230,11 +233,12 @@ def fold_file(
         raise
     result.output_path = output_path if written else None
     if written:
+        # The written file holds the model (when verified, accept moved the result there
+        # already): result.model reads it back, checked unchanged, and the folded values and
+        # the maps of the input they were computed from go now, with their descriptors.
+        if result._file is None:
+            result._move_to_file(os.path.abspath(output_path))
         result._renamed(os.path.abspath(output_path))
-    if not replaces_input and result._deferred is not None:
-        # Reopened (and checked unchanged) if result.model is asked for. After --in-place the
-        # input's old bytes are only reachable through the open descriptor, so it stays open.
-        deferred.release_files()
     return result
 
 

@@ -25,9 +25,12 @@ from bnfold.errors import BnfoldError
 # Smaller tensors are parsed into the proto as usual: deferring them saves nothing.
 DEFER_MIN_BYTES = 4096
 _CHUNK = 8 * 2**20
-# Tensors this large are read through a memory map of their file (`view`): the page cache's own
-# pages, no copy. Smaller ones are cheaper to pread.
+# Tensors this large are read through a memory map of their file (`view`) where the caller
+# allows maps: the page cache's own pages, no copy. Smaller ones are cheaper to pread.
 MAP_MIN_BYTES = 2**20
+# A map keeps a descriptor of its own for as long as an array made from it lives: past this
+# many files (one data file per tensor), `view` reads instead.
+MAX_MAPPED_FILES = 8
 # Models saved with one data file per tensor can name thousands of files: keep only the most
 # recently used open (a closed one reopens, checked unchanged) instead of hitting EMFILE.
 MAX_OPEN_FILES = 32
@@ -36,7 +39,11 @@ MAX_OPEN_FILES = 32
 class DeferredData:
     """Where the bytes of deferred main-graph initializers lie, by initializer name."""
 
-    def __init__(self):
+    def __init__(self, map_files: bool = False):
+        # Whether `view` may map files. A map is read after the file was checked, so whoever
+        # allows it must drop every array made from one before handing anything back (fold_file
+        # does: its result stands on the file it wrote) and check_unchanged before reading.
+        self.map_files = map_files
         self._files: dict[str, BinaryIO] = {}  # real path -> file opened for reading
         self._identity: dict[str, tuple[int, ...]] = {}  # real path -> the file first opened
         self._spans: dict[str, tuple[str, int, int]] = {}  # name -> (real path, offset, length)
@@ -101,20 +108,40 @@ class DeferredData:
         return b"".join(parts)
 
     def view(self, name: str) -> memoryview:
-        """The tensor's raw bytes, read-only, without copying them where the OS can map its
-        file (else a copy, as `read`). The file must not be truncated while a view is in use."""
+        """The tensor's raw bytes, read-only: with map_files, a view of its file's pages where
+        the OS can map it (the file must then not be truncated while the view is in use), else
+        a copy, as `read`."""
         path, offset, length = self._spans[name]
+        if not self.map_files:
+            return memoryview(self.read(name))
         if path not in self._maps:
-            self._maps[path] = _map(self.file(path))
+            live = sum(mapped is not None for mapped in self._maps.values())
+            self._maps[path] = _map(self.file(path)) if live < MAX_MAPPED_FILES else None
         mapped = self._maps[path]
         if mapped is None:
             return memoryview(self.read(name))
-        if offset + length > len(mapped):
-            raise BnfoldError(
-                f"the data of tensor {name!r} ends early: its file changed or was truncated "
-                f"while bnfold was reading it; run again on a complete file"
-            )
+        self._check_map(path, mapped, offset + length)
         return memoryview(mapped)[offset:offset + length]
+
+    def check_unchanged(self) -> None:
+        """Refuse (BnfoldError) when a file read through a map has changed since it was first
+        opened: its arrays would read other bytes, or fault past a new end. Run before they
+        are read again (bnfold.onnxio.files.save_model does)."""
+        for path, mapped in self._maps.items():
+            if mapped is not None:
+                self._check_map(path, mapped, len(mapped))
+
+    def _check_map(self, path: str, mapped: mmap.mmap, end: int) -> None:
+        try:
+            size = mapped.size()  # the file's length now, through the map's own descriptor
+            now = _identity(os.stat(path))
+        except (OSError, ValueError):
+            now, size = None, -1
+        if size < end or now != self._identity.get(path):
+            raise BnfoldError(
+                f"{path!r} changed or was truncated while bnfold was reading it: run again "
+                f"on a complete, unchanging file"
+            )
 
     def _pread(self, name: str, path: str, size: int, offset: int) -> bytes:
         source = self.file(path)

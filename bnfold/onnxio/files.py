@@ -67,14 +67,15 @@ def load_model_info(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[str]]
 
 
 def load_model_deferred(
-    path: str | os.PathLike, *, nodes_read_later: bool = False
+    path: str | os.PathLike, *, nodes_read_later: bool = False, map_files: bool = False
 ) -> tuple[onnx.ModelProto, DeferredData, set[str]]:
     """Load `path` leaving large main-graph initializers' bytes where they lie (see
     bnfold.onnxio.deferred); also gives the real paths of the external data files it uses.
 
     `nodes_read_later`: the caller reads every node through bnfold.onnxio.nodes.NodeTable,
     which checks the nodes' names itself, so loading checks only the others (at 48k nodes,
-    reading every node's names twice costs more than parsing the file)."""
+    reading every node's names twice costs more than parsing the file). `map_files`: see
+    DeferredData."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BnfoldError(f"{path!r} does not exist: check the path")
@@ -82,7 +83,7 @@ def load_model_deferred(
         raise BnfoldError(f"{path!r} is a folder: give the .onnx file inside it")
     if os.path.getsize(path) == 0:
         raise BnfoldError(f"{path!r} is empty: re-export the model")
-    deferred = DeferredData()
+    deferred = DeferredData(map_files)
     try:
         model, data_files = _load_into(path, deferred, not nodes_read_later)
     except BaseException:
@@ -224,6 +225,8 @@ def save_model(
         raise BnfoldError(f"output folder {folder!r} does not exist: create it first")
     if not os.access(folder, os.W_OK):
         raise BnfoldError(f"cannot write to {folder!r}: permission denied; choose another -o")
+    if deferred is not None:
+        deferred.check_unchanged()  # mapped weights are read again to be written
     size = estimated_bytes(model)
     if external_data is None:
         external_data = size > _PROTOBUF_LIMIT
