@@ -61,8 +61,9 @@ class FoldResult:
         return self._model
 
     def _move_to_file(self, path: str) -> None:
-        """The folded model is all in `path` (written, not yet verified): drop what memory
-        holds of it, so verification runs beside one copy of the weights, not two."""
+        """The folded model is all in `path` (written; verified or about to be): drop what
+        memory holds of it, and the maps of the input its values were computed from, so
+        verification runs beside one copy of the weights and a kept result holds no files."""
         if self._pending is not None:
             self._pending.clear()  # the writer's frame still refers to the same object
         self._pending = None
