@@ -218,6 +218,121 @@ def test_cast_to_another_type_is_not_a_no_op():
     assert result.report.folded_count == 0
 
 
+# ---- tf2onnx: a Keras BN is left as Mul → Add --------------------------------------------------
+def fold_rules(m, feed):
+    """Fold `m`; check it against the original on `feed`; the rules of the folds, in order."""
+    result = bnfold.fold(m)
+    onnx.checker.check_model(result.model)
+    assert_same_outputs(m, result.model, feed)
+    return [e.rule for e in result.report.folded], result.model
+
+
+def dense_bn(x_shape, reshape=None, scale_shape=(6,)):
+    """Keras Dense(6) → BN as tf2onnx writes it: MatMul → (Reshape) → Mul → Add."""
+    out = "mm"
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm"])]
+    inits = [tensor("B", rng(0).standard_normal((x_shape[-1], 6))),
+             tensor("s", rng(1).uniform(0.5, 1.5, scale_shape)),
+             tensor("t", rng(2).standard_normal(6))]
+    if reshape is not None:
+        reshape_nodes, reshape_inits = reshape
+        nodes += reshape_nodes
+        inits += reshape_inits
+        out = "r"
+    nodes += [helper.make_node("Mul", [out, "s"], ["m"]), helper.make_node("Add", ["m", "t"], ["y"])]
+    return nodes, inits
+
+
+@pytest.mark.parametrize("x_shape", [(5, 4), (2, 5, 4)])
+def test_keras_dense_bn_mul_folds_into_the_matmul_at_any_rank(x_shape):
+    nodes, inits = dense_bn(x_shape)
+    m = build(nodes, inits, x_shape=x_shape, y_shape=["?"] * len(x_shape))
+    rules, folded = fold_rules(m, {"x": rng(3).standard_normal(x_shape).astype(np.float32)})
+    assert rules == ["matmul-mul"]
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]  # a Dense's bias add
+
+
+def test_keras_dense_on_a_sequence_folds_through_its_reshape():
+    # Tensordot: [2, 5, 4] → Reshape [-1, 4] → MatMul → Reshape to Concat(leading dims, [6])
+    shape_nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "free"], ["lead"]),
+        helper.make_node("Concat", ["lead", "cols"], ["to32"], axis=0),
+        helper.make_node("Cast", ["to32"], ["to"], to=TensorProto.INT64),
+    ]
+    nodes, inits = dense_bn((20, 4), reshape=(
+        shape_nodes + [helper.make_node("Reshape", ["mm", "to"], ["r"])],
+        [tensor("free", np.array([0, 1]), np.int64), tensor("cols", np.array([6]), np.int64)]))
+    nodes[0] = helper.make_node("Reshape", ["x", "flat"], ["x2"])
+    nodes.insert(1, helper.make_node("MatMul", ["x2", "B"], ["mm"]))
+    inits.append(tensor("flat", np.array([-1, 4]), np.int64))
+    m = build(nodes, inits, x_shape=(2, 5, 4), y_shape=["?"] * 3)
+    rules, folded = fold_rules(m, {"x": rng(3).standard_normal((2, 5, 4)).astype(np.float32)})
+    assert rules == ["matmul-mul"]
+    assert "Mul" not in [n.op_type for n in folded.graph.node]
+    assert count_ops(folded, "Reshape") == 2
+
+
+def test_reshape_that_moves_the_columns_is_not_folded_through():
+    # [5, 6] → [5, 3, 2]: a vector of 2 scales the reshaped last axis, not B's columns
+    nodes, inits = dense_bn((5, 4), scale_shape=(2,), reshape=(
+        [helper.make_node("Reshape", ["mm", "to"], ["r"])],
+        [tensor("to", np.array([5, 3, 2]), np.int64)]))
+    inits[2] = tensor("t", rng(2).standard_normal(2))
+    m = build(nodes, inits, x_shape=(5, 4), y_shape=[5, 3, 2])
+    rules, _ = fold_rules(m, {"x": rng(3).standard_normal((5, 4)).astype(np.float32)})
+    assert rules == []
+
+
+def test_mul_of_a_run_time_matmul_is_not_folded():
+    # attention scores: MatMul(Q, Kᵀ) · scale; Kᵀ is not a constant
+    nodes = [helper.make_node("MatMul", ["x", "x"], ["mm"]),
+             helper.make_node("Mul", ["mm", "s"], ["y"])]
+    m = build(nodes, [tensor("s", np.array(0.125))], x_shape=(4, 4), y_shape=[4, 4])
+    rules, _ = fold_rules(m, {"x": rng(3).standard_normal((4, 4)).astype(np.float32)})
+    assert rules == []
+
+
+def conv1d_bn(axes, opset=13, batch=2):
+    """Keras Conv1D → BN as tf2onnx writes it: Conv (2-D) → Squeeze → Mul → Add."""
+    squeeze = (helper.make_node("Squeeze", ["c", "axes"], ["q"]) if opset >= 13
+               else helper.make_node("Squeeze", ["c"], ["q"], axes=axes))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), squeeze,
+             helper.make_node("Mul", ["q", "s"], ["m"]), helper.make_node("Add", ["m", "t"], ["y"])]
+    inits = [tensor("W", rng(0).standard_normal((4, 3, 1, 3))),
+             tensor("s", rng(1).uniform(0.5, 1.5, (1, 4, 1))),
+             tensor("t", rng(2).standard_normal((1, 4, 1)))]
+    if opset >= 13:
+        inits.append(tensor("axes", np.array(axes), np.int64))
+    return build(nodes, inits, x_shape=(batch, 3, 1, 8), y_shape=["?"] * 3, opset=opset)
+
+
+@pytest.mark.parametrize("axes,opset", [([2], 13), ([-2], 13), ([2], 11)])
+def test_keras_conv1d_bn_folds_through_the_squeeze(axes, opset):
+    feed = {"x": rng(3).standard_normal((2, 3, 1, 8)).astype(np.float32)}
+    rules, folded = fold_rules(conv1d_bn(axes, opset), feed)
+    assert rules == ["conv-mul", "conv-add"]
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Squeeze"]
+
+
+def test_bn_behind_a_squeeze_folds_and_the_squeeze_stays():
+    # torch: Conv2d over [N, C, 1, T] → squeeze(2) → BatchNorm1d (a CRNN's head)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("Squeeze", ["c", "axes"], ["q"]), bn_node("q", "y")]
+    inits = [tensor("W", rng(0).standard_normal((4, 3, 1, 3))),
+             tensor("axes", np.array([2]), np.int64), *bn_params("bn", 4)]
+    m = build(nodes, inits, x_shape=(2, 3, 1, 8), y_shape=["?"] * 3)
+    result = assert_folded(m, 1, feed={"x": rng(3).standard_normal((2, 3, 1, 8)).astype(np.float32)})
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Squeeze"]
+
+
+def test_squeeze_of_the_batch_axis_is_not_folded_through():
+    m = conv1d_bn([0], batch=1)
+    feed = {"x": rng(3).standard_normal((1, 3, 1, 8)).astype(np.float32)}
+    rules, _ = fold_rules(m, feed)
+    assert rules == []
+
+
 # ---- what the report says -------------------------------------------------------------------
 def test_bn_before_convtranspose_names_the_real_reason():
     w = tensor("Wt", rng(0).standard_normal((3, 4, 2, 2)))

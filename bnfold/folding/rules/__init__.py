@@ -7,6 +7,7 @@ from bnfold.folding.rules.convtranspose_bn import ConvTransposeBnRule
 from bnfold.folding.rules.gemm_bn import GemmBnRule
 from bnfold.folding.rules.lower_bn import LowerBnRule
 from bnfold.folding.rules.matmul_bn import MatMulBnRule
+from bnfold.folding.rules.matmul_mul import MatMulMulRule
 
 # Folding into the producer comes first: it removes the BN without touching the consumer.
 FOLD_RULES = (
@@ -14,6 +15,7 @@ FOLD_RULES = (
     ConvTransposeBnRule(),
     GemmBnRule(),
     MatMulBnRule(),
+    MatMulMulRule(),
     BnConvRule(),
     BnGemmRule(),
 )

@@ -2,6 +2,9 @@
 
 The map comes from a BatchNormalization, or from a Mul/Add with a per-channel constant (a frozen
 BN exported as Mul→Add). Subclasses say which producer they handle and how its constants change.
+No-ops between the producer and the map are looked through and removed with the fold; one
+node that only reshapes (a Squeeze; for a MatMul, a Reshape) may stand between them too when it
+keeps the channels on their axis: it stays, and produces the map's output instead.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
     ChannelAffine,
     Match,
@@ -29,6 +33,11 @@ class IntoProducerRule(ABC):
 
     name = "into-producer"
     producer_ops: tuple[str, ...] = ()
+    channel_axis = 1  # the producer's output axis its channels lie on (MatMul: the last, -1)
+    # A node of this type may stand between the producer and the BN/Mul/Add when it keeps the
+    # channels where they are (reshaped_rank says whether it does); it stays, and takes over
+    # the folded node's output.
+    reshaping_op = "Squeeze"
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
@@ -40,26 +49,39 @@ class IntoProducerRule(ABC):
                 continue
             source, passed = view.skip_noops(node.input[slot])
             found = view.producer_of(source)
+            reshape, before = None, []
+            if (found is not None and found[1].op_type == self.reshaping_op
+                    and found[1].domain in ("", "ai.onnx") and found[1].input):
+                reshape = found[0]
+                source, before = view.skip_noops(found[1].input[0])
+                found = view.producer_of(source)
             if found is None or found[1].op_type not in self.producer_ops:
                 continue
             if found[1].domain not in ("", "ai.onnx"):
                 continue
             if node.op_type != "BatchNormalization" and not view.is_constant(node.input[1 - slot]):
                 return None  # Mul/Add of two run-time tensors: not an affine map
-            extra = {"data_slot": slot, "passed": passed}
+            extra = {"data_slot": slot, "passed": passed, "reshape": reshape, "before": before}
             return Match(node_index=index, target_index=found[0], extra=extra)
         return None
 
     @attribute_reason
     def check(self, view: GraphView, match: Match) -> str | None:
-        problem = view.chain_problem(match.target_index, match.extra["passed"], match.node_index)
+        reshape = match.extra["reshape"]
+        between = match.extra["passed"] + ([reshape, *match.extra["before"]]
+                                           if reshape is not None else [])
+        problem = view.chain_problem(match.target_index, between, match.node_index)
         if problem:
             return problem
         shape = self.output_channels(view, match)
         if isinstance(shape, str):
             return shape
         channels, rank = shape
-        affine = source_affine(view, match, channels, rank)
+        if reshape is not None:
+            rank = self.reshaped_rank(view, match, rank, channels)
+            if isinstance(rank, str):
+                return rank
+        affine = source_affine(view, match, channels, rank, self.channel_axis)
         if isinstance(affine, str):
             return affine
         if affine.scale.shape[0] != channels:
@@ -74,7 +96,9 @@ class IntoProducerRule(ABC):
         node = view.nodes[match.target_index]
         dead = [node.input[u.slot] for u in match.updates if u.slot < len(node.input)]
         apply_plan(view, match)
-        view.bypass(match.node_index, match.target_index)
+        # A Squeeze/Reshape in between stays (with what leads to it) and takes over the output.
+        reshape = match.extra["reshape"]
+        view.bypass(match.node_index, match.target_index if reshape is None else reshape)
         for index in match.extra["passed"]:  # the no-ops in between go with it
             view.remove_node(index)
             view.drop_value_info(view.nodes[index].output[0])
@@ -89,9 +113,41 @@ class IntoProducerRule(ABC):
     def plan(self, view: GraphView, match: Match) -> str | None:
         """Fill match.updates/attributes from match.affine, or return a refusal."""
 
+    def reshaped_rank(self, view: GraphView, match: Match, rank: int, channels: int) -> int | str:
+        """The rank after the reshaping node between producer and BN/Mul/Add, or why the
+        channels do not stay on channel_axis through it. Here: a Squeeze (Conv1D as tf2onnx
+        writes it: a 2-D Conv → Squeeze → the BN's Mul/Add)."""
+        return squeezed_rank(view, match.extra["reshape"], rank)
+
+
+def squeezed_rank(view: GraphView, index: int, rank: int) -> int | str:
+    """The rank after Squeeze node `index` of a rank-`rank` producer output, or why the channels
+    would not stay on axis 1 (the batch or channel axis squeezed, axes not constant)."""
+    node = view.nodes[index]
+    label = node_label(node)
+    if view.opset >= 13:
+        if len(node.input) < 2 or not node.input[1]:
+            return f"{label} has no axes (it would squeeze a batch of 1 too)"
+        axes = constant_or_reason(view, node.input[1], f"{label} axes")
+        if isinstance(axes, str):
+            return axes
+        if axes.dtype.kind not in "iu" or axes.ndim != 1:
+            return f"{label} axes are not a 1-D integer tensor"
+        axes = axes.tolist()
+    else:
+        axes = typed_attribute(node, "axes", "ints", None)
+        if not axes:
+            return f"{label} has no axes (it would squeeze a batch of 1 too)"
+    normalised = {a + rank if a < 0 else a for a in axes}
+    if any(not 0 <= a < rank for a in normalised) or len(normalised) != len(axes):
+        return f"{label} axes {axes} are not distinct axes of a rank-{rank} output"
+    if min(normalised) < 2:
+        return f"{label} removes axis {min(normalised)}, so the channels move"
+    return rank - len(normalised)
+
 
 def source_affine(
-    view: GraphView, match: Match, channels: int, rank: int
+    view: GraphView, match: Match, channels: int, rank: int, axis: int = 1
 ) -> ChannelAffine | str:
     node = view.nodes[match.node_index]
     if node.op_type == "BatchNormalization":
@@ -100,25 +156,30 @@ def source_affine(
     values = view.constant_array(const_name)
     if values.dtype.kind != "f":
         return f"{node.op_type} constant {const_name!r} is not floating point"
-    per_channel = per_channel_vector(values, channels, rank)
+    per_channel = per_channel_vector(values, channels, rank, axis)
     if per_channel is None:
+        where = "the last axis" if axis == -1 else f"axis {axis}"
         return (
             f"{node.op_type} constant {const_name!r} of shape {list(values.shape)} is not "
-            f"per-channel along axis 1 of a rank-{rank} output"
+            f"per-channel along {where} of a rank-{rank} output"
         )
     if node.op_type == "Mul":
         return ChannelAffine(per_channel, np.zeros(channels), (const_name,))
     return ChannelAffine(np.ones(channels), per_channel, (const_name,))
 
 
-def per_channel_vector(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """`values` as a float64 [C] vector if it broadcasts along axis 1 only, without growing the
-    output (rank ≤ output rank); None otherwise."""
+def per_channel_vector(
+    values: np.ndarray, channels: int, rank: int, channel_axis: int = 1
+) -> np.ndarray | None:
+    """`values` as a float64 [C] vector if it broadcasts along `channel_axis` (of a rank-`rank`
+    output; -1: the last) only, without growing the output (rank ≤ output rank); None
+    otherwise."""
     if values.ndim > rank:
         return None
+    channel_axis %= rank
     for position, size in enumerate(values.shape):
         axis = rank - values.ndim + position
-        if axis == 1:
+        if axis == channel_axis:
             if size not in (1, channels):
                 return None
         elif size != 1:
