@@ -90,6 +90,17 @@ def test_default_report_lists_each_kept_and_lowered_batchnorm_in_full(capsys):
     assert not any("┃" in line for line in lines)
 
 
+def test_table_wraps_long_node_names_instead_of_cutting_their_tail():
+    report = _all_folded_report()
+    name = "functional_1_1/batch_normalization_5_1/batchnorm/mul_1"
+    report.entries.append(FoldEntry(name, "Mul", FOLDED, "main", "conv1d", "conv-mul"))
+    console = Console(width=60, record=True, color_system=None)
+    render_fold_report(report, console)
+    cells = [line.split("│")[1].strip() for line in console.export_text().splitlines()
+             if line.count("│") > 3]
+    assert name in "".join(cells) and "…" not in "".join(cells)
+
+
 def test_list_draws_every_entry_as_a_table(capsys):
     report = _all_folded_report()
     print_fold_report(report, title="bnfold fold m.onnx", full=True)

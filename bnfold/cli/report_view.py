@@ -22,7 +22,9 @@ def render_fold_report(report: FoldReport, console: Console, title: str = "bnfol
     show_op = any(e.op_type != "BatchNormalization" for e in entries)
     show_graph = any(e.graph != "main" for e in entries)
     table = Table(title=escape(title) or None, title_justify="left", show_lines=False)
-    table.add_column("node")
+    # Exporters put what tells BNs apart at the end ("…/batch_normalization_5_1/batchnorm/mul"):
+    # a long name wraps rather than losing its tail to an ellipsis.
+    table.add_column("node", overflow="fold")
     if show_op:
         table.add_column("op")
     table.add_column("status")
