@@ -273,6 +273,25 @@ def test_keras_dense_on_a_sequence_folds_through_its_reshape():
     assert count_ops(folded, "Reshape") == 2
 
 
+def test_shared_b_gets_a_folded_copy_and_float16_folds_in_float16():
+    b = tensor("B", rng(0).standard_normal((4, 6)), np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm"]),
+             helper.make_node("Mul", ["mm", "s"], ["m"]),
+             helper.make_node("MatMul", ["x", "B"], ["other"]),
+             helper.make_node("Add", ["m", "other"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, 6])],
+        [b, tensor("s", rng(1).uniform(0.5, 1.5, 6), np.float16)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result = bnfold.fold(m)
+    assert [e.rule for e in result.report.folded] == ["matmul-mul"]
+    folded_b, other_b = [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"]
+    assert other_b == "B" and folded_b != "B"  # the other MatMul keeps the original B
+    assert_same_outputs(m, result.model, {"x": rng(3).standard_normal((5, 4)).astype(np.float16)},
+                        rtol=2e-3)
+
+
 def test_reshape_that_moves_the_columns_is_not_folded_through():
     # [5, 6] → [5, 3, 2]: a vector of 2 scales the reshaped last axis, not B's columns
     nodes, inits = dense_bn((5, 4), scale_shape=(2,), reshape=(
