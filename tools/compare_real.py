@@ -1,9 +1,9 @@
 """Run plain `bnfold fold MODEL -o OUT` and bnfold's peers on third-party models, and show where
 bnfold fails or leaves more BatchNormalization than the best peer.
 
-A cell reads "BN left" or "BN+M": M Mul/Add that look like a frozen BN (a constant applied to
-a Conv/ConvTranspose/Gemm/MatMul output; count_affine_left), which is all tf2onnx leaves of a
-BN, so its exports have none of the first kind.
+A cell reads "BN left", or "BN+M" where M Mul/Add look like a frozen BN (a constant applied to
+a Conv/ConvTranspose/Gemm/MatMul output; count_affine_left). tf2onnx leaves every BN it cannot
+merge into a Conv as such a Mul → Add, so its exports have no BatchNormalization node at all.
 
     .venv/bin/python tools/real_models.py --out real-models/
     .venv-tf/bin/python tools/tf_models.py --out real-models/   (tf2onnx exports, optional)
