@@ -192,6 +192,16 @@ def constant_or_reason(view: GraphView, name: str, role: str) -> np.ndarray | st
     return reason if reason else view.constant_array(name)
 
 
+def matmul_weight(view: GraphView, matmul) -> np.ndarray | str:
+    """B of a MatMul when it is a constant matrix, or why it is not."""
+    b = constant_or_reason(view, matmul.input[1], "MatMul B")
+    if isinstance(b, str):
+        return b
+    if b.ndim != 2:
+        return f"MatMul B has rank {b.ndim}; only a 2-D B folds"
+    return b
+
+
 def gemm_weight(view: GraphView, gemm, label: str) -> tuple[np.ndarray, bool] | str:
     """(B, transB) of a Gemm whose B is a constant matrix, or why it is not."""
     b = constant_or_reason(view, gemm.input[1], "Gemm B")

@@ -20,7 +20,7 @@ from bnfold.folding.rules.common import (
     plan_problem,
     weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason, per_channel_vector
+from bnfold.folding.rules.into_producer import matmul_weight, per_channel_vector
 
 
 class MatMulBnRule:
@@ -49,11 +49,9 @@ class MatMulBnRule:
             problem = view.sole_consumer_problem(view.nodes[current].output[0], following)
             if problem:
                 return f"{node_label(view.nodes[current])} output {problem}"
-        b = constant_or_reason(view, matmul.input[1], "MatMul B")
+        b = matmul_weight(view, matmul)
         if isinstance(b, str):
             return b
-        if b.ndim != 2:
-            return f"MatMul B has rank {b.ndim}; only a 2-D B folds"
         known = view.types.lookup(matmul.input[0])
         if known is None or known[1] is None:
             return "rank of the MatMul input is unknown (add shapes or run shape inference)"

@@ -22,7 +22,7 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import ConstantUpdate, Match, compute_dtype, typed_attribute
-from bnfold.folding.rules.into_producer import IntoProducerRule, constant_or_reason
+from bnfold.folding.rules.into_producer import IntoProducerRule, matmul_weight
 
 
 class MatMulMulRule(IntoProducerRule):
@@ -39,11 +39,9 @@ class MatMulMulRule(IntoProducerRule):
 
     def output_channels(self, view: GraphView, match: Match) -> tuple[int, int] | str:
         matmul = view.nodes[match.target_index]
-        b = constant_or_reason(view, matmul.input[1], "MatMul B")
+        b = matmul_weight(view, matmul)
         if isinstance(b, str):
             return b
-        if b.ndim != 2:
-            return f"MatMul B has rank {b.ndim}; only a 2-D B folds"
         match.extra["b"] = b
         known = view.types.lookup(matmul.input[0])
         if known is not None and known[1] is not None:
