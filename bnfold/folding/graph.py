@@ -1,4 +1,5 @@
-"""The view of one ONNX graph that a fold rule needs: producers, consumers, constants, names.
+"""The view of one ONNX graph that a fold rule needs: producers, consumers, constants, names
+(the constant queries are in bnfold.folding.lookups, which GraphView takes them from).
 
 The view edits the GraphProto in place and keeps its maps current, so rules can be applied one
 after another in a single pass. Node removal is deferred to `commit()` (one rebuild instead of
@@ -8,28 +9,27 @@ subgraph, so a tensor read in an If branch is never treated as unused.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
 
-from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs, as_tensor
+from bnfold.folding.constants import EVALUATED_OPS, ConstantSubgraphs
+from bnfold.folding.lookups import ConstantLookups
 from bnfold.folding.names import NameAllocator, node_label  # noqa: F401  (re-exported)
 from bnfold.folding.tensors import (  # noqa: F401  (fill_tensor, PendingTensors: re-exported)
     Constant,
     PendingTensors,
     constant_node_tensor,
     fill_tensor,
-    tensor_to_array,
 )
 from bnfold.folding.types import TypeTable  # noqa: F401  (re-exported)
-from bnfold.onnxio.deferred import MAP_MIN_BYTES, DeferredData
+from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import delete_named, names_read_by_subgraphs, subgraphs  # noqa: F401
 
-class GraphView:
+class GraphView(ConstantLookups):
     """Producers, consumers and constants of one graph, kept current while rules edit it."""
 
     def __init__(
@@ -206,116 +206,6 @@ class GraphView:
             labels = ", ".join(node_label(self.nodes[i]) for i in others[:3])
             return f"{name!r} also feeds {labels}"
         return None
-
-    def visible_constant(self, name: str) -> Constant | None:
-        """The constant `name` in scope here, without evaluating anything: this graph's own
-        (from IR 4 on, an initializer also listed as a graph input is overridable, so it is
-        not one), else an enclosing graph's."""
-        found = self.constants.get(name)
-        if found is not None:
-            return found
-        if name in self.graph_inputs:
-            return None
-        tensor = self.initializers.get(name)
-        if tensor is not None:
-            found = self.constants[name] = Constant(tensor, self.graph, True, self.deferred)
-            return found
-        return self.outer.visible_constant(name) if self.outer is not None else None
-
-    def constant(self, name: str, depth: int = 0) -> Constant | str:
-        """The constant called `name` (an initializer, a Constant node, or a value computed
-        from constants by a small subgraph), or why it is not one."""
-        found = self.visible_constant(name)
-        if found is not None:
-            return found
-        if name in self.graph_inputs:
-            if name in self.initializers:
-                return (f"is a graph input with a default value (can be overridden at run time; "
-                        f"--freeze-input {name} makes it a constant)")
-            return "is a graph input (can change at run time)"
-        if self.computed is None or name not in self.producer:
-            return "is computed at run time, not a constant"
-        outcome = self.computed.evaluate(name, self, depth)
-        if isinstance(outcome, str):
-            return f"is {outcome}"
-        constant = Constant(as_tensor(name, outcome), self.graph, False, value=outcome.value)
-        self.constants[name] = constant
-        return constant
-
-    def constant_or_reason(self, name: str, depth: int = 0) -> np.ndarray | str:
-        """Used by ConstantSubgraphs: the value of `name`, or why it has none."""
-        found = self.constant(name, depth)
-        return found if isinstance(found, str) else self._value(name, found)
-
-    def is_constant(self, name: str) -> bool:
-        return not isinstance(self.constant(name), str)
-
-    def _value(self, name: str, constant: Constant) -> np.ndarray:
-        if constant.value is not None:
-            return constant.value
-        pending = self.pending
-        if pending is not None and name in pending and name in self.initializers:
-            return pending.values(name)
-        deferred = constant.deferred
-        if deferred is None or not deferred.holds(constant.tensor):
-            return tensor_to_array(constant.tensor)
-        # A rule reads a weight, its bias and four BN parameters, then its checks read the weight
-        # again (range headroom): keep the last six read from the file rather than pread twice;
-        # six (one fold's worth), so memory stays bounded by the fold at hand.
-        # Large ones are views of the file's pages: no copy, and a folded weight computed from
-        # one (bnfold.folding.product) never needs the whole weight in fresh memory.
-        recent = self._recent_reads
-        if name not in recent:
-            if len(recent) >= 6:
-                recent.pop(next(iter(recent)))
-            large = deferred.nbytes(name) >= MAP_MIN_BYTES
-            raw = deferred.view(name) if large else deferred.read(name)
-            recent[name] = tensor_to_array(constant.tensor, raw)
-        return recent[name]
-
-    def constant_value(self, name: str) -> tuple[np.ndarray, int] | str:
-        """(value, ONNX element type) of constant `name`, or why it is not a constant."""
-        found = self.constant(name)
-        if isinstance(found, str):
-            return found
-        return self._value(name, found), found.tensor.data_type
-
-    def float32_initializer(self, name: str) -> onnx.TensorProto | None:
-        """The tensor of `name` when it is a constant float32 initializer of this graph (not
-        an overridable input) with no new value pending, else None."""
-        tensor = self.initializers.get(name)
-        if (tensor is None or name in self.graph_inputs
-                or (self.pending is not None and name in self.pending)
-                or tensor.data_type != onnx.TensorProto.FLOAT):
-            return None
-        return tensor
-
-    def stored_float32(self, name: str) -> np.ndarray | None:
-        """The value of `name` when it is a float32_initializer whose raw bytes are in the
-        proto: what constant_value reads, read with a quarter of its steps, for the batched
-        pass. None: use constant_value."""
-        tensor = self.float32_initializer(name)
-        if tensor is None or not tensor.HasField("raw_data"):
-            return None
-        dims = tensor.dims[:]  # a list, at a third of tuple()'s cost on a repeated field
-        raw = tensor.raw_data
-        if (dims and min(dims) < 0) or len(raw) != 4 * math.prod(dims) or (
-                tensor.data_location == onnx.TensorProto.EXTERNAL):
-            return None  # constant_value says what is wrong
-        values = np.frombuffer(raw, dtype="<f4")
-        return values if len(dims) == 1 else values.reshape(dims)
-
-    def constant_array(self, name: str) -> np.ndarray | None:
-        found = self.constant(name)
-        return None if isinstance(found, str) else self._value(name, found)
-
-    def constant_dtype(self, name: str) -> int | None:
-        found = self.constant(name)
-        return None if isinstance(found, str) else found.tensor.data_type
-
-    def non_constant_reason(self, name: str, role: str) -> str | None:
-        found = self.constant(name)
-        return f"{role} {name!r} {found}" if isinstance(found, str) else None
 
     def owns_exclusively(self, name: str, node_index: int) -> bool:
         """True when initializer `name` lives in this graph and only `node_index` reads it, once."""
