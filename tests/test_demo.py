@@ -16,7 +16,8 @@ def test_demo_runs_end_to_end(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     sample = json.loads((tmp_path / "sample.folded.report.json").read_text())
-    assert sample["summary"] == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1}
+    assert sample["summary"] == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1,
+                               "mul_add_folded": 0, "mul_add_kept": 0}
     assert sample["verification"]["ok"]
     exported = json.loads((tmp_path / "resnet18.folded.report.json").read_text())
     assert exported["summary"]["folded"] == exported["summary"]["batchnorm"] == 20

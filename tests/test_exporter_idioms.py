@@ -301,6 +301,8 @@ def test_reshape_that_moves_the_columns_is_not_folded_through():
     m = build(nodes, inits, x_shape=(5, 4), y_shape=[5, 3, 2])
     rules, _ = fold_rules(m, {"x": rng(3).standard_normal((5, 4)).astype(np.float32)})
     assert rules == []
+    (kept,) = bnfold.fold(m).report.kept
+    assert kept.op_type == "Mul" and "may move the MatMul's 6 columns" in kept.reasons[0]
 
 
 def test_mul_of_a_run_time_matmul_is_not_folded():
@@ -371,6 +373,24 @@ def test_frozen_bn_as_mul_add_is_labelled_by_its_op():
     result = bnfold.fold(m)
     assert [e.rule for e in result.report.folded] == ["conv-mul", "conv-add"]
     assert_same_outputs(m, result.model, FEED)
+
+
+def test_frozen_bn_mul_that_stays_is_reported_kept_with_its_reason():
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="bn_mul"),
+             helper.make_node("Add", ["m", "t"], ["a"], name="bn_add"),
+             helper.make_node("Mul", ["c", "half"], ["h"], name="scalar_mul"),
+             helper.make_node("Add", ["a", "h"], ["y"], name="sum")]
+    inits = [conv_weight(), tensor("s", rng(1).uniform(0.5, 1.5, (1, 4, 1, 1))),
+             tensor("t", rng(2).standard_normal((1, 4, 1, 1))), tensor("half", np.array(0.5))]
+    result = bnfold.fold(build(nodes, inits))
+    # The conv output feeds two Muls, so neither folds; the scalar one is no frozen BN.
+    assert [(e.node, e.op_type, e.status) for e in result.report.entries] == [
+        ("bn_mul", "Mul", "kept")]
+    assert result.report.kept[0].reasons == ["into conv: conv output 'c' also feeds scalar_mul"]
+    summary = result.report.to_dict()["summary"]
+    assert summary["kept"] == 0 and summary["mul_add_kept"] == 1
+    assert count_ops(result.model, "Mul") == 2
 
 
 def test_zoo_ir3_bn_inside_if_branches_folds_into_constant_nodes():

@@ -333,7 +333,8 @@ def test_sample_model_report():
     m = build_sample_model()
     result = bnfold.fold(m)
     summary = result.report.to_dict()["summary"]
-    assert summary == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1}
+    assert summary == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1,
+                       "mul_add_folded": 0, "mul_add_kept": 0}
     rules = {e.node: e.rule for e in result.report.folded}
     assert rules["up_bn"] == "convtranspose-bn" and rules["pre_bn"] == "bn-conv"
     assert rules["head_bn"] == "gemm-bn"

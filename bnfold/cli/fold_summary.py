@@ -36,19 +36,23 @@ def summary_lines(report: FoldReport) -> list[tuple[str, str | None]]:
     """The notes (dim) and the one-line summary: (text, rich style or None)."""
     # The counts come straight from the report: to_dict() would copy every entry first.
     summary = (f"BatchNormalization: {report.batchnorm_count}  folded: {report.folded_count}  "
-               f"lowered: {len(report.lowered)}  kept: {len(report.kept)}   "
+               f"lowered: {len(report.lowered)}  kept: {report.kept_count}   "
                f"nodes: {report.nodes_before} → {report.nodes_after}   "
                f"parameters: {report.params_before:,} → {report.params_after:,}")
     return [*((note, "dim") for note in report.notes), (summary, None)]
 
 
 def unfolded_lines(report: FoldReport) -> list[tuple[str, str | None]]:
-    """'kept 2:' then one line per kept BN ('  name: reason; reason'), the same for lowered."""
+    """'kept 2:' then one line per kept BN ('  name: reason; reason'), the same for lowered.
+    A kept Mul/Add (a frozen BN) is listed with its op, and the heading counts the kinds."""
     lines: list[tuple[str, str | None]] = []
     for status, heading, style in ((KEPT, "kept", "red"), (LOWERED, "lowered to Mul+Add", "yellow")):
         entries = [e for e in report.entries if e.status == status]
         if entries:
-            lines.append((f"{heading} {len(entries)}:", style))
+            affine = sum(1 for e in entries if e.op_type != "BatchNormalization")
+            kinds = (f" ({len(entries) - affine} BatchNormalization, {affine} Mul/Add)"
+                     if affine else "")
+            lines.append((f"{heading} {len(entries)}{kinds}:", style))
             lines.extend((f"  {_place(e)}: {'; '.join(e.reasons) or '-'}", None) for e in entries)
     return lines
 

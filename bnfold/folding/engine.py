@@ -94,6 +94,7 @@ class _ModelFolder:
         self.lower_standalone = lower_standalone
         self.report = report
         self.dead: list[str] = []
+        self.refused: dict[int, list[str]] = {}
 
     def view(self, graph: onnx.GraphProto, outer: GraphView | None, path: str,
              fresh: bool = False) -> GraphView:
@@ -110,11 +111,12 @@ class _ModelFolder:
                    ) -> list[str]:
         """Fold `graph` (its subgraphs first) and drop the constants its folds left unused;
         returns such names that belong to an enclosing graph."""
-        saved, self.dead = self.dead, []  # names the folds of this graph may have left unused
+        # Names the folds of this graph may have left unused; its Mul/Add refusals by index.
+        saved, self.dead, saved_refused, self.refused = self.dead, [], self.refused, {}
         try:
             return self._fold_graph(graph, outer, path)
         finally:
-            self.dead = saved
+            self.dead, self.refused = saved, saved_refused
 
     def _fold_graph(self, graph: onnx.GraphProto, outer: GraphView | None, path: str
                     ) -> list[str]:
@@ -148,16 +150,27 @@ class _ModelFolder:
         return leftover
 
     def fold_pass(self, view: GraphView) -> list[tuple[int, FoldEntry]]:
-        """One pass of the rules over the graph's nodes: (node index, entry) of each fold."""
+        """One pass of the rules over the graph's nodes: (node index, entry) of each fold.
+        Why each Mul/Add that a rule matched stayed goes to self.refused (a BN's reasons are
+        worked out again at the end, with more context)."""
         folded: list[tuple[int, FoldEntry]] = []
+        refused = self.refused
         for index, node in list(view.live_nodes_of(_CANDIDATE_OPS)):
             if index in view.removed:
                 continue
             if node.domain not in ("", "ai.onnx"):
                 continue
+            refused.pop(index, None)
+            reasons: list[str] = []
             for rule in FOLD_RULES:
                 match = rule.match(view, index)
-                if match is None or rule.check(view, match) is not None:
+                if match is None:
+                    continue
+                problem = rule.check(view, match)
+                if problem is not None:
+                    if node.op_type != "BatchNormalization":
+                        target = node_label(view.nodes[match.target_index])
+                        reasons.append(f"into {target}: {problem}")
                     continue
                 into = node_label(view.nodes[match.target_index])
                 self.dead.extend(rule.rewrite(view, match))
@@ -167,11 +180,22 @@ class _ModelFolder:
                 folded.append((index, FoldEntry(node_label(node), node.op_type, FOLDED,
                                                 view.path, into, label, output=node.output[0])))
                 break
+            else:
+                if reasons:
+                    refused[index] = list(dict.fromkeys(reasons))
         return folded
 
     def settle_kept(self, view: GraphView) -> None:
-        """Record why each remaining BN stays; lower it to Mul+Add when asked and possible."""
-        for index, node in list(view.live_nodes("BatchNormalization")):
+        """Record why each remaining BN stays, and each Mul/Add of a per-channel constant that
+        a rule matched (a frozen BN, as tf2onnx writes them); lower a BN to Mul+Add when asked
+        and possible."""
+        for index, node in list(view.live_nodes_of(_CANDIDATE_OPS)):
+            if node.op_type != "BatchNormalization":
+                if index in self.refused and _scales_channels(view, node):
+                    self.report.entries.append(FoldEntry(node_label(node), node.op_type, KEPT,
+                                                         view.path, None, None,
+                                                         self.refused[index]))
+                continue
             reasons = refusal_reasons(view, index)
             label = node_label(node)
             if self.lower_standalone:
@@ -189,6 +213,16 @@ class _ModelFolder:
             self.report.entries.append(
                 FoldEntry(label, node.op_type, KEPT, view.path, None, None, reasons)
             )
+
+
+def _scales_channels(view: GraphView, node: onnx.NodeProto) -> bool:
+    """Whether a Mul/Add has a constant operand of more than one value. A scalar one is not
+    reported when it stays: a hard-sigmoid's x + 3 or an attention scale is no frozen BN."""
+    for name in node.input:
+        values = view.constant_array(name)
+        if values is not None and values.size > 1:
+            return True
+    return False
 
 
 def refusal_reasons(view: GraphView, index: int) -> list[str]:

@@ -55,6 +55,12 @@ class FoldReport:
         return sum(1 for e in self.folded if e.op_type == "BatchNormalization")
 
     @property
+    def kept_count(self) -> int:
+        """BatchNormalization nodes kept. Also in `kept`, not counted here: each Mul/Add of a
+        per-channel constant that a rule matched and refused (a frozen BN that stays)."""
+        return sum(1 for e in self.kept if e.op_type == "BatchNormalization")
+
+    @property
     def batchnorm_count(self) -> int:
         return sum(1 for e in self.entries if e.op_type == "BatchNormalization")
 
@@ -64,6 +70,8 @@ class FoldReport:
             "batchnorm": self.batchnorm_count,
             "folded": self.folded_count,
             "lowered": len(self.lowered),
-            "kept": len(self.kept),
+            "kept": self.kept_count,
+            "mul_add_folded": len(self.folded) - self.folded_count,
+            "mul_add_kept": len(self.kept) - self.kept_count,
         }
         return data
