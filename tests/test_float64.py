@@ -42,11 +42,11 @@ def test_verify_reports_ground_truth_for_the_sample_model():
 
 
 def test_ground_truth_is_skipped_above_the_node_limit_and_says_why(monkeypatch):
-    from bnfold.verification import runs
+    from bnfold.verification import ground_truth
 
     original = build_sample_model()
     nodes = len(original.graph.node)
-    monkeypatch.setattr(runs, "GROUND_TRUTH_MAX_NODES", nodes - 1)
+    monkeypatch.setattr(ground_truth, "GROUND_TRUTH_MAX_NODES", nodes - 1)
     result = bnfold.verify(original, bnfold.fold(original).model)
     assert result.ok and not result.ground_truth
     assert result.ground_truth_skipped == (

@@ -98,9 +98,19 @@ def _inference_batch_normalization():
     return BatchNormalization
 
 
-def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of `model` computed in float64 on `feed` (float32 inputs are widened)."""
+def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                     names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of `model` (or the tensors `names`, inner ones too) computed in float64 on
+    `feed` (float32 inputs are widened)."""
     from onnx.reference import ReferenceEvaluator
+
+    outputs = [o.name for o in model.graph.output]
+    if names is not None and set(names) - set(outputs):
+        extended = onnx.ModelProto()
+        extended.CopyFrom(model)
+        extended.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
+                                     if n not in outputs)
+        model = extended
 
     wide_feed = {
         name: value.astype(np.float64) if value.dtype == np.float32 else value
@@ -110,7 +120,7 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dic
     try:
         with np.errstate(all="ignore"):
             evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
-            names = [o.name for o in model.graph.output]
+            names = outputs if names is None else list(names)
             values = evaluator.run(names, wide_feed)
     except Exception as exc:  # the reference evaluator raises anything from numpy
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""

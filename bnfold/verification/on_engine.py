@@ -74,9 +74,8 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                      timeout=None, options: EngineOptions | None = None,
                      tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
-    from bnfold.verification.runs import (
-        VerifyResult, _feeds, _ground_truth, _load, _Runner, judge_outputs,
-    )
+    from bnfold.verification.ground_truth import record_ground_truth
+    from bnfold.verification.runs import VerifyResult, _feeds, _load, _Runner, judge_outputs
 
     _check_precision_name(tolerance_precision)
     ref_model, ref_payload = _load(reference)
@@ -112,7 +111,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     result.engine = _engine_record(backend, precision, judged_as, tolerance_precision, atol, rtol,
                                    ref_outputs[0])
-    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
+    record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
                   cand_outputs[0])
     return result
 

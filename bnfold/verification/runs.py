@@ -31,17 +31,10 @@ from bnfold.verification.comparison import (
     needs_noise_floor,
 )
 from bnfold.errors import BnfoldError
-from bnfold.onnxio.tensors import all_graphs
+from bnfold.verification import exactness
+from bnfold.verification.ground_truth import float64_budget_problem, full_model, record_ground_truth
 from bnfold.verification.inputs import load_npz_inputs, names_of, plan_inputs
 
-# onnx.reference is pure numpy: only run the float64 ground truth on models this small.
-GROUND_TRUTH_MAX_PARAMS = 2_000_000
-GROUND_TRUTH_MAX_INPUT_VALUES = 200_000
-# onnx.reference runs each node in Python: ~0.2 ms a node before any arithmetic (48k nodes: 9 s).
-GROUND_TRUTH_MAX_NODES = 5_000
-# A float64 evaluation further than this from the float32 original (scale-relative) is not
-# trusted as the truth: the reference evaluator and ORT disagree on the model's semantics.
-GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
 DEFAULT_TIMEOUT_S = 300.0
 # A symbolic batch is verified at 1: every fold acts on each sample alone, so a second sample
 # adds run time (the default command's largest cost) and no evidence.
@@ -127,8 +120,51 @@ def verify(
         result.ok = result.ok and all(m.ok for m in result.sites)
         notes.append(f"the outputs passed only against the model's own float32 noise, so the "
                      f"{len(sites)} fold site(s) were compared as well")
-    _ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first, cand_first)
+    if any(exactness.undecided(m) for m in (*result.outputs, *result.sites)):
+        _judge_exactness(result, runner, reference, candidate, ref_model, ground_truth, feeds)
+    record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first,
+                        cand_first)
     return result
+
+
+def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds) -> None:
+    """Outputs and sites past the noise cap, judged against the original in float64
+    (bnfold.verification.exactness) where the evaluator can afford the model."""
+    undecided = [m for m in (*result.outputs, *result.sites) if exactness.undecided(m)]
+    skipped = float64_budget_problem(model, feeds[0], wanted)
+    if skipped is None:
+        from bnfold.verification.float64 import evaluate_float64
+
+        names = [m.name for m in undecided]
+        try:
+            full = full_model(reference, model)
+            exact = [evaluate_float64(full, feed, names) for feed in feeds]
+        except BnfoldError as exc:
+            skipped = str(exc)
+    if skipped is not None:
+        result.notes.append(f"{len(undecided)} output(s)/site(s) over the noise cap could not "
+                            f"be judged against float64: {skipped}")
+        return
+    original = _values_at(runner, reference, names, feeds, "reference")
+    folded = _values_at(runner, candidate, names, feeds, "candidate")
+    for m in undecided:
+        exactness.rejudge(m, [v[m.name] for v in original], [v[m.name] for v in folded],
+                          [v[m.name] for v in exact])
+    result.ok = all(m.ok for m in (*result.outputs, *result.sites))
+    passed = sum(m.ok for m in undecided)
+    result.notes.append(f"{len(undecided)} output(s)/site(s) over the noise cap were judged "
+                        f"against the original in float64: {passed} as exact as the original")
+
+
+def _values_at(runner, source, names, feeds, role) -> list[dict[str, np.ndarray]]:
+    """The tensors `names` (graph outputs or inner ones) of `source`, per feed, from ORT."""
+    beside = os.path.dirname(os.path.abspath(source)) if _is_path(source) else None
+    with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
+        payload = _with_outputs(source, names, os.path.join(folder, "model.onnx"))
+        session = runner.session(payload, role)
+        values = [runner.run(session, feed, role, names) for feed in feeds]
+        del session
+    return values
 
 
 def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
@@ -190,17 +226,22 @@ def _with_outputs(source: ModelSource, names: list[str], path: str) -> str | byt
     if not _is_path(source):
         model = onnx.ModelProto()
         model.CopyFrom(source if isinstance(source, onnx.ModelProto) else _load(source)[0])
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        _add_outputs(model, names)
         return model.SerializeToString()
     from bnfold.onnxio.files import load_model_deferred, save_model
 
     model, deferred, _ = load_model_deferred(source)
     try:
-        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+        _add_outputs(model, names)
         save_model(model, path, deferred=deferred, check=False)  # typeless extra outputs: ORT infers them
     finally:
         deferred.close()
     return path
+
+
+def _add_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
 
 
 def _worse(new: OutputMetrics, old: OutputMetrics) -> bool:
@@ -378,86 +419,3 @@ def _noise_floors(payload, runner: _Runner, feeds, ref_outputs, names) -> dict[s
             if math.isfinite(metrics.max_abs_error):
                 floors[name] = max(floors[name], metrics.max_abs_error)
     return floors
-
-
-def parameter_count(model: onnx.ModelProto) -> int:
-    """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
-    from bnfold.onnxio.files import iter_tensors
-
-    total = sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))
-    shapes = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
-            shape = shapes[node.input[0]]
-            try:
-                total += math.prod(max(int(d), 0) for d in onnx.numpy_helper.to_array(shape).reshape(-1))
-            except (ValueError, TypeError):
-                continue
-    return total
-
-
-def _ground_truth(result, source, model, wanted, feed, ref_out, cand_out) -> None:
-    if wanted is False:
-        result.ground_truth_skipped = "not requested"
-        return
-    params = parameter_count(model)
-    input_values = sum(v.size for v in feed.values())
-    if wanted is None and params > GROUND_TRUTH_MAX_PARAMS:
-        result.ground_truth_skipped = (
-            f"model too large for the float64 reference evaluator ({params:,} parameters, "
-            f"limit {GROUND_TRUTH_MAX_PARAMS:,}; --ground-truth forces it)"
-        )
-        return
-    nodes = sum(len(graph.node) for graph in all_graphs(model.graph))
-    if wanted is None and nodes > GROUND_TRUTH_MAX_NODES:
-        result.ground_truth_skipped = (
-            f"graph too large for the float64 reference evaluator ({nodes:,} nodes, "
-            f"limit {GROUND_TRUTH_MAX_NODES:,}; --ground-truth forces it)"
-        )
-        return
-    if wanted is None and input_values > GROUND_TRUTH_MAX_INPUT_VALUES:
-        result.ground_truth_skipped = (
-            f"inputs too large for the float64 reference evaluator ({input_values:,} values, "
-            f"limit {GROUND_TRUTH_MAX_INPUT_VALUES:,}; --ground-truth forces it)"
-        )
-        return
-    from bnfold.verification.float64 import evaluate_float64
-
-    try:
-        full = model if isinstance(source, (onnx.ModelProto, bytes)) else _load(source, False)[0]
-        truth = evaluate_float64(full, feed)
-    except BnfoldError as exc:
-        result.ground_truth_skipped = str(exc)
-        return
-    errors = {}
-    for name, exact in truth.items():
-        ref_err = _relative_to(ref_out[name], exact)
-        if ref_err is None:
-            continue  # integer, bool or all non-finite: nothing to measure
-        if ref_err > GROUND_TRUTH_MAX_DISAGREEMENT:
-            result.ground_truth_skipped = (
-                f"the float64 evaluation of {name!r} is {ref_err:.2g} (scale-relative) from the "
-                f"float32 original: onnx.reference and ONNX Runtime disagree on this model, so "
-                f"it is no ground truth"
-            )
-            return
-        errors[name] = {"reference_rel_error": ref_err,
-                        "candidate_rel_error": _relative_to(cand_out[name], exact)}
-    if not errors:
-        result.ground_truth_skipped = "no floating-point output to measure"
-        return
-    result.ground_truth = errors
-
-
-def _relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
-    """max|values − exact| / max|exact| over positions finite in both; None when not float."""
-    values, exact = np.asarray(values), np.asarray(exact)
-    if values.dtype.kind != "f" or exact.dtype.kind != "f" or values.shape != exact.shape:
-        return None
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(values) & np.isfinite(exact)
-        if not finite.any():
-            return None
-        exact64 = exact[finite].astype(np.float64)
-        scale = float(np.abs(exact64).max()) or 1.0
-        return float(np.abs(values[finite].astype(np.float64) - exact64).max()) / scale

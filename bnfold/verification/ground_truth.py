@@ -1,0 +1,117 @@
+"""The float64 ground truth: the original evaluated in float64 by onnx.reference, against
+which both models' float32 outputs are measured, where the pure-numpy evaluator can afford the
+model (bnfold.verification.runs reports it; bnfold.verification.exactness judges by it)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.onnxio.tensors import all_graphs
+
+# onnx.reference is pure numpy: only run the float64 ground truth on models this small.
+GROUND_TRUTH_MAX_PARAMS = 2_000_000
+GROUND_TRUTH_MAX_INPUT_VALUES = 200_000
+# onnx.reference runs each node in Python: ~0.2 ms a node before any arithmetic (48k nodes: 9 s).
+GROUND_TRUTH_MAX_NODES = 5_000
+# A float64 evaluation further than this from the float32 original (scale-relative) is not
+# trusted as the truth: the reference evaluator and ORT disagree on the model's semantics.
+GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
+    from bnfold.onnxio.files import iter_tensors
+
+    total = sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))
+    shapes = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
+            shape = shapes[node.input[0]]
+            try:
+                total += math.prod(max(int(d), 0) for d in onnx.numpy_helper.to_array(shape).reshape(-1))
+            except (ValueError, TypeError):
+                continue
+    return total
+
+
+def float64_budget_problem(model, feed, wanted) -> str | None:
+    """Why the float64 evaluation is not run (not wanted, or the model too large for
+    onnx.reference without --ground-truth), or None."""
+    if wanted is False:
+        return "not requested"
+    if wanted:
+        return None
+    params = parameter_count(model)
+    if params > GROUND_TRUTH_MAX_PARAMS:
+        return (f"model too large for the float64 reference evaluator ({params:,} parameters, "
+                f"limit {GROUND_TRUTH_MAX_PARAMS:,}; --ground-truth forces it)")
+    nodes = sum(len(graph.node) for graph in all_graphs(model.graph))
+    if nodes > GROUND_TRUTH_MAX_NODES:
+        return (f"graph too large for the float64 reference evaluator ({nodes:,} nodes, "
+                f"limit {GROUND_TRUTH_MAX_NODES:,}; --ground-truth forces it)")
+    input_values = sum(v.size for v in feed.values())
+    if input_values > GROUND_TRUTH_MAX_INPUT_VALUES:
+        return (f"inputs too large for the float64 reference evaluator ({input_values:,} "
+                f"values, limit {GROUND_TRUTH_MAX_INPUT_VALUES:,}; --ground-truth forces it)")
+    return None
+
+
+def record_ground_truth(result, source, model, wanted, feed, ref_out, cand_out) -> None:
+    skipped = float64_budget_problem(model, feed, wanted)
+    if skipped is not None:
+        result.ground_truth_skipped = skipped
+        return
+    from bnfold.verification.float64 import evaluate_float64
+
+    try:
+        full = full_model(source, model)
+        truth = evaluate_float64(full, feed)
+    except BnfoldError as exc:
+        result.ground_truth_skipped = str(exc)
+        return
+    errors = {}
+    for name, exact in truth.items():
+        ref_err = relative_to(ref_out[name], exact)
+        if ref_err is None:
+            continue  # integer, bool or all non-finite: nothing to measure
+        if ref_err > GROUND_TRUTH_MAX_DISAGREEMENT:
+            result.ground_truth_skipped = (
+                f"the float64 evaluation of {name!r} is {ref_err:.2g} (scale-relative) from the "
+                f"float32 original: onnx.reference and ONNX Runtime disagree on this model, so "
+                f"it is no ground truth"
+            )
+            return
+        errors[name] = {"reference_rel_error": ref_err,
+                        "candidate_rel_error": relative_to(cand_out[name], exact)}
+    if not errors:
+        result.ground_truth_skipped = "no floating-point output to measure"
+        return
+    result.ground_truth = errors
+
+
+def relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
+    """max|values − exact| / max|exact| over positions finite in both; None when not float."""
+    values, exact = np.asarray(values), np.asarray(exact)
+    if values.dtype.kind != "f" or exact.dtype.kind != "f" or values.shape != exact.shape:
+        return None
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values) & np.isfinite(exact)
+        if not finite.any():
+            return None
+        exact64 = exact[finite].astype(np.float64)
+        scale = float(np.abs(exact64).max()) or 1.0
+        return float(np.abs(values[finite].astype(np.float64) - exact64).max()) / scale
+
+
+def full_model(source, model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its weights: `model` itself unless it was loaded without them from a
+    path."""
+    if isinstance(source, (onnx.ModelProto, bytes)):
+        return model
+    from bnfold.onnxio.files import load_model
+
+    return load_model(source)
