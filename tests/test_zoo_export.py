@@ -218,3 +218,59 @@ def test_importing_the_torch_side_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _Branchy(torch.nn.Module):
+    """Takes a Python branch on its input's values: the trace records one path only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x * 2 if float(x.sum()) > 0 else x * -3)
+
+
+class _Cancelling(torch.nn.Module):
+    """Two near-equal channels of ~1e4 subtracted: its float32 output is ~3e-3 of its scale
+    away from float64, far over export's 1e-4 parity bound between float32 runs."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(16, 8, 3, 3, generator=g) * 1e4
+        self.conv = torch.nn.Conv2d(8, 32, 3, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.cat([w, w * (1 + 1e-4 * torch.randn(w.shape, generator=g))]))
+        self.bn = torch.nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.bn(h[:, :16] - h[:, 16:])
+
+
+def test_export_that_took_a_branch_is_refused_with_the_float64_evidence(tmp_path):
+    with pytest.raises(BnfoldError) as caught:
+        for seed in range(8):  # some seed makes the examples and the parity inputs disagree
+            export_onnx(_Branchy().eval(), [(2, 4)], tmp_path / "b.onnx", seed=seed)
+    message = str(caught.value)
+    assert "differs from torch" in message and "make it traceable" in message
+    assert "against the model in float64, torch's float32 output is" in message
+
+
+def test_float64_verdict_accepts_an_export_as_exact_as_torch_and_refuses_one_further():
+    from bnfold.pytorch.export_float64 import float64_verdict
+
+    model = _Cancelling().eval()
+    x = torch.randn(1, 8, 10, 10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y32 = model(x)
+        y64 = copy.deepcopy(model).double()(x.double())
+    own = (y32.double() - y64).abs().max().item() / y64.abs().max().item()
+    assert own > 1e-5  # the model amplifies float32 rounding (the export check allows 1e-4)
+    mirrored = (2 * y64 - y32.double()).numpy()  # as far from float64 as torch, other side
+    accepted, said = float64_verdict(torch, model, [([x], [y32], [mirrored])], 1e-4)
+    assert accepted and "as close to float64 as torch is" in said
+    wrong = y32.double().numpy() + 50 * (y32.double() - y64).abs().max().item()
+    accepted, said = float64_verdict(torch, model, [([x], [y32], [wrong])], 1e-4)
+    assert not accepted and said.startswith("against the model in float64")
