@@ -274,3 +274,25 @@ def test_float64_verdict_accepts_an_export_as_exact_as_torch_and_refuses_one_fur
     wrong = y32.double().numpy() + 50 * (y32.double() - y64).abs().max().item()
     accepted, said = float64_verdict(torch, model, [([x], [y32], [wrong])], 1e-4)
     assert not accepted and said.startswith("against the model in float64")
+
+
+class _DataDependentCount(torch.nn.Module):
+    """Splits what a mask keeps: the count depends on the values, the trace fixes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        kept = self.bn(x)
+        kept = kept[kept > 0]
+        first, rest = torch.split(kept, [1, int(kept.shape[0]) - 1])
+        return first + rest.sum()
+
+
+def test_export_whose_sizes_depend_on_values_says_so(tmp_path):
+    with pytest.raises(BnfoldError, match="runs the export on the inputs it was traced with but "
+                                          "not on fresh random ones") as caught:
+        export_onnx(_DataDependentCount().eval(), [(2, 16)], tmp_path / "d.onnx")
+    assert "sizes in the forward depend on the input's values" in str(caught.value)
+    assert not (tmp_path / "d.onnx").exists()

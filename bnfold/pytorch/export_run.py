@@ -337,7 +337,7 @@ def parity(torch, call, proto, specs, examples, names, seed, rtol, notes):
     if dynamic:
         runs.append((example_inputs(torch, call, specs, seed, doubled=True, offset=2), True))
     max_abs, scale, checked, shapes, compared = 0.0, 0.0, [], [], []
-    for tensors, doubled in runs:
+    for number, (tensors, doubled) in enumerate(runs):
         try:
             with torch.no_grad():
                 expected = [t for _, t in flatten_outputs(call(*tensors))]
@@ -353,8 +353,15 @@ def parity(torch, call, proto, specs, examples, names, seed, rtol, notes):
         except Exception as exc:  # ORT's exception types share no useful base
             if doubled:
                 raise _baked(specs, "the exported graph does not run", _first_line(exc)) from None
+            if number:  # it ran the inputs it was traced with
+                raise BnfoldError(
+                    f"ONNX Runtime runs the export on the inputs it was traced with but not on "
+                    f"fresh random ones ({_first_line(exc)}): sizes in the forward depend on "
+                    "the input's values (a data-dependent count, as in keypoint selection), "
+                    "which tracing fixes; export the part before them") from None
             raise BnfoldError(f"ONNX Runtime cannot run the export ({_first_line(exc)}): please "
-                              "report the model") from None
+                              "report the model to PyTorch (torch.onnx) with your torch and "
+                              "onnxruntime versions, or try another --opset") from None
         for name, e, g in zip(names, expected, got):
             e = e.detach().double().numpy()
             if e.shape != g.shape:
