@@ -17,8 +17,9 @@ GROUND_TRUTH_MAX_PARAMS = 2_000_000
 GROUND_TRUTH_MAX_INPUT_VALUES = 200_000
 # onnx.reference runs each node in Python: ~0.2 ms a node before any arithmetic (48k nodes: 9 s).
 GROUND_TRUTH_MAX_NODES = 5_000
-# A float64 evaluation further than this from the float32 original (scale-relative) is not
-# trusted as the truth: the reference evaluator and ORT disagree on the model's semantics.
+# A float64 evaluation further than this from the float32 original (scale-relative), and
+# further than 4x the original's own measured noise, is not trusted as the truth: the reference
+# evaluator and ORT disagree on the model's semantics.
 GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
 
 
@@ -78,7 +79,7 @@ def record_ground_truth(result, source, model, wanted, feed, ref_out, cand_out) 
         ref_err = relative_to(ref_out[name], exact)
         if ref_err is None:
             continue  # integer, bool or all non-finite: nothing to measure
-        if ref_err > GROUND_TRUTH_MAX_DISAGREEMENT:
+        if ref_err > _disagreement_bound(result, name):
             result.ground_truth_skipped = (
                 f"the float64 evaluation of {name!r} is {ref_err:.2g} (scale-relative) from the "
                 f"float32 original: onnx.reference and ONNX Runtime disagree on this model, so "
@@ -91,6 +92,18 @@ def record_ground_truth(result, source, model, wanted, feed, ref_out, cand_out) 
         result.ground_truth_skipped = "no floating-point output to measure"
         return
     result.ground_truth = errors
+
+
+def _disagreement_bound(result, name: str) -> float:
+    """How far (scale-relative) float64 may be from the float32 original and still be its
+    truth: GROUND_TRUTH_MAX_DISAGREEMENT, or FLOOR_MULTIPLE × the output's own float32 noise
+    where that was measured and is larger (a network that amplifies rounding)."""
+    from bnfold.verification.comparison import FLOOR_MULTIPLE
+
+    metrics = next((m for m in result.outputs if m.name == name), None)
+    if metrics is None or metrics.noise_floor is None or not metrics.scale:
+        return GROUND_TRUTH_MAX_DISAGREEMENT
+    return max(GROUND_TRUTH_MAX_DISAGREEMENT, FLOOR_MULTIPLE * metrics.noise_floor / metrics.scale)
 
 
 def relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
