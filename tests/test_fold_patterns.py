@@ -368,3 +368,45 @@ def test_matmul_bn_at_opset6_gets_a_broadcasting_gemm():
     expected = ReferenceEvaluator(m).run(None, {"a": a})[0]
     folded = ReferenceEvaluator(result.model).run(None, {"a": a})[0]
     assert np.abs(folded - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def mixconv(axis=1, extra_reader=None, concat_reader=None):
+    """MixNet's MixConv: Split → Conv 3x3 (bias) and Conv 5x5 (none) → Concat → BN."""
+    r = rng(7)
+    nodes = [helper.make_node("Split", ["x", "halves"], ["x1", "x2"], axis=1),
+             helper.make_node("Conv", ["x1", "W3", "b3"], ["c3"], pads=[1, 1, 1, 1], name="k3"),
+             helper.make_node("Conv", ["x2", "W5"], ["c5"], pads=[2, 2, 2, 2], name="k5"),
+             helper.make_node("Concat", ["c3", "c5"], ["cat"], axis=axis, name="cat"),
+             bn_node("cat", "y")]
+    outputs = [("y", None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", [extra_reader], ["other"]))
+        outputs.append(("other", None))
+    across = axis in (1, -3)  # the channels; else both Convs give 3 channels, joined along H
+    inits = [tensor("halves", [2, 2], np.int64), tensor("W3", r.standard_normal((3, 2, 3, 3))),
+             tensor("b3", r.standard_normal(3)),
+             tensor("W5", r.standard_normal((2 if across else 3, 2, 5, 5))),
+             *bn_params("bn", 5 if across else 3)]
+    return model(nodes, [("x", [1, 4, 6, 6])], outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_bn_after_a_concat_of_convs_folds_into_each_conv(axis):
+    m = mixconv(axis)
+    result = fold_and_check(m, {"x": rng(8).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 1)
+    (entry,) = result.report.folded
+    assert entry.rule == "concat-bn" and entry.into == "k3, k5"
+    assert [n.op_type for n in result.model.graph.node] == ["Split", "Conv", "Conv", "Concat"]
+    assert result.model.graph.node[-1].output[0] == "y"
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ({"extra_reader": "c5"}, "k5 output 'c5' also feeds"),
+    ({"extra_reader": "cat"}, "cat output 'cat' also feeds"),
+    ({"axis": 2}, "cat joins axis 2, not the channels"),
+])
+def test_concat_bn_is_refused_when_a_link_has_another_reader(variant, reason):
+    result = bnfold.fold(mixconv(**variant))
+    (kept,) = result.report.kept
+    assert kept.reasons[0].startswith("into cat:") and reason in kept.reasons[0]
+    assert count_ops(result.model, "BatchNormalization") == 1

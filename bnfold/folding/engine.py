@@ -172,7 +172,7 @@ class _ModelFolder:
                         target = node_label(view.nodes[match.target_index])
                         reasons.append(f"into {target}: {problem}")
                     continue
-                into = node_label(view.nodes[match.target_index])
+                into = match.extra.get("into") or node_label(view.nodes[match.target_index])
                 self.dead.extend(rule.rewrite(view, match))
                 # A Mul/Add (a frozen BN) folded by conv-bn is reported as conv-mul / conv-add.
                 label = rule.name if node.op_type == "BatchNormalization" else rule.name.replace(

@@ -2,6 +2,7 @@
 
 from bnfold.folding.rules.bn_conv import BnConvRule
 from bnfold.folding.rules.bn_gemm import BnGemmRule
+from bnfold.folding.rules.concat_bn import ConcatBnRule
 from bnfold.folding.rules.conv_bn import ConvBnRule
 from bnfold.folding.rules.convtranspose_bn import ConvTransposeBnRule
 from bnfold.folding.rules.gemm_bn import GemmBnRule
@@ -16,6 +17,7 @@ FOLD_RULES = (
     GemmBnRule(),
     MatMulBnRule(),
     MatMulMulRule(),
+    ConcatBnRule(),
     BnConvRule(),
     BnGemmRule(),
 )
