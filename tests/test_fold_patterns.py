@@ -410,3 +410,50 @@ def test_concat_bn_is_refused_when_a_link_has_another_reader(variant, reason):
     (kept,) = result.report.kept
     assert kept.reasons[0].startswith("into cat:") and reason in kept.reasons[0]
     assert count_ops(result.model, "BatchNormalization") == 1
+
+
+def ibn(part=0, opset=13, sizes="input", axis=1, conv_reader=False):
+    """IBN-Net: Conv → Split(axis 1) → BN on one part, InstanceNorm on the other → Concat."""
+    r = rng(9)
+    split_inputs = ["c", "sizes"] if sizes == "input" else ["c"]
+    split_attrs = {"split": [3, 3]} if sizes == "attribute" else {}
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Split", split_inputs, ["p0", "p1"], axis=axis, name="split",
+                              **split_attrs),
+             bn_node(f"p{part}", "normed"),
+             helper.make_node("InstanceNormalization", [f"p{1 - part}", "in_s", "in_b"],
+                              ["inst"]),
+             helper.make_node("Concat", ["normed", "inst"] if part == 0 else ["inst", "normed"],
+                              ["y"], axis=1)]
+    outputs = [("y", None)]
+    if conv_reader:
+        nodes.append(helper.make_node("Relu", ["c"], ["other"]))
+        outputs.append(("other", None))
+    across = axis == 1
+    inits = [tensor("W", r.standard_normal((6, 4, 3, 3))), tensor("b", r.standard_normal(6)),
+             tensor("in_s", r.uniform(0.5, 1.5, 3 if across else 6)),
+             tensor("in_b", r.standard_normal(3 if across else 6)),
+             *bn_params("bn", 3 if across else 6)]
+    if sizes == "input":
+        inits.append(tensor("sizes", [3, 3], np.int64))
+    return model(nodes, [("x", [1, 4, 6, 6])], outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("part,opset,sizes", [(0, 13, "input"), (1, 13, "input"),
+                                              (1, 11, "attribute"), (1, 13, "equal")])
+def test_bn_on_one_part_of_a_split_conv_folds_into_its_rows(part, opset, sizes):
+    m = ibn(part, opset, sizes)
+    result = fold_and_check(m, {"x": rng(10).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 1)
+    assert [e.rule for e in result.report.folded] == ["split-bn"]
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    assert split.output[part] == "normed"
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ({"conv_reader": True}, "conv output 'c' also feeds"),
+    ({"axis": 2}, "split splits axis 2, not the channels"),
+])
+def test_split_bn_is_refused_with_its_reason(variant, reason):
+    result = bnfold.fold(ibn(**variant))
+    (kept,) = result.report.kept
+    assert kept.reasons[0].startswith("into conv:") and reason in kept.reasons[0]
