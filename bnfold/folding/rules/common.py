@@ -326,6 +326,14 @@ def apply_plan(view: GraphView, match: Match) -> None:
         set_float_attribute(view.nodes[match.target_index], name, value)
 
 
+def produced_by(view: GraphView, name: str, op_type: str):
+    """(index, node) of the default-domain `op_type` node producing `name`, or None."""
+    found = view.producer_of(name)
+    if found is None or found[1].op_type != op_type or found[1].domain not in ("", "ai.onnx"):
+        return None
+    return found
+
+
 def producer_match(view: GraphView, index: int, op_types: tuple[str, ...]) -> Match | None:
     """Match node `index` whose data input (input 0) is produced by one of `op_types`."""
     node = view.nodes[index]

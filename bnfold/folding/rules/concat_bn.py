@@ -18,6 +18,7 @@ from bnfold.folding.rules.common import (
     attribute_reason,
     batchnorm_affine,
     plan_problem,
+    produced_by,
     typed_attribute,
 )
 from bnfold.folding.rules.conv_bn import ConvBnRule
@@ -32,12 +33,11 @@ class ConcatBnRule:
         node = view.nodes[index]
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             return None
-        found = view.producer_of(node.input[0])
-        if found is None or found[1].op_type != "Concat" or found[1].domain not in ("", "ai.onnx"):
+        found = produced_by(view, node.input[0], "Concat")
+        if found is None:
             return None
-        convs = [view.producer_of(name) for name in found[1].input]
-        if not convs or any(p is None or p[1].op_type != "Conv" or p[1].domain not in (
-                "", "ai.onnx") for p in convs):
+        convs = [produced_by(view, name, "Conv") for name in found[1].input]
+        if not convs or None in convs:
             return None  # not a Concat of Convs: not this rule's pattern
         return Match(node_index=index, target_index=found[0],
                      extra={"convs": [p[0] for p in convs]})

@@ -21,6 +21,7 @@ from bnfold.folding.rules.common import (
     attribute_reason,
     batchnorm_affine,
     plan_problem,
+    produced_by,
     typed_attribute,
 )
 from bnfold.folding.rules.conv_bn import ConvBnRule
@@ -36,11 +37,9 @@ class SplitBnRule:
         node = view.nodes[index]
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             return None
-        split = view.producer_of(node.input[0])
-        if split is None or split[1].op_type != "Split" or split[1].domain not in ("", "ai.onnx"):
-            return None
-        conv = view.producer_of(split[1].input[0]) if split[1].input else None
-        if conv is None or conv[1].op_type != "Conv" or conv[1].domain not in ("", "ai.onnx"):
+        split = produced_by(view, node.input[0], "Split")
+        conv = produced_by(view, split[1].input[0], "Conv") if split and split[1].input else None
+        if conv is None:
             return None
         part = list(split[1].output).index(node.input[0])
         return Match(node_index=index, target_index=conv[0],
