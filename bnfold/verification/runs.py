@@ -145,8 +145,10 @@ def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds)
         result.notes.append(f"{len(undecided)} output(s)/site(s) over the noise cap could not "
                             f"be judged against float64: {skipped}")
         return
-    original = _values_at(runner, reference, names, feeds, "reference")
-    folded = _values_at(runner, candidate, names, feeds, "candidate")
+    # Scratch files beside the candidate (the output's folder), never the input's.
+    beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
+    original = _values_at(runner, reference, names, feeds, "reference", beside)
+    folded = _values_at(runner, candidate, names, feeds, "candidate", beside)
     for m in undecided:
         exactness.rejudge(m, [v[m.name] for v in original], [v[m.name] for v in folded],
                           [v[m.name] for v in exact])
@@ -156,9 +158,9 @@ def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds)
                         f"against the original in float64: {passed} as exact as the original")
 
 
-def _values_at(runner, source, names, feeds, role) -> list[dict[str, np.ndarray]]:
-    """The tensors `names` (graph outputs or inner ones) of `source`, per feed, from ORT."""
-    beside = os.path.dirname(os.path.abspath(source)) if _is_path(source) else None
+def _values_at(runner, source, names, feeds, role, beside) -> list[dict[str, np.ndarray]]:
+    """The tensors `names` (graph outputs or inner ones) of `source`, per feed, from ORT;
+    scratch files go in folder `beside` (None: the system's)."""
     with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
         payload = _with_outputs(source, names, os.path.join(folder, "model.onnx"))
         session = runner.session(payload, role)
