@@ -84,9 +84,7 @@ class BnConvRule:
 
 def rewrite_bn_into_consumer(view: GraphView, match: Match) -> list[str]:
     """Apply the plan, feed the consumer the BN's input directly, drop the BN."""
-    consumer = view.nodes[match.target_index]
-    dead = [consumer.input[u.slot] for u in match.updates if u.slot < len(consumer.input)]
-    apply_plan(view, match)
+    dead = apply_plan(view, match)
     bn = view.nodes[match.node_index]
     view.set_input(match.target_index, 0, bn.input[0])
     view.remove_node(match.node_index)

@@ -318,12 +318,19 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
-def apply_plan(view: GraphView, match: Match) -> None:
+def apply_plan(view: GraphView, match: Match) -> list[str]:
+    """Store the planned constants and attributes; returns the input names they replaced
+    (which may now be unused)."""
+    replaced = []
     for update in match.updates:
+        node = view.nodes[update.node_index]
+        if update.slot < len(node.input):
+            replaced.append(node.input[update.slot])
         stored = round_into(update.values, update.elem_type)
         view.set_constant(update.node_index, update.slot, stored, update.elem_type, update.hint)
     for name, value in match.attributes.items():
         set_float_attribute(view.nodes[match.target_index], name, value)
+    return replaced
 
 
 def produced_by(view: GraphView, name: str, op_type: str):

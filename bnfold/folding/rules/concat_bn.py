@@ -53,6 +53,7 @@ class ConcatBnRule:
         affine = batchnorm_affine(view, match.node_index)
         if isinstance(affine, str):
             return affine
+        axis = typed_attribute(concat, "axis", "int", None)
         parts, offset = [], 0
         for conv_index in match.extra["convs"]:
             conv = view.nodes[conv_index]
@@ -64,7 +65,6 @@ class ConcatBnRule:
             if isinstance(shape, str):
                 return f"{node_label(conv)}: {shape}"
             channels, rank = shape
-            axis = typed_attribute(concat, "axis", "int", None)
             if axis is None or axis % rank != 1:
                 return f"{node_label(concat)} joins axis {axis}, not the channels (axis 1)"
             part.affine = ChannelAffine(affine.scale[offset:offset + channels],
@@ -88,8 +88,6 @@ class ConcatBnRule:
         """Apply each Conv's plan; the Concat produces the BN's output."""
         dead = []
         for part in match.extra["parts"]:
-            conv = view.nodes[part.target_index]
-            dead += [conv.input[u.slot] for u in part.updates if u.slot < len(conv.input)]
-            apply_plan(view, part)
+            dead += apply_plan(view, part)
         view.bypass(match.node_index, match.target_index)
         return dead + list(match.affine.dead_inputs)

@@ -93,9 +93,7 @@ class IntoProducerRule(ABC):
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
         """Apply the plan; returns names that may have become unused."""
-        node = view.nodes[match.target_index]
-        dead = [node.input[u.slot] for u in match.updates if u.slot < len(node.input)]
-        apply_plan(view, match)
+        dead = apply_plan(view, match)
         # A Squeeze/Reshape in between stays (with what leads to it) and takes over the output.
         reshape = match.extra["reshape"]
         view.bypass(match.node_index, match.target_index if reshape is None else reshape)

@@ -81,9 +81,7 @@ class SplitBnRule:
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
         """Apply the Conv's plan; the Split's part produces the BN's output."""
-        conv = view.nodes[match.target_index]
-        dead = [conv.input[u.slot] for u in match.updates if u.slot < len(conv.input)]
-        apply_plan(view, match)
+        dead = apply_plan(view, match)
         view.bypass(match.node_index, match.extra["split"], keep_output_slot=match.extra["part"])
         return dead + list(match.affine.dead_inputs)
 
