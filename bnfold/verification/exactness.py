@@ -30,9 +30,10 @@ CAP_RTOL = 2e-2
 
 
 def undecided(metrics: OutputMetrics) -> bool:
-    """Failed only against a noise floor that the cap cut down: float64 may decide it."""
+    """Failed against a noise allowance that the cap cut down (comparison.apply_noise_floor
+    left a tolerance below FLOOR_MULTIPLE × the noise): float64 may decide it."""
     return (not metrics.ok and metrics.noise_floor is not None
-            and metrics.note.endswith("(capped)"))
+            and metrics.tolerance < FLOOR_MULTIPLE * metrics.noise_floor)
 
 
 def rejudge(metrics: OutputMetrics, original: list[np.ndarray], candidate: list[np.ndarray],
