@@ -457,3 +457,78 @@ def test_split_bn_is_refused_with_its_reason(variant, reason):
     result = bnfold.fold(ibn(**variant))
     (kept,) = result.report.kept
     assert kept.reasons[0].startswith("into conv:") and reason in kept.reasons[0]
+
+
+def octconv(mode="nearest", opset=17, resize="scales", both_resized=False, conv_reader=False):
+    """OctConv's output: Conv of the high-frequency input + Resize(Conv of the low-frequency
+    one) → Add → BN. The low Conv has no bias; `both_resized` puts a Resize on each branch."""
+    r = rng(11)
+    nodes = [helper.make_node("AveragePool", ["x"], ["low"], kernel_shape=[2, 2], strides=[2, 2])]
+    inits = [tensor("Wh", r.standard_normal((6, 4, 3, 3))), tensor("bh", r.standard_normal(6)),
+             tensor("Wl", r.standard_normal((6, 4, 3, 3))), *bn_params("bn", 6)]
+    sources = {"hi": "low" if both_resized else "x", "lo": "low"}
+    resized = ["lo", "hi"] if both_resized else ["lo"]
+    for name, bias in (("hi", ["bh"]), ("lo", [])):
+        nodes.append(helper.make_node("Conv", [sources[name], f"W{name[0]}", *bias], [f"c_{name}"],
+                                      pads=[1, 1, 1, 1], name=name))
+    for name in resized:
+        attrs = {"mode": mode}
+        if opset < 9:
+            nodes.append(helper.make_node("Upsample", [f"c_{name}"], [f"up_{name}"],
+                                          scales=[1.0, 1.0, 2.0, 2.0], **attrs))
+            continue
+        if opset == 9:
+            inputs, op = [f"c_{name}", "scales"], "Upsample"
+        elif resize == "sizes":
+            inputs, op = [f"c_{name}", "", "", "sizes"], "Resize"
+        elif resize == "axes":
+            inputs, op = [f"c_{name}", "", "spatial"], "Resize"
+            attrs["axes"] = [2, 3]
+        else:
+            inputs, op = [f"c_{name}", "", "scales"], "Resize"
+        nodes.append(helper.make_node(op, inputs, [f"up_{name}"], name=f"resize_{name}", **attrs))
+    inits += [tensor("scales", [1, 1.01 if resize == "channels" else 1, 2, 2]),
+              tensor("spatial", [2, 2]), tensor("sizes", [1, 6, 8, 8], np.int64)]
+    terms = [f"up_{n}" if n in resized else f"c_{n}" for n in ("hi", "lo")]
+    nodes += [helper.make_node("Add", terms, ["sum"], name="add"), bn_node("sum", "y")]
+    outputs = [("y", None)]
+    if conv_reader:
+        nodes.append(helper.make_node("Relu", ["c_lo"], ["other"]))
+        outputs.append(("other", None))
+    return model(nodes, [("x", [1, 4, 8, 8])], outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("mode,opset,resize", [
+    ("nearest", 17, "scales"), ("linear", 17, "scales"), ("cubic", 13, "sizes"),
+    ("nearest", 18, "axes"), ("nearest", 9, "scales"), ("nearest", 8, "scales"),
+])
+def test_bn_after_an_add_of_convs_folds_into_both(mode, opset, resize):
+    m = octconv(mode, opset, resize)
+    result = fold_and_check(m, {"x": rng(12).standard_normal((1, 4, 8, 8)).astype(np.float32)}, 1)
+    (entry,) = result.report.folded
+    assert entry.rule == "add-bn" and entry.into == "hi, lo"
+    assert count_ops(result.model, "BatchNormalization") == 0
+    last = result.model.graph.node[-1]
+    assert last.op_type == "Add" and last.output[0] == "y"
+    # The shift went into the high branch's bias; the low Conv gained none.
+    lo = next(n for n in result.model.graph.node if n.name == "lo")
+    assert len(lo.input) == 2
+
+
+def test_add_bn_puts_the_shift_through_a_nearest_resize_only():
+    m = octconv("nearest", both_resized=True)
+    fold_and_check(m, {"x": rng(12).standard_normal((1, 4, 8, 8)).astype(np.float32)}, 1)
+    result = bnfold.fold(octconv("linear", both_resized=True))
+    (kept,) = result.report.kept
+    assert "both branches of add pass an interpolating Resize" in kept.reasons[0]
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ({"conv_reader": True}, "lo output 'c_lo' also feeds"),
+    ({"resize": "channels"}, "resize_lo resamples the channel axis (1.01"),
+])
+def test_add_bn_is_refused_with_its_reason(variant, reason):
+    result = bnfold.fold(octconv(**variant))
+    (kept,) = result.report.kept
+    assert kept.reasons[0].startswith("into add:") and reason in kept.reasons[0], kept.reasons
+    assert count_ops(result.model, "BatchNormalization") == 1

@@ -1,5 +1,6 @@
 """The fold rules, in the order they are tried on each node. No registration by import."""
 
+from bnfold.folding.rules.add_bn import AddBnRule
 from bnfold.folding.rules.bn_conv import BnConvRule
 from bnfold.folding.rules.bn_gemm import BnGemmRule
 from bnfold.folding.rules.concat_bn import ConcatBnRule
@@ -20,6 +21,7 @@ FOLD_RULES = (
     MatMulMulRule(),
     ConcatBnRule(),
     SplitBnRule(),
+    AddBnRule(),
     BnConvRule(),
     BnGemmRule(),
 )

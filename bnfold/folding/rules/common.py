@@ -85,6 +85,7 @@ _ATTRIBUTE_KINDS = {
     "float": (onnx.AttributeProto.FLOAT, "f"),
     "string": (onnx.AttributeProto.STRING, "s"),
     "ints": (onnx.AttributeProto.INTS, "ints"),
+    "floats": (onnx.AttributeProto.FLOATS, "floats"),
 }
 
 
@@ -98,10 +99,10 @@ def attributes_by_name(node: onnx.NodeProto) -> dict[str, list[onnx.AttributePro
 
 def typed_attribute(node: onnx.NodeProto, name: str, kind: str, default, *, minimum=None,
                     attributes: dict[str, list[onnx.AttributeProto]] | None = None):
-    """Attribute `name` of `node` as `kind` ("int", "float", "string", "ints"), or `default`
-    when absent. A wrong type (group as STRING, epsilon as INTS or UNDEFINED), a non-finite float
-    or a value below `minimum` raises AttributeProblem, whose text is a refusal reason: model
-    files are untrusted, so no attribute reaches int()/float() unchecked. For example
+    """Attribute `name` of `node` as `kind` ("int", "float", "string", "ints", "floats"), or
+    `default` when absent. A wrong type (group as STRING, epsilon as INTS or UNDEFINED), a
+    non-finite float or a value below `minimum` raises AttributeProblem, whose text is a refusal
+    reason: model files are untrusted, so no attribute reaches int()/float() unchecked. For example
     `typed_attribute(conv, "group", "int", 1, minimum=1)` refuses group=0 and group="2".
     `attributes` (from attributes_by_name) saves reading the node's attributes again.
     """
@@ -128,12 +129,12 @@ def typed_attribute(node: onnx.NodeProto, name: str, kind: str, default, *, mini
             return value.decode("utf-8")
         except UnicodeDecodeError:
             raise AttributeProblem(f"{label} attribute {name} is not valid text") from None
-    if kind == "ints":
+    if kind in ("ints", "floats"):
         value = list(value)
         values = value
     else:
         values = [value]
-    if kind == "float" and not all(np.isfinite(v) for v in values):
+    if kind in ("float", "floats") and not all(np.isfinite(v) for v in values):
         raise AttributeProblem(f"{label} attribute {name}={value} is not finite")
     if minimum is not None and any(v < minimum for v in values):
         raise AttributeProblem(f"{label} attribute {name}={value} is below {minimum}")

@@ -1,0 +1,175 @@
+"""Add of two Conv branches → BatchNormalization into both Convs.
+
+Octave convolution (OctConv, OctResNet) sums a Conv of the high-frequency features and a Conv
+of the low-frequency ones, one of them upsampled by a Resize, before one BN. The BN is affine
+per channel, so BN(a + b) = s·a + s·b + t: each Conv takes a conv-bn fold with the BN's scale,
+W'ᵢ[o] = Wᵢ[o]·s[o], and one of them takes the shift too: b'₁ = b₁·s + t, b'₂ = b₂·s. The Add
+stays and produces the BN's output.
+
+A Resize (or Upsample) between a Conv and the Add resamples each channel alone by a fixed
+linear map (nearest, linear or cubic), so the scale passes through it unchanged when it keeps
+the channel axis as it is (its scale there is 1, or its size there is the channel count). The
+shift goes into a branch without one, else through a nearest-neighbour one, which copies a
+per-channel constant exactly (interpolation only sums to it up to rounding). Each link (Conv
+output, Resize output, Add output) must be read by the next node alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnfold.folding.graph import GraphView
+from bnfold.folding.names import node_label
+from bnfold.folding.rules.common import (
+    ChannelAffine,
+    Match,
+    apply_plan,
+    attribute_reason,
+    batchnorm_affine,
+    plan_problem,
+    produced_by,
+    typed_attribute,
+)
+from bnfold.folding.rules.conv_bn import ConvBnRule
+from bnfold.folding.rules.into_producer import optional_constant
+
+_CONV_RULE = ConvBnRule()
+_RESAMPLING_OPS = ("Resize", "Upsample")
+_LINEAR_MODES = ("nearest", "linear", "cubic")
+
+
+class AddBnRule:
+    name = "add-bn"
+
+    def match(self, view: GraphView, index: int) -> Match | None:
+        node = view.nodes[index]
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            return None
+        add = produced_by(view, node.input[0], "Add")
+        if add is None or len(add[1].input) != 2:
+            return None
+        branches = [_branch(view, name) for name in add[1].input]
+        if None in branches:
+            return None  # not a sum of Convs: not this rule's pattern
+        return Match(node_index=index, target_index=add[0], extra={"branches": branches})
+
+    @attribute_reason
+    def check(self, view: GraphView, match: Match) -> str | None:
+        add = view.nodes[match.target_index]
+        problem = view.sole_consumer_problem(add.output[0], match.node_index)
+        if problem:
+            return f"{node_label(add)} output {problem}"
+        if add.input[0] == add.input[1]:
+            return f"{node_label(add)} adds {add.input[0]!r} to itself"
+        affine = batchnorm_affine(view, match.node_index)
+        if isinstance(affine, str):
+            return affine
+        channels = affine.scale.shape[0]
+        parts, exact_shift = [], []
+        for conv_index, resample_index in match.extra["branches"]:
+            conv = view.nodes[conv_index]
+            reader = match.target_index if resample_index is None else resample_index
+            problem = view.sole_consumer_problem(conv.output[0], reader)
+            if problem:
+                return f"{node_label(conv)} output {problem}"
+            part = Match(node_index=match.node_index, target_index=conv_index)
+            shape = _CONV_RULE.output_channels(view, part)
+            if isinstance(shape, str):
+                return f"{node_label(conv)}: {shape}"
+            if shape[0] != channels:
+                return (f"{node_label(conv)} has {shape[0]} output channels but the BN has "
+                        f"{channels}")
+            exact = True
+            if resample_index is not None:
+                resample = view.nodes[resample_index]
+                problem = view.sole_consumer_problem(resample.output[0], match.target_index)
+                if problem:
+                    return f"{node_label(resample)} output {problem}"
+                mode = _resample_mode(view, resample_index, channels, shape[1])
+                if mode not in _LINEAR_MODES:
+                    return mode
+                exact = mode == "nearest"
+            parts.append(part)
+            exact_shift.append(exact)
+        ranks = {part.extra["weight"].ndim for part in parts}
+        if len(ranks) > 1:
+            return f"{node_label(add)} adds Conv outputs of ranks {sorted(ranks)}"
+        if not any(exact_shift):
+            return (f"both branches of {node_label(add)} pass an interpolating Resize, which "
+                    f"would not carry the BN's shift exactly")
+        shifted = exact_shift.index(True)
+        for number, part in enumerate(parts):
+            shift = affine.shift if number == shifted else np.zeros(channels)
+            part.affine = ChannelAffine(affine.scale, shift)
+            problem = _CONV_RULE.plan(view, part)
+            if problem:
+                return f"into {node_label(view.nodes[part.target_index])}: {problem}"
+            conv = view.nodes[part.target_index]
+            if number != shifted and (len(conv.input) < 3 or not conv.input[2]):
+                part.updates = [u for u in part.updates if u.slot != 2]  # no bias, none needed
+            problem = plan_problem(part, view)
+            if problem:
+                return f"into {node_label(conv)}: {problem}"
+        match.affine = affine
+        match.extra["parts"] = parts
+        match.extra["into"] = ", ".join(node_label(view.nodes[p.target_index]) for p in parts)
+        return None
+
+    def rewrite(self, view: GraphView, match: Match) -> list[str]:
+        """Apply each Conv's plan; the Add produces the BN's output."""
+        dead = []
+        for part in match.extra["parts"]:
+            dead += apply_plan(view, part)
+        view.bypass(match.node_index, match.target_index)
+        return dead + list(match.affine.dead_inputs)
+
+
+def _branch(view: GraphView, name: str) -> tuple[int, int | None] | None:
+    """(Conv index, Resize/Upsample index or None) when `name` is a Conv's output, directly or
+    through one resampling node; else None."""
+    conv = produced_by(view, name, "Conv")
+    if conv is not None:
+        return conv[0], None
+    found = view.producer_of(name)
+    if (found is None or found[1].op_type not in _RESAMPLING_OPS
+            or found[1].domain not in ("", "ai.onnx") or not found[1].input):
+        return None
+    conv = produced_by(view, found[1].input[0], "Conv")
+    return None if conv is None else (conv[0], found[0])
+
+
+def _resample_mode(view: GraphView, index: int, channels: int, rank: int) -> str:
+    """The mode of Resize/Upsample `index` (on a rank-`rank` tensor of `channels` channels) when
+    it is linear per channel and keeps the channel axis as it is, else why it is not known to."""
+    node = view.nodes[index]
+    label = node_label(node)
+    mode = typed_attribute(node, "mode", "string", "nearest")
+    if mode not in _LINEAR_MODES:
+        return f"{label} has mode {mode!r}"
+    if typed_attribute(node, "coordinate_transformation_mode", "string", "") == (
+            "tf_crop_and_resize"):
+        return f"{label} crops (tf_crop_and_resize) and fills with a constant the BN would scale"
+    if node.op_type == "Upsample" and view.opset < 9:
+        factors, sizes = typed_attribute(node, "scales", "floats", None), None
+    else:
+        # Upsample-9 and Resize-10 read (X, scales); Resize-11 and later (X, roi, scales, sizes).
+        slots = (1, None) if node.op_type == "Upsample" or view.opset < 11 else (2, 3)
+        factors, sizes = (None if slot is None else optional_constant(view, node, slot, role)
+                          for slot, role in zip(slots, (f"{label} scales", f"{label} sizes")))
+        for found in (factors, sizes):
+            if isinstance(found, str):
+                return found
+    if factors is not None and np.size(factors):
+        values, unchanged = np.asarray(factors).reshape(-1).tolist(), 1
+    elif sizes is not None and np.size(sizes):
+        values, unchanged = np.asarray(sizes).reshape(-1).tolist(), channels
+    else:
+        return f"{label} has neither scales nor sizes"
+    axes = typed_attribute(node, "axes", "ints", None)  # opset 18: the axes values are for
+    axes = list(range(len(values))) if axes is None else [a + rank if a < 0 else a for a in axes]
+    if len(axes) != len(values):
+        return f"{label} has {len(values)} scales or sizes for {len(axes)} axes"
+    channel = dict(zip(axes, values)).get(1, unchanged)
+    if channel != unchanged:
+        return f"{label} resamples the channel axis ({channel:g}), so channels would mix"
+    return mode
