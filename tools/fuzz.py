@@ -106,6 +106,18 @@ def seed_models(r: np.random.Generator) -> dict[str, onnx.ModelProto]:
         [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
         [("x", [1, 2, 3, 3])], [("y", 4)], [_t("IW", r.normal(0, 0.3, (2, 2, 1, 1))),
                                          _t("cond", True, np.bool_)])
+    # A model-local function holding Conv→BN, its weights passed in (export_modules_as_functions).
+    bn, p = _bn("bn", "c", "y", 4, r)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    block = helper.make_function(
+        "local", "Block", ["x", "W", *bn.input[1:]], ["y"],
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), bn], opsets)
+    seeds["function_bn"] = _model(
+        [helper.make_node("Block", ["x", "W", *bn.input[1:]], ["y"], domain="local", name="call")],
+        [("x", [1, 3, 4, 4])], [("y", 4)], [_t("W", r.normal(0, 0.3, (4, 3, 3, 3))), *p])
+    seeds["function_bn"].functions.append(block)
+    del seeds["function_bn"].opset_import[:]
+    seeds["function_bn"].opset_import.extend(opsets)
     return seeds
 
 

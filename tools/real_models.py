@@ -18,7 +18,8 @@ Sources, named by prefix:
     torch_*           exported here with the TorchScript exporter (dynamo=False) from small nets
                       written in plain torch, the way users export: TrainingMode.EVAL with
                       constant folding (torch folds Conv+BN itself), and TrainingMode.PRESERVE
-                      without it on a model in eval mode (every BN kept)
+                      without it on a model in eval mode (every BN kept); and with
+                      export_modules_as_functions=True (each module type a function)
     torch_dynamo_*    the same nets through torch's default exporter (dynamo; weights in a .data
                       file), optimised (BNs folded by torch) and with optimize=False (BNs kept);
                       only where onnxscript is installed
@@ -176,6 +177,8 @@ def export_torch(out: str) -> None:
         "torch_vgg11bn_untrained_preserve": (lambda t: _vgg11_bn(t, trained=False), preserve),
         "torch_convtranspose_decoder_eval": (_convtranspose_decoder, eval_mode),
         "torch_convtranspose_decoder_preserve": (_convtranspose_decoder, preserve),
+        # every module type a model-local function, weights passed in at each call
+        "torch_vgg11bn_functions": (_vgg11_bn, dict(preserve, export_modules_as_functions=True)),
     }
     for name, (make, options) in exports.items():
         path = os.path.join(out, f"{name}.onnx")

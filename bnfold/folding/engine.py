@@ -12,6 +12,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.folding.batched import fold_plain_conv_bn
 from bnfold.folding.constants import ConstantSubgraphs
+from bnfold.folding.functions import inline_bn_functions
 from bnfold.folding.graph import (
     GraphView,
     NameAllocator,
@@ -47,9 +48,12 @@ def fold_model(
     `freeze_inputs` names graph inputs that have an initializer (IR ≥ 4), or is "all": they
     stop being inputs, so their initializers become constants that may fold.
     """
+    inlined = inline_bn_functions(model)
     main = NodeTable(model.graph)
     report = FoldReport(nodes_before=count_nodes(model.graph, main),
                         params_before=count_params(model))
+    if inlined:
+        report.notes.append(inlined)
     if sort_nodes_topologically(model, main):
         main = NodeTable(model.graph)
         # ONNX Runtime sorts by itself, but onnx.checker (and other tools) reject the order.
