@@ -532,3 +532,54 @@ def test_add_bn_is_refused_with_its_reason(variant, reason):
     (kept,) = result.report.kept
     assert kept.reasons[0].startswith("into add:") and reason in kept.reasons[0], kept.reasons
     assert count_ops(result.model, "BatchNormalization") == 1
+
+
+def levit(to_2d="flatten", bias=False, value_reader=False):
+    """LeViT's LinearNorm: MatMul on [B, L, C] tokens → Flatten(axis 2) (or a Reshape) → BN →
+    Reshape back to the MatMul's own shape (read through a Shape node, as `reshape_as`)."""
+    r = rng(13)
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm"], name="linear")]
+    inits = [tensor("B", r.standard_normal((4, 6))), *bn_params("bn", 6),
+             tensor("to2d", [-1, 6] if to_2d == "reshape" else [2, 6, 5], np.int64),
+             tensor("c", r.standard_normal((1, 1, 6)))]
+    source = "mm"
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "c"], ["biased"], name="bias"))
+        source = "biased"
+    if to_2d == "flatten":
+        nodes.append(helper.make_node("Flatten", [source], ["flat"], axis=2))
+    else:
+        nodes.append(helper.make_node("Reshape", [source, "to2d"], ["flat"]))
+    nodes += [bn_node("flat", "normed"),
+              helper.make_node("Shape", ["mm"], ["shape"]),
+              helper.make_node("Reshape", ["normed", "shape"], ["y"])]
+    outputs = [("y", None)]
+    if value_reader:
+        nodes.append(helper.make_node("Relu", ["mm"], ["other"]))
+        outputs.append(("other", None))
+    return model(nodes, [("x", [2, 5, 4])], outputs, inits, opset=17)
+
+
+@pytest.mark.parametrize("to_2d,bias", [("flatten", False), ("reshape", False),
+                                        ("flatten", True)])
+def test_bn_over_flattened_matmul_tokens_folds_into_its_columns(to_2d, bias):
+    m = levit(to_2d, bias)
+    result = fold_and_check(m, {"x": rng(14).standard_normal((2, 5, 4)).astype(np.float32)}, 1)
+    (entry,) = result.report.folded
+    assert entry.rule == "matmul-reshape-bn"
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "BatchNormalization" not in ops
+    # The shift joins the existing bias Add, or becomes one where the BN was.
+    assert ops.count("Add") == 1 and ops.count("MatMul") == 1
+    assert entry.into == ("linear" if bias else "linear + a bias Add")
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ({"to_2d": "rank3"}, "makes a rank-3 tensor"),
+    ({"value_reader": True}, "linear output 'mm' also feeds"),
+])
+def test_matmul_reshape_bn_is_refused_with_its_reason(variant, reason):
+    result = bnfold.fold(levit(**variant))
+    (kept,) = result.report.kept
+    assert any(reason in r for r in kept.reasons), kept.reasons
+    assert count_ops(result.model, "BatchNormalization") == 1

@@ -1,9 +1,12 @@
 """Run `bnfold export` then the plain `bnfold fold` on PyTorch networks nobody here wrote, as a
 user with their own `module:factory` would, and print what happened to each.
 
-The networks come from third-party packages that need no torchvision (it does not load against
-the pinned CPU torch): pytorchcv (one module per architecture, imported directly: its
-model_provider imports torchvision), efficientnet-pytorch and MONAI. Each factory draws the BN
+The networks come from third-party packages: pytorchcv (one module per architecture, imported
+directly: its model_provider imports torchvision, which does not load against the pinned CPU
+torch), efficientnet-pytorch, MONAI and timm. timm imports torchvision at import time (data
+transforms, FrozenBatchNorm2d) though none of the models here calls it, so where torchvision
+cannot be imported the factories put a stub of it on the import path first (every name it is
+asked for is an empty class). Each factory draws the BN
 statistics like a trained net's (a fresh BN is the identity, so a wrong fold would pass), puts
 the net in eval mode and returns it; `bnfold export` keeps every BN and checks the file against
 torch; `bnfold fold` (no options: verification on) folds and verifies. The exported files land
@@ -13,7 +16,8 @@ bnfold on them.
 Nothing here belongs in the project's venv; use the peers' one (which has torch==2.13.0):
 
     .venv-peers/bin/pip install --no-deps pytorchcv==0.0.74 efficientnet-pytorch==0.7.1 \\
-        monai==1.6.1
+        monai==1.6.1 timm==1.0.31
+    .venv-peers/bin/pip install pillow pyyaml safetensors huggingface_hub   # timm's imports
     .venv-peers/bin/python tools/torch_zoo.py --out real-models/     # ~10 min on 2 cores
 """
 
@@ -116,10 +120,63 @@ NETS = {
         "__import__('monai.networks.nets', fromlist=['x']).UNet(spatial_dims=2, in_channels=1, "
         "out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm='batch')",
         "1x1x64x64"),
+    # timm: LeViT's Linear → BatchNorm1d over flattened tokens; RepVGG/MobileOne/FastViT
+    # before reparameterisation (a BN per branch, one on the identity path); RepViT, MIT's
+    # EfficientViT, MobileNetV4, GhostNetV2, HGNetV2, TF-EfficientNet ("same" padding).
+    **{f"timm_{name}": (f"_timm().create_model('{name}', pretrained=False)", shape)
+       for name, shape in (("levit_128s", "1x3x224x224"), ("repvgg_a0", "1x3x224x224"),
+                           ("mobileone_s0", "1x3x224x224"), ("fastvit_t8", "1x3x256x256"),
+                           ("repvit_m0_9", "1x3x224x224"), ("efficientvit_b0", "1x3x224x224"),
+                           ("mobilenetv4_conv_small", "1x3x224x224"),
+                           ("ghostnetv2_100", "1x3x224x224"), ("hgnetv2_b0", "1x3x224x224"),
+                           ("tf_efficientnet_b0", "1x3x224x224"))},
 }
 
 FACTORIES = '''
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
 import torch
+
+
+def _timm():
+    """timm, importable where torchvision is not (see the module docstring)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        class Anything(type):
+            def __getattr__(cls, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return Anything(name, (), {})
+
+        class Stub(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return Anything(name, (), {})
+
+        class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, fullname, path, target=None):
+                if fullname.split(".")[0] != "torchvision":
+                    return None
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+            def create_module(self, spec):
+                module = Stub(spec.name)
+                module.__path__ = []
+                return module
+
+            def exec_module(self, module):
+                pass
+
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]  # a half-imported real one
+        sys.meta_path.insert(0, Finder())
+    import timm
+    return timm
 
 
 def _trained_like(net, shapes):

@@ -10,6 +10,7 @@ from bnfold.folding.rules.gemm_bn import GemmBnRule
 from bnfold.folding.rules.lower_bn import LowerBnRule
 from bnfold.folding.rules.matmul_bn import MatMulBnRule
 from bnfold.folding.rules.matmul_mul import MatMulMulRule
+from bnfold.folding.rules.matmul_reshape_bn import MatMulReshapeBnRule
 from bnfold.folding.rules.split_bn import SplitBnRule
 
 # Folding into the producer comes first: it removes the BN without touching the consumer.
@@ -18,6 +19,7 @@ FOLD_RULES = (
     ConvTransposeBnRule(),
     GemmBnRule(),
     MatMulBnRule(),
+    MatMulReshapeBnRule(),
     MatMulMulRule(),
     ConcatBnRule(),
     SplitBnRule(),
