@@ -17,6 +17,7 @@ from golden import (
 from onnx import helper
 
 import bnfold
+from bnfold.folding.api import fold_sites
 
 
 def fold_and_check(m: onnx.ModelProto, feed, expected_folded: int, rtol: float = 1e-5):
@@ -583,3 +584,49 @@ def test_matmul_reshape_bn_is_refused_with_its_reason(variant, reason):
     (kept,) = result.report.kept
     assert any(reason in r for r in kept.reasons), kept.reasons
     assert count_ops(result.model, "BatchNormalization") == 1
+
+
+def repvgg(group=1, pads3=(1, 1, 1, 1), dilation=1, with_1x1=True):
+    """RepVGG's training-form block: Conv3x3→BN (+ Conv1x1→BN) + BN(x), summed."""
+    r = rng(15)
+    nodes = [helper.make_node("Conv", ["x", "W3", "b3"], ["c3"], pads=list(pads3), group=group,
+                              dilations=[dilation, dilation], name="conv3"),
+             bn_node("c3", "n3", prefix="bn3", name="bn3"),
+             bn_node("x", "nid", prefix="bnid", name="identity")]
+    if with_1x1:
+        nodes += [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+                  bn_node("c1", "n1", prefix="bn1", name="bn1"),
+                  helper.make_node("Add", ["n3", "n1"], ["branches"], name="add")]
+    nodes.append(helper.make_node("Add", ["branches" if with_1x1 else "n3", "nid"], ["y"],
+                                  name="add_identity"))
+    inits = [tensor("W3", r.standard_normal((4, 4 // group, 3, 3))),
+             tensor("b3", r.standard_normal(4)), *bn_params("bn3", 4, 2), *bn_params("bnid", 4, 4)]
+    if with_1x1:
+        inits += [tensor("W1", r.standard_normal((4, 4, 1, 1))), *bn_params("bn1", 4, 3)]
+    return model(nodes, [("x", [1, 4, 6, 6])], [("y", None)], inits, opset=17)
+
+
+@pytest.mark.parametrize("group,pads3", [(1, (1, 1, 1, 1)), (2, (1, 1, 1, 1)),
+                                         (4, (2, 2, 0, 0))])
+def test_identity_bn_joins_a_conv_of_the_same_input(group, pads3):
+    m = repvgg(group, pads3)
+    result = fold_and_check(m, {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 3)
+    rules = {e.node: (e.rule, e.into) for e in result.report.folded}
+    assert rules == {"bn3": ("conv-bn", "conv3"), "bn1": ("conv-bn", "conv1"),
+                     "identity": ("identity-bn", "conv3")}
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "Add"]
+    assert result.model.graph.node[-1].output[0] == "y"
+    # conv3's output now carries the identity too: no longer a site to compare with bn3's.
+    assert fold_sites(result.model, result.report) == ["n1"]
+
+
+def test_identity_bn_takes_the_next_conv_when_one_has_no_tap_over_each_position():
+    # Dilation 2, pads 1 + 3: the output keeps the input's size but every tap is shifted.
+    feed = {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    result = fold_and_check(repvgg(pads3=(1, 1, 3, 3), dilation=2), feed, 3)
+    assert {e.node: e.into for e in result.report.folded}["identity"] == "conv1"
+    result = bnfold.fold(repvgg(pads3=(1, 1, 3, 3), dilation=2, with_1x1=False))
+    (kept,) = result.report.kept
+    assert kept.node == "identity"
+    assert any("conv3: its padding on axis 2 does not keep each position over itself" in r
+               for r in kept.reasons), kept.reasons

@@ -247,7 +247,8 @@ def fold_sites(model: onnx.ModelProto, report: FoldReport) -> list[str]:
     """Tensors that both the original and the folded main graph compute at each fold: the
     output of a folded BN/Mul/Add, now produced by the node it folded into."""
     produced = {name for node in model.graph.node for name in node.output}
-    return [e.output for e in report.folded if e.graph == "main" and e.output in produced]
+    return [e.output for e in report.folded if e.graph == "main" and e.output in produced
+            and e.output not in report.altered_values]
 
 
 def _identity(path: str) -> tuple[int, ...]:

@@ -149,6 +149,8 @@ class _ModelFolder:
             self.report.entries.extend(entry for _, entry in folded)
             folded = self.fold_pass(view)
         self.settle_kept(view)
+        if graph is self.main_graph:
+            self.report.altered_values |= view.altered
         leftover = view.drop_unused(self.dead)
         view.commit()
         return leftover

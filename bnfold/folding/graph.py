@@ -80,6 +80,7 @@ class GraphView(ConstantLookups):
         self.computed = computed
         self._recent_reads: dict[str, np.ndarray] = {}
         self._dropped_value_info: set[str] = set()
+        self.altered: set[str] = set()  # see alter()
         self._dropped_initializers: set[str] = set()
         # The enclosing graph's view (for a subgraph): its constants are visible here unless a
         # local input of the same name shadows them.
@@ -328,6 +329,11 @@ class GraphView(ConstantLookups):
         self._index_node(index, node)
         self._placement.setdefault(before_index, []).append(index)
         return index
+
+    def alter(self, name: str) -> None:
+        """Record that tensor `name` keeps its name but, by design, not its value (a Conv that
+        took a BN's scale as one input of a sum): it is no longer a fold site to compare."""
+        self.altered.add(name)
 
     def drop_value_info(self, name: str) -> None:
         """Forget the declared type of `name` (gone from the graph) at commit: one walk of the

@@ -31,6 +31,9 @@ class FoldReport:
     verification: dict | None = None  # VerifyResult.to_dict() when verified
     notes: list[str] = field(default_factory=list)  # what the fold decided beyond each BN
     frozen_inputs: list[str] = field(default_factory=list)
+    # Main-graph tensors that keep their names but, by design, not their values (a Conv that
+    # took a BN's scale as one input of a sum or a concatenation): no fold site to compare.
+    altered_values: set[str] = field(default_factory=set)
 
     @property
     def changed(self) -> bool:
@@ -66,6 +69,7 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        del data["altered_values"]
         data["summary"] = {
             "batchnorm": self.batchnorm_count,
             "folded": self.folded_count,

@@ -7,6 +7,7 @@ from bnfold.folding.rules.concat_bn import ConcatBnRule
 from bnfold.folding.rules.conv_bn import ConvBnRule
 from bnfold.folding.rules.convtranspose_bn import ConvTransposeBnRule
 from bnfold.folding.rules.gemm_bn import GemmBnRule
+from bnfold.folding.rules.identity_bn import IdentityBnRule
 from bnfold.folding.rules.lower_bn import LowerBnRule
 from bnfold.folding.rules.matmul_bn import MatMulBnRule
 from bnfold.folding.rules.matmul_mul import MatMulMulRule
@@ -26,6 +27,7 @@ FOLD_RULES = (
     AddBnRule(),
     BnConvRule(),
     BnGemmRule(),
+    IdentityBnRule(),
 )
 LOWER_RULES = (LowerBnRule(),)
 

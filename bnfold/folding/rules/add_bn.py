@@ -120,6 +120,10 @@ class AddBnRule:
         dead = []
         for part in match.extra["parts"]:
             dead += apply_plan(view, part)
+            view.alter(view.nodes[part.target_index].output[0])
+        for _, resample in match.extra["branches"]:
+            if resample is not None:
+                view.alter(view.nodes[resample].output[0])
         view.bypass(match.node_index, match.target_index)
         return dead + list(match.affine.dead_inputs)
 

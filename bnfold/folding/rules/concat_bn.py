@@ -89,5 +89,6 @@ class ConcatBnRule:
         dead = []
         for part in match.extra["parts"]:
             dead += apply_plan(view, part)
+            view.alter(view.nodes[part.target_index].output[0])
         view.bypass(match.node_index, match.target_index)
         return dead + list(match.affine.dead_inputs)

@@ -82,6 +82,7 @@ class SplitBnRule:
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
         """Apply the Conv's plan; the Split's part produces the BN's output."""
         dead = apply_plan(view, match)
+        view.alter(view.nodes[match.target_index].output[0])
         view.bypass(match.node_index, match.extra["split"], keep_output_slot=match.extra["part"])
         return dead + list(match.affine.dead_inputs)
 
