@@ -98,7 +98,8 @@ class MatMulReshapeBnRule:
             values = constant_or_reason(view, add.input[slot], f"{node_label(add)} constant")
             if isinstance(values, str):
                 return values
-            if (values.dtype.kind != "f" or values.ndim == 0 or any(n != 1 for n in values.shape[:-1])
+            if (values.dtype.kind != "f" or values.ndim == 0
+                    or any(n != 1 for n in values.shape[:-1])
                     or values.shape[-1] not in (1, channels)):
                 return f"{node_label(add)} does not add a per-column constant"
             bias = np.broadcast_to(values.astype(np.float64).reshape(-1), (channels,))
