@@ -29,6 +29,9 @@ from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.nodes import NodeTable
 from bnfold.onnxio.tensors import delete_named, names_read_by_subgraphs, subgraphs  # noqa: F401
 
+_SHAPE_OPS = ("Shape", "Size")  # read a tensor's shape, not its values
+
+
 class GraphView(ConstantLookups):
     """Producers, consumers and constants of one graph, kept current while rules edit it."""
 
@@ -198,11 +201,16 @@ class GraphView(ConstantLookups):
         removed = self.removed
         return [i for i in self.consumers.get(name, ()) if i not in removed]
 
-    def sole_consumer_problem(self, name: str, expected: int) -> str | None:
-        """Why `name` is not read by node `expected` alone, or None."""
+    def sole_consumer_problem(self, name: str, expected: int, shape_readers: bool = False
+                              ) -> str | None:
+        """Why `name` is not read by node `expected` alone, or None. With `shape_readers`,
+        Shape and Size nodes may read it too (a fold that keeps its shape leaves them as they
+        are)."""
         if name in self.graph_outputs:
             return f"{name!r} is also a graph output"
-        others = [i for i in self.live_consumers(name) if i != expected]
+        others = [i for i in self.live_consumers(name) if i != expected and not (
+            shape_readers and self.op_types[i] in _SHAPE_OPS
+            and self.nodes[i].domain in ("", "ai.onnx"))]
         if others:
             labels = ", ".join(node_label(self.nodes[i]) for i in others[:3])
             return f"{name!r} also feeds {labels}"

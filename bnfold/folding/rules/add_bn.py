@@ -26,6 +26,7 @@ from bnfold.folding.rules.common import (
     apply_plan,
     attribute_reason,
     batchnorm_affine,
+    is_batchnorm,
     plan_problem,
     produced_by,
     typed_attribute,
@@ -43,7 +44,7 @@ class AddBnRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        if not is_batchnorm(node):
             return None
         add = produced_by(view, node.input[0], "Add")
         if add is None or len(add[1].input) != 2:

@@ -334,6 +334,11 @@ def apply_plan(view: GraphView, match: Match) -> list[str]:
     return replaced
 
 
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    """Whether `node` is a default-domain BatchNormalization (the node a BN rule matches)."""
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
 def produced_by(view: GraphView, name: str, op_type: str):
     """(index, node) of the default-domain `op_type` node producing `name`, or None."""
     found = view.producer_of(name)

@@ -17,6 +17,7 @@ from bnfold.folding.rules.common import (
     apply_plan,
     attribute_reason,
     batchnorm_affine,
+    is_batchnorm,
     plan_problem,
     produced_by,
     typed_attribute,
@@ -31,7 +32,7 @@ class ConcatBnRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        if not is_batchnorm(node):
             return None
         found = produced_by(view, node.input[0], "Concat")
         if found is None:

@@ -27,6 +27,7 @@ from bnfold.folding.rules.common import (
     attribute_reason,
     batchnorm_affine,
     compute_dtype,
+    is_batchnorm,
     plan_problem,
     produced_by,
     typed_attribute,
@@ -44,7 +45,7 @@ class IdentityBnRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        if not is_batchnorm(node):
             return None
         readers = view.live_consumers(node.output[0])
         if len(readers) != 1:

@@ -13,7 +13,6 @@ output (`reshape_as` exports a Shape) do not stop the fold: the shape does not c
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
 from bnfold.folding import math as fold_math
@@ -26,14 +25,18 @@ from bnfold.folding.rules.common import (
     attribute_reason,
     batchnorm_affine,
     compute_dtype,
+    is_batchnorm,
     plan_problem,
     produced_by,
     round_into,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason, matmul_weight
+from bnfold.folding.rules.into_producer import (
+    constant_or_reason,
+    matmul_weight,
+    per_channel_vector,
+)
 
 _TO_2D = ("Flatten", "Reshape")
-_SHAPE_READERS = ("Shape", "Size")
 
 
 class MatMulReshapeBnRule:
@@ -41,7 +44,7 @@ class MatMulReshapeBnRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        if not is_batchnorm(node):
             return None
         found = view.producer_of(node.input[0])
         if (found is None or found[1].op_type not in _TO_2D
@@ -70,10 +73,11 @@ class MatMulReshapeBnRule:
         chain = [match.target_index, *([add_index] if add_index is not None else []),
                  match.extra["reshape"], match.node_index]
         for current, following in zip(chain, chain[1:]):
-            problem = _value_reader_problem(view, view.nodes[current], following,
-                                            shape_readers=following != match.node_index)
+            node = view.nodes[current]
+            problem = view.sole_consumer_problem(node.output[0], following,
+                                                 shape_readers=following != match.node_index)
             if problem:
-                return problem
+                return f"{node_label(node)} output {problem}"
         b = matmul_weight(view, matmul)
         if isinstance(b, str):
             return b
@@ -98,11 +102,10 @@ class MatMulReshapeBnRule:
             values = constant_or_reason(view, add.input[slot], f"{node_label(add)} constant")
             if isinstance(values, str):
                 return values
-            if (values.dtype.kind != "f" or values.ndim == 0
-                    or any(n != 1 for n in values.shape[:-1])
-                    or values.shape[-1] not in (1, channels)):
+            bias = (per_channel_vector(values, channels, values.ndim, -1)
+                    if values.dtype.kind == "f" and values.ndim else None)
+            if bias is None:
                 return f"{node_label(add)} does not add a per-column constant"
-            bias = np.broadcast_to(values.astype(np.float64).reshape(-1), (channels,))
             bias_update = (add_index, slot, values.shape[:-1] + (channels,),
                            view.constant_dtype(add.input[slot]))
         new_b, new_c = fold_math.matmul_output_fold(b, bias, affine.scale, affine.shift,
@@ -145,22 +148,6 @@ class MatMulReshapeBnRule:
         view.insert_node_before(match.node_index, add)
         view.remove_node(match.node_index)
         return dead + list(match.affine.dead_inputs)
-
-
-def _value_reader_problem(view: GraphView, node: onnx.NodeProto, expected: int,
-                          shape_readers: bool) -> str | None:
-    """Why `node`'s output is read by more than node `expected` (Shape/Size readers allowed
-    when `shape_readers`: a fold keeps the shape), or None."""
-    name = node.output[0]
-    if name in view.graph_outputs:
-        return f"{node_label(node)} output {name!r} is also a graph output"
-    others = [i for i in view.live_consumers(name) if i != expected and not (
-        shape_readers and view.nodes[i].op_type in _SHAPE_READERS
-        and view.nodes[i].domain in ("", "ai.onnx"))]
-    if others:
-        labels = ", ".join(node_label(view.nodes[i]) for i in others[:3])
-        return f"{node_label(node)} output {name!r} also feeds {labels}"
-    return None
 
 
 def _reshaped_rank(view: GraphView, reshape: onnx.NodeProto) -> int | str:

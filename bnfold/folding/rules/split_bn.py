@@ -20,6 +20,7 @@ from bnfold.folding.rules.common import (
     apply_plan,
     attribute_reason,
     batchnorm_affine,
+    is_batchnorm,
     plan_problem,
     produced_by,
     typed_attribute,
@@ -35,7 +36,7 @@ class SplitBnRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        if not is_batchnorm(node):
             return None
         split = produced_by(view, node.input[0], "Split")
         conv = produced_by(view, split[1].input[0], "Conv") if split and split[1].input else None
