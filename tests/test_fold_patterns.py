@@ -521,7 +521,7 @@ def test_add_bn_puts_the_shift_through_a_nearest_resize_only():
     fold_and_check(m, {"x": rng(12).standard_normal((1, 4, 8, 8)).astype(np.float32)}, 1)
     result = bnfold.fold(octconv("linear", both_resized=True))
     (kept,) = result.report.kept
-    assert "both branches of add pass an interpolating Resize" in kept.reasons[0]
+    assert "every branch of add passes an interpolating Resize" in kept.reasons[0]
 
 
 @pytest.mark.parametrize("variant,reason", [
@@ -586,18 +586,28 @@ def test_matmul_reshape_bn_is_refused_with_its_reason(variant, reason):
     assert count_ops(result.model, "BatchNormalization") == 1
 
 
-def repvgg(group=1, pads3=(1, 1, 1, 1), dilation=1, with_1x1=True):
-    """RepVGG's training-form block: Conv3x3→BN (+ Conv1x1→BN) + BN(x), summed."""
+def repvgg(group=1, pads3=(1, 1, 1, 1), dilation=1, with_1x1=True, zero_add=False,
+           combine="Add"):
+    """RepVGG's training-form block: Conv3x3→BN (+ Conv1x1→BN) + BN(x), summed. `zero_add`
+    adds the identity BN to a constant 0 first (MobileOne without a scale branch);
+    `combine="Sub"` subtracts it instead (FastViT's RepMixer), "SubFrom" subtracts the sum from
+    it."""
     r = rng(15)
     nodes = [helper.make_node("Conv", ["x", "W3", "b3"], ["c3"], pads=list(pads3), group=group,
                               dilations=[dilation, dilation], name="conv3"),
              bn_node("c3", "n3", prefix="bn3", name="bn3"),
              bn_node("x", "nid", prefix="bnid", name="identity")]
+    if zero_add:
+        nodes += [helper.make_node("Constant", [], ["zero"], value=tensor("zero", 0.0)),
+                  helper.make_node("Add", ["zero", "nid"], ["nid0"], name="add_zero")]
+    identity = "nid0" if zero_add else "nid"
     if with_1x1:
         nodes += [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
                   bn_node("c1", "n1", prefix="bn1", name="bn1"),
                   helper.make_node("Add", ["n3", "n1"], ["branches"], name="add")]
-    nodes.append(helper.make_node("Add", ["branches" if with_1x1 else "n3", "nid"], ["y"],
+    branches = "branches" if with_1x1 else "n3"
+    terms = [identity, branches] if combine == "SubFrom" else [branches, identity]
+    nodes.append(helper.make_node(combine.replace("From", ""), terms, ["y"],
                                   name="add_identity"))
     inits = [tensor("W3", r.standard_normal((4, 4 // group, 3, 3))),
              tensor("b3", r.standard_normal(4)), *bn_params("bn3", 4, 2), *bn_params("bnid", 4, 4)]
@@ -629,4 +639,72 @@ def test_identity_bn_takes_the_next_conv_when_one_has_no_tap_over_each_position(
     (kept,) = result.report.kept
     assert kept.node == "identity"
     assert any("conv3: its padding on axis 2 does not keep each position over itself" in r
+               for r in kept.reasons), kept.reasons
+
+
+@pytest.mark.parametrize("zero_add,combine", [(True, "Add"), (False, "Sub"), (True, "Sub")])
+def test_identity_bn_passes_zero_adds_and_joins_a_sub_negated(zero_add, combine):
+    m = repvgg(zero_add=zero_add, combine=combine)
+    result = fold_and_check(m, {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 3)
+    assert {e.node: e.rule for e in result.report.folded}["identity"] == "identity-bn"
+    # The BN, the zero Add with its Constant, and the Add/Sub that took the identity are gone.
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "Add"]
+    assert result.model.graph.node[-1].output[0] == "y"
+
+
+def test_identity_bn_leaves_a_bn_the_sum_is_subtracted_from():
+    # BN(x) − (conv3 + conv1) would need the Convs negated: not this rule's pattern.
+    m = repvgg(combine="SubFrom")
+    result = fold_and_check(m, {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 2)
+    (kept,) = result.report.kept
+    assert kept.node == "identity"
+    assert count_ops(result.model, "Sub") == 1
+
+
+def repvit(stem=True, pads3=(1, 1, 1, 1), dilation=1, order="convs_first", with_1x1=True):
+    """RepViT's RepVggDw: BN(conv3(y) + conv1(y) + y), depthwise, no BN on the branches (they
+    folded already); y is a stem Conv's output or the graph input."""
+    r = rng(17)
+    nodes, inits = [], [tensor("W3", r.standard_normal((4, 1, 3, 3))),
+                        tensor("b3", r.standard_normal(4)),
+                        tensor("W1", r.standard_normal((4, 1, 1, 1))),
+                        tensor("b1", r.standard_normal(4)), *bn_params("bn", 4)]
+    source = "x"
+    if stem:
+        nodes.append(helper.make_node("Conv", ["x", "Ws"], ["y"], pads=[1, 1, 1, 1], name="stem"))
+        inits.append(tensor("Ws", r.standard_normal((4, 4, 3, 3))))
+        source = "y"
+    nodes.append(helper.make_node("Conv", [source, "W3", "b3"], ["c3"], pads=list(pads3), group=4,
+                                  dilations=[dilation, dilation], name="conv3"))
+    if not with_1x1:
+        nodes.append(helper.make_node("Add", ["c3", source], ["s2"], name="add2"))
+    elif order == "convs_first":
+        nodes += [helper.make_node("Conv", [source, "W1", "b1"], ["c1"], group=4, name="conv1"),
+                  helper.make_node("Add", ["c3", "c1"], ["s1"], name="add1"),
+                  helper.make_node("Add", ["s1", source], ["s2"], name="add2")]
+    else:  # the identity in the inner Add
+        nodes += [helper.make_node("Conv", [source, "W1", "b1"], ["c1"], group=4, name="conv1"),
+                  helper.make_node("Add", [source, "c1"], ["s1"], name="add1"),
+                  helper.make_node("Add", ["c3", "s1"], ["s2"], name="add2")]
+    nodes += [bn_node("s2", "out"), helper.make_node("Relu", [source], ["side"])]
+    return model(nodes, [("x", [1, 4, 6, 6])], [("out", None), ("side", None)], inits, opset=17)
+
+
+@pytest.mark.parametrize("stem,order", [(True, "convs_first"), (False, "convs_first"),
+                                        (True, "identity_inside")])
+def test_bn_after_a_sum_of_convs_and_their_input_folds_the_identity_into_one(stem, order):
+    m = repvit(stem, order=order)
+    result = fold_and_check(m, {"x": rng(18).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 1)
+    (entry,) = result.report.folded
+    assert entry.rule == "add-bn" and entry.into == "conv3, conv1"
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Add") == 1  # the identity's Add went
+    assert next(n for n in result.model.graph.node if n.op_type == "Add").output[0] == "out"
+
+
+def test_add_bn_names_why_no_summed_conv_absorbs_the_identity():
+    # Dilation 2, pads 1 + 3: the output keeps the input's size but every tap is shifted.
+    result = bnfold.fold(repvit(pads3=(1, 1, 3, 3), dilation=2, with_1x1=False))
+    (kept,) = result.report.kept
+    assert any("'y' is a summand no Conv of it can absorb (conv3: its padding on axis 2" in r
                for r in kept.reasons), kept.reasons

@@ -12,6 +12,10 @@ the channel axis as it is (its scale there is 1, or its size there is the channe
 shift goes into a branch without one, else through a nearest-neighbour one, which copies a
 per-channel constant exactly (interpolation only sums to it up to rounding). Each link (Conv
 output, Resize output, Add output) must be read by the next node alone.
+
+The sum may be a tree of Adds (RepViT's `RepVggDw`: BN(conv(x) + conv₁(x) + x)), and one of
+its leaves may be the input x of a summed Conv: s·x is that Conv's identity kernel scaled by s
+(`identity_kernel`), so W' = (W + δ)·s there, and the Add that took x goes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from bnfold.folding.rules.common import (
     typed_attribute,
 )
 from bnfold.folding.rules.conv_bn import ConvBnRule
+from bnfold.folding.rules.identity_kernel import plan_with_identity
 from bnfold.folding.rules.into_producer import optional_constant
 
 _CONV_RULE = ConvBnRule()
+_MAX_ADDS = 8  # Adds in the sum under the BN
 _RESAMPLING_OPS = ("Resize", "Upsample")
 _LINEAR_MODES = ("nearest", "linear", "cubic")
 
@@ -49,27 +55,34 @@ class AddBnRule:
         add = produced_by(view, node.input[0], "Add")
         if add is None or len(add[1].input) != 2:
             return None
-        branches = [_branch(view, name) for name in add[1].input]
-        if None in branches:
+        found = _summands(view, add[0], index)
+        if found is None:
             return None  # not a sum of Convs: not this rule's pattern
-        return Match(node_index=index, target_index=add[0], extra={"branches": branches})
+        branches, adds, identity = found
+        if identity is not None and not any(
+                resample is None and view.nodes[conv].input[0] == identity[0]
+                for conv, resample, _ in branches):
+            return None  # a summand that is neither a Conv nor the input of one
+        return Match(node_index=index, target_index=add[0],
+                     extra={"branches": branches, "adds": adds, "identity": identity})
 
     @attribute_reason
     def check(self, view: GraphView, match: Match) -> str | None:
-        add = view.nodes[match.target_index]
-        problem = view.sole_consumer_problem(add.output[0], match.node_index)
-        if problem:
-            return f"{node_label(add)} output {problem}"
-        if add.input[0] == add.input[1]:
-            return f"{node_label(add)} adds {add.input[0]!r} to itself"
+        for add_index, reader in match.extra["adds"]:
+            add = view.nodes[add_index]
+            problem = view.sole_consumer_problem(add.output[0], reader)
+            if problem:
+                return f"{node_label(add)} output {problem}"
+            if add.input[0] == add.input[1]:
+                return f"{node_label(add)} adds {add.input[0]!r} to itself"
         affine = batchnorm_affine(view, match.node_index)
         if isinstance(affine, str):
             return affine
         channels = affine.scale.shape[0]
         parts, exact_shift = [], []
-        for conv_index, resample_index in match.extra["branches"]:
+        for conv_index, resample_index, add_index in match.extra["branches"]:
             conv = view.nodes[conv_index]
-            reader = match.target_index if resample_index is None else resample_index
+            reader = add_index if resample_index is None else resample_index
             problem = view.sole_consumer_problem(conv.output[0], reader)
             if problem:
                 return f"{node_label(conv)} output {problem}"
@@ -83,7 +96,7 @@ class AddBnRule:
             exact = True
             if resample_index is not None:
                 resample = view.nodes[resample_index]
-                problem = view.sole_consumer_problem(resample.output[0], match.target_index)
+                problem = view.sole_consumer_problem(resample.output[0], add_index)
                 if problem:
                     return f"{node_label(resample)} output {problem}"
                 mode = _resample_mode(view, resample_index, channels, shape[1])
@@ -94,39 +107,106 @@ class AddBnRule:
             exact_shift.append(exact)
         ranks = {part.extra["weight"].ndim for part in parts}
         if len(ranks) > 1:
-            return f"{node_label(add)} adds Conv outputs of ranks {sorted(ranks)}"
+            return f"{node_label(view.nodes[match.target_index])} adds Conv outputs of ranks " \
+                   f"{sorted(ranks)}"
         if not any(exact_shift):
-            return (f"both branches of {node_label(add)} pass an interpolating Resize, which "
-                    f"would not carry the BN's shift exactly")
+            return (f"every branch of {node_label(view.nodes[match.target_index])} passes an "
+                    f"interpolating Resize, which would not carry the BN's shift exactly")
         shifted = exact_shift.index(True)
+        shifts = [affine.shift if number == shifted else np.zeros(channels)
+                  for number in range(len(parts))]
+        absorbing = _absorb_identity(view, match, parts, shifts, affine.scale)
+        if isinstance(absorbing, str):
+            return absorbing
         for number, part in enumerate(parts):
-            shift = affine.shift if number == shifted else np.zeros(channels)
-            part.affine = ChannelAffine(affine.scale, shift)
-            problem = _CONV_RULE.plan(view, part)
-            if problem:
-                return f"into {node_label(view.nodes[part.target_index])}: {problem}"
             conv = view.nodes[part.target_index]
+            if number != absorbing:
+                part.affine = ChannelAffine(affine.scale, shifts[number])
+                problem = _CONV_RULE.plan(view, part)
+                if problem:
+                    return f"into {node_label(conv)}: {problem}"
             if number != shifted and (len(conv.input) < 3 or not conv.input[2]):
                 part.updates = [u for u in part.updates if u.slot != 2]  # no bias, none needed
-            problem = plan_problem(part, view)
-            if problem:
-                return f"into {node_label(conv)}: {problem}"
+            if number != absorbing:
+                problem = plan_problem(part, view)
+                if problem:
+                    return f"into {node_label(conv)}: {problem}"
         match.affine = affine
         match.extra["parts"] = parts
         match.extra["into"] = ", ".join(node_label(view.nodes[p.target_index]) for p in parts)
         return None
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
-        """Apply each Conv's plan; the Add produces the BN's output."""
+        """Apply each Conv's plan; the Add produces the BN's output; the Add of the identity
+        goes, its other summand producing its output."""
         dead = []
         for part in match.extra["parts"]:
             dead += apply_plan(view, part)
             view.alter(view.nodes[part.target_index].output[0])
-        for _, resample in match.extra["branches"]:
+        for _, resample, _ in match.extra["branches"]:
             if resample is not None:
                 view.alter(view.nodes[resample].output[0])
+        for add_index, _ in match.extra["adds"][1:]:
+            view.alter(view.nodes[add_index].output[0])
         view.bypass(match.node_index, match.target_index)
+        identity = match.extra["identity"]
+        if identity is not None:
+            name, add_index = identity
+            add = view.nodes[add_index]
+            other = add.input[1] if add.input[0] == name else add.input[0]
+            if add_index != match.target_index:  # x may have widened the sum's shape there
+                view.drop_value_info(add.output[0])
+            view.bypass(add_index, view.producer_of(other)[0])
         return dead + list(match.affine.dead_inputs)
+
+
+def _summands(view: GraphView, top: int, bn: int):
+    """The leaves of the tree of Adds under Add `top` (each inner Add read by its parent
+    alone): ([(Conv, Resize or None, the Add it feeds)], [(Add, its reader)], the one other
+    leaf as (name, the Add it feeds) or None), or None when there is no Conv or more than one
+    other leaf. A Conv's output that another summed Conv reads is that other leaf (RepViT's
+    first block sums the stem Conv's output with two Convs of it)."""
+    leaves, adds = [], [(top, bn)]
+    work = [(name, top) for name in view.nodes[top].input]
+    while work:
+        name, reader = work.pop(0)
+        branch = _branch(view, name)
+        inner = None if branch is not None else produced_by(view, name, "Add")
+        if (inner is not None and len(inner[1].input) == 2 and len(adds) < _MAX_ADDS
+                and len(view.live_consumers(name)) == 1 and name not in view.graph_outputs):
+            adds.append((inner[0], reader))
+            work += [(n, inner[0]) for n in inner[1].input]
+        else:
+            leaves.append((name, reader, branch))
+    read = {view.nodes[b[0]].input[0] for _, _, b in leaves if b is not None and b[1] is None}
+    branches, others = [], []
+    for name, reader, branch in leaves:
+        if branch is None or name in read:
+            others.append((name, reader))
+        else:
+            branches.append((*branch, reader))
+    if not branches or len(others) > 1:
+        return None
+    return branches, adds, (others[0] if others else None)
+
+
+def _absorb_identity(view: GraphView, match: Match, parts: list[Match],
+                     shifts: list[np.ndarray], scale: np.ndarray) -> int | None | str:
+    """Plan the identity leaf's s·x into the first summed Conv of x that takes it: that
+    Conv's number in `parts`, None without an identity leaf, or why none takes it."""
+    identity = match.extra["identity"]
+    if identity is None:
+        return None
+    problems = []
+    for number, ((_, resample, _), part) in enumerate(zip(match.extra["branches"], parts)):
+        conv = view.nodes[part.target_index]
+        if resample is not None or conv.input[0] != identity[0]:
+            continue
+        problem = plan_with_identity(view, part, scale, scale, shifts[number])
+        if problem is None:
+            return number
+        problems.append(f"{node_label(conv)}: {problem}")
+    return f"{identity[0]!r} is a summand no Conv of it can absorb ({'; '.join(problems)})"
 
 
 def _branch(view: GraphView, name: str) -> tuple[int, int | None] | None:
