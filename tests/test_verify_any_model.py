@@ -14,6 +14,7 @@ import bnfold
 from bnfold.cli import cli
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import save_model
+from bnfold.verification.runs import weight_precision
 
 
 def make(nodes, inputs, outputs, inits, opset=13, ir_version=8):
@@ -161,6 +162,41 @@ def test_near_zero_outputs_are_judged_against_the_models_own_noise():
     assert not bnfold.verify(m, wrong).ok
     # explicit tolerances are used as given
     assert not bnfold.verify(m, folded, rtol=1e-5).ok
+
+
+def half_conv_model(weight_type=TensorProto.FLOAT16, as_constant=False):
+    """float32 in and out, Cast around a Conv→BN computed in `weight_type` (what
+    onnxconverter-common's float16 conversion with keep_io_types writes)."""
+    r = rng(31)
+    dtype = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}[weight_type]
+    weight = helper.make_tensor("W", weight_type, [8, 8, 3, 3],
+                                (r.standard_normal((8, 8, 3, 3)) / 8).astype(dtype).ravel())
+    params = [helper.make_tensor(f"bn_{role}", weight_type, [8], values.astype(dtype))
+              for role, values in (("scale", r.uniform(0.5, 1.5, 8)), ("bias", r.normal(0, 1, 8)),
+                                   ("mean", r.normal(0, 1, 8)), ("var", r.uniform(0.5, 2, 8)))]
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=weight_type),
+             helper.make_node("Conv", ["h", "W"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "b"),
+             helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=weight))
+    inits = params if as_constant else [weight, *params]
+    return make(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], inits)
+
+
+@pytest.mark.parametrize("as_constant", [False, True])
+def test_a_model_computing_in_float16_is_judged_at_float16_tolerance(as_constant):
+    m = half_conv_model(as_constant=as_constant)
+    assert weight_precision(m) == "float16"
+    outcome = bnfold.verify(m, bnfold.fold(m).model)
+    metrics = outcome.outputs[0]
+    # float16's scale-relative tolerance (1e-2), though the outputs are float32 (1e-5)
+    assert outcome.ok and metrics.tolerance >= 1e-2 * metrics.scale
+    assert "weights are float16: judged at float16 tolerance" in " ".join(outcome.notes)
+    on_cpu = bnfold.verify(m, bnfold.fold(m).model, engine="ort-cpu")
+    assert on_cpu.ok and on_cpu.engine["tolerance_precision"] == "float16"
+    m32 = half_conv_model(TensorProto.FLOAT)
+    assert weight_precision(m32) is None
+    assert bnfold.verify(m32, bnfold.fold(m32).model).outputs[0].tolerance < 1e-4
 
 
 def overflow_model(limit: float = 80.0):

@@ -73,6 +73,12 @@ class OutputMetrics:
     note: str = ""
 
 
+def coarser_precision(*names: str | None) -> str | None:
+    """The precision among `names` with the loosest tolerance (None: no precision named)."""
+    known = [n for n in names if n is not None]
+    return max(known, key=lambda n: PRECISION_TOLERANCES[n][0]) if known else None
+
+
 def default_tolerance(dtype: np.dtype, precision: str | None = None) -> tuple[float, float]:
     """(rtol, atol) for an output of `dtype` computed in `precision` (None: the dtype's own)."""
     rtol, atol = DEFAULT_TOLERANCES.get(np.dtype(dtype), (1e-5, 1e-7))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from bnfold.verification.comparison import OutputMetrics, default_tolerance
+from bnfold.verification.comparison import OutputMetrics, coarser_precision, default_tolerance
 from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
 from bnfold.errors import BnfoldError
 
@@ -75,7 +75,14 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                      tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
     from bnfold.verification.ground_truth import record_ground_truth
-    from bnfold.verification.runs import VerifyResult, _feeds, _load, _Runner, judge_outputs
+    from bnfold.verification.runs import (
+        VerifyResult,
+        _feeds,
+        _load,
+        _Runner,
+        judge_outputs,
+        weight_precision,
+    )
 
     _check_precision_name(tolerance_precision)
     ref_model, ref_payload = _load(reference)
@@ -104,7 +111,9 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     finally:
         opened.close()
     _check_outputs_match(ref_outputs[0], cand_outputs[0])
-    judged_as = tolerance_precision or precision.compute
+    # A model whose weights are float16 computes in float16 on any engine.
+    judged_as = tolerance_precision or coarser_precision(precision.compute,
+                                                         weight_precision(ref_model))
     metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
                             judged_as)
     result = VerifyResult(all(m.ok for m in metrics), metrics, len(feeds), seed, notes=notes,
@@ -120,10 +129,11 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
                    tolerance_precision: str | None = None) -> list[OutputCheck]:
     """Each open session's outputs on `feed` against `reference` (an ONNX model) run by ORT on
     the CPU with optimisation off: what `bnfold bench` does once before timing."""
-    from bnfold.verification.runs import _load, _Runner, judge_outputs
+    from bnfold.verification.runs import _load, _Runner, judge_outputs, weight_precision
 
     _check_precision_name(tolerance_precision)
-    _, ref_payload = _load(reference)
+    ref_model, ref_payload = _load(reference)
+    weights = weight_precision(ref_model)
     runner = _Runner(timeout)
     session = runner.session(ref_payload, "reference")
     ref_outputs = [runner.run(session, feed, "reference")]
@@ -131,7 +141,7 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
     checks = []
     for opened in sessions:
         precision = opened.precision.compute
-        judged_as = tolerance_precision or precision
+        judged_as = tolerance_precision or coarser_precision(precision, weights)
         outputs = opened.outputs()
         try:
             _check_outputs_match(ref_outputs[0], outputs)

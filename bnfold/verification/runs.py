@@ -109,14 +109,19 @@ def verify(
     runner = _Runner(timeout)
     holder = [runner.session(ref_payload, "reference")]
     feeds, notes = _feeds(ref_model, holder[0], runner, inputs, seed, runs, shapes)
+    precision = weight_precision(ref_model)
+    if precision is not None:
+        notes.append(f"the model's Conv/Gemm/MatMul weights are {precision}: judged at "
+                     f"{precision} tolerance")
     outputs, ref_first, cand_first = _judge(runner, holder, ref_payload, cand_payload, feeds,
-                                            atol, rtol)
+                                            atol, rtol, precision=precision)
     result = VerifyResult(all(m.ok for m in outputs), outputs, len(feeds), seed, notes=notes,
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     graph_outputs = {m.name for m in outputs}
     sites = [name for name in dict.fromkeys(sites) if name not in graph_outputs]
     if sites and any(m.noise_floor is not None for m in outputs):
-        result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol)
+        result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
+                                    precision)
         result.ok = result.ok and all(m.ok for m in result.sites)
         notes.append(f"the outputs passed only against the model's own float32 noise, so the "
                      f"{len(sites)} fold site(s) were compared as well")
@@ -169,8 +174,34 @@ def _values_at(runner, source, names, feeds, role, beside) -> list[dict[str, np.
     return values
 
 
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_LOW_PRECISIONS = {onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def weight_precision(model: onnx.ModelProto | None) -> str | None:
+    """"bfloat16" or "float16" when some Conv/ConvTranspose/Gemm/MatMul of the main graph has
+    a constant weight of that type (the lower when both): such a model computes in it even
+    when a Cast gives it float32 outputs, so float32's tolerance would fail any fold of it
+    (each folded weight is rounded to 2⁻¹¹). None otherwise."""
+    if model is None:
+        return None
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = attr.t.data_type
+    found = {types.get(node.input[1]) for node in model.graph.node
+             if node.op_type in _WEIGHTED_OPS and node.domain in ("", "ai.onnx")
+             and len(node.input) > 1}
+    for elem_type, name in _LOW_PRECISIONS.items():
+        if elem_type in found:
+            return name
+    return None
+
+
 def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
-           names: list[str] | None = None):
+           names: list[str] | None = None, precision: str | None = None):
     """Worst metrics per output over `feeds` (noise-floor judged where needed), and the first
     feed's outputs of both. `holder` passes the reference session in, so that dropping it here
     frees it: the two sessions never coexist, peak memory is one model."""
@@ -183,7 +214,8 @@ def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
         _check_interfaces(ref_interface, _interface(cand_session))
     cand_outputs = [runner.run(cand_session, feed, "candidate", names) for feed in feeds]
     del cand_session
-    metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol)
+    metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
+                            precision)
     return metrics, ref_outputs[0], cand_outputs[0]
 
 
@@ -208,14 +240,16 @@ def judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, r
     return list(worst.values())
 
 
-def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol) -> list[OutputMetrics]:
+def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
+                 precision: str | None = None) -> list[OutputMetrics]:
     """Compare fold sites: both models rewritten with the sites as extra outputs (weights
     copied file to file, beside the candidate when it is a file)."""
     beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
     with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
         ref_payload = _with_outputs(reference, sites, os.path.join(folder, "reference.onnx"))
         cand_payload = _with_outputs(candidate, sites, os.path.join(folder, "candidate.onnx"))
-        metrics, _, _ = _judge(runner, [], ref_payload, cand_payload, feeds, atol, rtol, sites)
+        metrics, _, _ = _judge(runner, [], ref_payload, cand_payload, feeds, atol, rtol, sites,
+                               precision)
     return metrics
 
 
