@@ -93,7 +93,7 @@ def test_fold_output_and_json_report(model_path, tmp_path):
     assert out.is_file() and not (tmp_path / "M.folded.onnx").exists()
     data = json.loads(report.read_text())
     assert data["summary"] == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1,
-                               "mul_add_folded": 0, "mul_add_kept": 0}
+                               "mul_add_folded": 0, "mul_add_kept": 0, "convs_merged": 0}
     (kept,) = [e for e in data["entries"] if e["status"] == "kept"]
     assert kept["node"] == "preact_bn" and kept["reasons"] and all(kept["reasons"])
     folded = {e["node"] for e in data["entries"] if e["status"] == "folded"}

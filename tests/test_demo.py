@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     sample = json.loads((tmp_path / "sample.folded.report.json").read_text())
     assert sample["summary"] == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1,
-                               "mul_add_folded": 0, "mul_add_kept": 0}
+                               "mul_add_folded": 0, "mul_add_kept": 0, "convs_merged": 0}
     assert sample["verification"]["ok"]
     exported = json.loads((tmp_path / "resnet18.folded.report.json").read_text())
     assert exported["summary"]["folded"] == exported["summary"]["batchnorm"] == 20

@@ -335,7 +335,7 @@ def test_sample_model_report():
     result = bnfold.fold(m)
     summary = result.report.to_dict()["summary"]
     assert summary == {"batchnorm": 7, "folded": 6, "lowered": 0, "kept": 1,
-                       "mul_add_folded": 0, "mul_add_kept": 0}
+                       "mul_add_folded": 0, "mul_add_kept": 0, "convs_merged": 0}
     rules = {e.node: e.rule for e in result.report.folded}
     assert rules["up_bn"] == "convtranspose-bn" and rules["pre_bn"] == "bn-conv"
     assert rules["head_bn"] == "gemm-bn"
@@ -620,14 +620,18 @@ def repvgg(group=1, pads3=(1, 1, 1, 1), dilation=1, with_1x1=True, zero_add=Fals
                                          (4, (2, 2, 0, 0))])
 def test_identity_bn_joins_a_conv_of_the_same_input(group, pads3):
     m = repvgg(group, pads3)
-    result = fold_and_check(m, {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 3)
+    merged = group == 1  # conv1 is a plain 1×1: with group 1 the two Convs merge as well
+    feed = {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    result = fold_and_check(m, feed, 3)
     rules = {e.node: (e.rule, e.into) for e in result.report.folded}
     assert rules == {"bn3": ("conv-bn", "conv3"), "bn1": ("conv-bn", "conv1"),
-                     "identity": ("identity-bn", "conv3")}
-    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "Add"]
+                     "identity": ("identity-bn", "conv3"),
+                     **({"add": ("merge-convs", "conv3")} if merged else {})}
+    assert [n.op_type for n in result.model.graph.node] == (
+        ["Conv"] if merged else ["Conv", "Conv", "Add"])
     assert result.model.graph.node[-1].output[0] == "y"
     # conv3's output now carries the identity too: no longer a site to compare with bn3's.
-    assert fold_sites(result.model, result.report) == ["n1"]
+    assert fold_sites(result.model, result.report) == (["y"] if merged else ["n1"])
 
 
 def test_identity_bn_takes_the_next_conv_when_one_has_no_tap_over_each_position():
@@ -644,7 +648,7 @@ def test_identity_bn_takes_the_next_conv_when_one_has_no_tap_over_each_position(
 
 @pytest.mark.parametrize("zero_add,combine", [(True, "Add"), (False, "Sub"), (True, "Sub")])
 def test_identity_bn_passes_zero_adds_and_joins_a_sub_negated(zero_add, combine):
-    m = repvgg(zero_add=zero_add, combine=combine)
+    m = repvgg(group=2, zero_add=zero_add, combine=combine)  # group 2: the Convs stay apart
     result = fold_and_check(m, {"x": rng(16).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 3)
     assert {e.node: e.rule for e in result.report.folded}["identity"] == "identity-bn"
     # The BN, the zero Add with its Constant, and the Add/Sub that took the identity are gone.
@@ -695,11 +699,13 @@ def repvit(stem=True, pads3=(1, 1, 1, 1), dilation=1, order="convs_first", with_
 def test_bn_after_a_sum_of_convs_and_their_input_folds_the_identity_into_one(stem, order):
     m = repvit(stem, order=order)
     result = fold_and_check(m, {"x": rng(18).standard_normal((1, 4, 6, 6)).astype(np.float32)}, 1)
-    (entry,) = result.report.folded
-    assert entry.rule == "add-bn" and entry.into == "conv3, conv1"
+    rules = {e.node: (e.rule, e.into) for e in result.report.folded}
+    # With the Convs' Add first in node order, merge-convs joins them before the BN is reached;
+    # else add-bn folds into both and the identity's Add goes, then they merge.
+    assert rules["bn"] == ("add-bn", "conv3" if order == "convs_first" else "conv3, conv1")
     ops = [n.op_type for n in result.model.graph.node]
-    assert "BatchNormalization" not in ops and ops.count("Add") == 1  # the identity's Add went
-    assert next(n for n in result.model.graph.node if n.op_type == "Add").output[0] == "out"
+    assert ops == ["Conv", "Conv", "Relu"] if stem else ["Conv", "Relu"]
+    assert result.model.graph.node[-2].output[0] == "out"
 
 
 def test_add_bn_names_why_no_summed_conv_absorbs_the_identity():

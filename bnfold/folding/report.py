@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 FOLDED = "folded"
 LOWERED = "lowered"
 KEPT = "kept"
+MERGE_RULE = "merge-convs"  # an Add of two Convs merged into one: no BN, no frozen BN
 
 
 @dataclass
@@ -64,6 +65,11 @@ class FoldReport:
         return sum(1 for e in self.kept if e.op_type == "BatchNormalization")
 
     @property
+    def merged_count(self) -> int:
+        """Adds of two Convs of one input merged into one Conv (rules.merge_convs)."""
+        return sum(1 for e in self.folded if e.rule == MERGE_RULE)
+
+    @property
     def batchnorm_count(self) -> int:
         return sum(1 for e in self.entries if e.op_type == "BatchNormalization")
 
@@ -75,7 +81,8 @@ class FoldReport:
             "folded": self.folded_count,
             "lowered": len(self.lowered),
             "kept": self.kept_count,
-            "mul_add_folded": len(self.folded) - self.folded_count,
+            "mul_add_folded": len(self.folded) - self.folded_count - self.merged_count,
+            "convs_merged": self.merged_count,
             "mul_add_kept": len(self.kept) - self.kept_count,
         }
         return data

@@ -12,6 +12,7 @@ from bnfold.folding.rules.lower_bn import LowerBnRule
 from bnfold.folding.rules.matmul_bn import MatMulBnRule
 from bnfold.folding.rules.matmul_mul import MatMulMulRule
 from bnfold.folding.rules.matmul_reshape_bn import MatMulReshapeBnRule
+from bnfold.folding.rules.merge_convs import MergeConvsRule
 from bnfold.folding.rules.split_bn import SplitBnRule
 
 # Folding into the producer comes first: it removes the BN without touching the consumer.
@@ -28,6 +29,7 @@ FOLD_RULES = (
     BnConvRule(),
     BnGemmRule(),
     IdentityBnRule(),
+    MergeConvsRule(),  # not a BN: the Convs the folds above leave summed, merged
 )
 LOWER_RULES = (LowerBnRule(),)
 
