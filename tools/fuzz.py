@@ -115,6 +115,37 @@ def seed_models(r: np.random.Generator) -> dict[str, onnx.ModelProto]:
     seeds["function_bn"] = _model(
         [helper.make_node("Block", ["x", "W", *bn.input[1:]], ["y"], domain="local", name="call")],
         [("x", [1, 3, 4, 4])], [("y", 4)], [_t("W", r.normal(0, 0.3, (4, 3, 3, 3))), *p])
+    # RepVGG/MobileOne before reparameterisation: Conv→BN branches + BN(x) through a zero Add
+    # (identity-bn, then merge-convs).
+    bn3, p3 = _bn("bn3", "c3", "n3", 4, r)
+    bn1, p1 = _bn("bn1", "c1", "n1", 4, r)
+    bnid, pid = _bn("bnid", "x", "nid", 4, r)
+    seeds["rep_block"] = _model(
+        [helper.make_node("Conv", ["x", "W3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]), bn3,
+         helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"), bn1, bnid,
+         helper.make_node("Add", ["nid", "zero"], ["nid0"], name="zero_add"),
+         helper.make_node("Add", ["n3", "n1"], ["s"], name="add"),
+         helper.make_node("Add", ["s", "nid0"], ["y"], name="add_id")],
+        [("x", [1, 4, 5, 5])], [("y", 4)],
+        [_t("W3", r.normal(0, 0.3, (4, 4, 3, 3))), _t("W1", r.normal(0, 0.3, (4, 4, 1, 1))),
+         _t("zero", 0.0), *p3, *p1, *pid])
+    # RepViT's BN(conv3(x) + conv1(x) + x), depthwise, then FastViT's x − BN(x) (add-bn over a
+    # tree with an identity leaf; identity-bn through a Sub).
+    bn, p = _bn("bn", "s2", "n", 4, r)
+    bnsub, psub = _bn("bnsub", "x", "nsub", 4, r)
+    seeds["rep_sum"] = _model(
+        [helper.make_node("Conv", ["x", "W3", "B3"], ["c3"], name="conv3", pads=[1, 1, 1, 1],
+                          group=4),
+         helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", group=4),
+         helper.make_node("Add", ["c3", "c1"], ["s1"], name="add1"),
+         helper.make_node("Add", ["s1", "x"], ["s2"], name="add2"), bn,
+         helper.make_node("Conv", ["x", "Wm"], ["cm"], name="mixer", pads=[1, 1, 1, 1], group=4),
+         bnsub, helper.make_node("Sub", ["cm", "nsub"], ["d"], name="sub"),
+         helper.make_node("Add", ["n", "d"], ["y"], name="out")],
+        [("x", [1, 4, 5, 5])], [("y", 4)],
+        [_t("W3", r.normal(0, 0.3, (4, 1, 3, 3))), _t("B3", r.normal(0, 0.1, 4)),
+         _t("W1", r.normal(0, 0.3, (4, 1, 1, 1))), _t("Wm", r.normal(0, 0.3, (4, 1, 3, 3))),
+         *p, *psub])
     seeds["function_bn"].functions.append(block)
     del seeds["function_bn"].opset_import[:]
     seeds["function_bn"].opset_import.extend(opsets)
