@@ -107,8 +107,8 @@ class AddBnRule:
             exact_shift.append(exact)
         ranks = {part.extra["weight"].ndim for part in parts}
         if len(ranks) > 1:
-            return f"{node_label(view.nodes[match.target_index])} adds Conv outputs of ranks " \
-                   f"{sorted(ranks)}"
+            return (f"{node_label(view.nodes[match.target_index])} adds Conv outputs of ranks "
+                    f"{sorted(ranks)}")
         if not any(exact_shift):
             return (f"every branch of {node_label(view.nodes[match.target_index])} passes an "
                     f"interpolating Resize, which would not carry the BN's shift exactly")
