@@ -14,7 +14,7 @@ from golden import (
     rng,
     tensor,
 )
-from onnx import helper
+from onnx import TensorProto, helper
 
 import bnfold
 from bnfold.folding.api import fold_sites
@@ -533,6 +533,37 @@ def test_add_bn_is_refused_with_its_reason(variant, reason):
     (kept,) = result.report.kept
     assert kept.reasons[0].startswith("into add:") and reason in kept.reasons[0], kept.reasons
     assert count_ops(result.model, "BatchNormalization") == 1
+
+
+def octconv_cast(conv_type=TensorProto.FLOAT16, wide=TensorProto.FLOAT):
+    """OctConv as onnxconverter-common writes it in float16: the low branch's Resize stays in
+    float32, between Cast(to `wide`) and Cast back to `conv_type`."""
+    r = rng(19)
+    dtype = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}[conv_type]
+    nodes = [helper.make_node("AveragePool", ["x"], ["low"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["x", "Wh", "bh"], ["c_hi"], pads=[1, 1, 1, 1], name="hi"),
+             helper.make_node("Conv", ["low", "Wl"], ["c_lo"], pads=[1, 1, 1, 1], name="lo"),
+             helper.make_node("Cast", ["c_lo"], ["wide"], to=wide),
+             helper.make_node("Resize", ["wide", "", "scales"], ["up_wide"], mode="nearest"),
+             helper.make_node("Cast", ["up_wide"], ["up"], to=conv_type),
+             helper.make_node("Add", ["c_hi", "up"], ["sum"], name="add"), bn_node("sum", "y")]
+    inits = [tensor("Wh", r.standard_normal((6, 4, 3, 3)) / 6, dtype),
+             tensor("bh", r.standard_normal(6), dtype),
+             tensor("Wl", r.standard_normal((6, 4, 3, 3)) / 6, dtype),
+             *bn_params("bn", 6, dtype=dtype), tensor("scales", [1, 1, 2, 2])]
+    return model(nodes, [("x", [1, 4, 8, 8])], [("y", None)], inits, elem=conv_type)
+
+
+def test_add_bn_looks_through_the_float32_resize_of_a_float16_model():
+    m = octconv_cast()
+    feed = {"x": rng(12).standard_normal((1, 4, 8, 8)).astype(np.float16)}
+    result = fold_and_check(m, feed, 1, rtol=1e-2)
+    (entry,) = result.report.folded
+    assert entry.rule == "add-bn" and entry.into == "hi, lo"
+    assert count_ops(result.model, "Cast") == 2  # they stay, around the Resize
+    # A Cast that narrows (float32 → float16 → float32) is no round trip: not looked through.
+    result = bnfold.fold(octconv_cast(TensorProto.FLOAT, TensorProto.FLOAT16))
+    assert result.report.folded_count == 0
 
 
 def levit(to_2d="flatten", bias=False, value_reader=False):

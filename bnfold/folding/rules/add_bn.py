@@ -10,8 +10,10 @@ A Resize (or Upsample) between a Conv and the Add resamples each channel alone b
 linear map (nearest, linear or cubic), so the scale passes through it unchanged when it keeps
 the channel axis as it is (its scale there is 1, or its size there is the channel count). The
 shift goes into a branch without one, else through a nearest-neighbour one, which copies a
-per-channel constant exactly (interpolation only sums to it up to rounding). Each link (Conv
-output, Resize output, Add output) must be read by the next node alone.
+per-channel constant exactly (interpolation only sums to it up to rounding). A float16 model
+from onnxconverter-common keeps the Resize in float32 between a Cast up and a Cast back to the
+Conv's type; widening is exact, so the pair is looked through. Each link (Conv output, Cast,
+Resize output, Add output) must be read by the next node alone.
 
 The sum may be a tree of Adds (RepViT's `RepVggDw`: BN(conv(x) + conv₁(x) + x)), and one of
 its leaves may be the input x of a summed Conv: s·x is that Conv's identity kernel scaled by s
@@ -21,10 +23,12 @@ its leaves may be the input x of a summed Conv: s·x is that Conv's identity ker
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
+    AttributeProblem,
     ChannelAffine,
     Match,
     apply_plan,
@@ -43,6 +47,9 @@ _CONV_RULE = ConvBnRule()
 _MAX_ADDS = 8  # Adds in the sum under the BN
 _RESAMPLING_OPS = ("Resize", "Upsample")
 _LINEAR_MODES = ("nearest", "linear", "cubic")
+_F16, _BF16, _F32, _F64 = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                           onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+_WIDER = {_F16: (_F32, _F64), _BF16: (_F32, _F64), _F32: (_F64,)}  # exact widenings
 
 
 class AddBnRule:
@@ -60,8 +67,8 @@ class AddBnRule:
             return None  # not a sum of Convs: not this rule's pattern
         branches, adds, identity = found
         if identity is not None and not any(
-                resample is None and view.nodes[conv].input[0] == identity[0]
-                for conv, resample, _ in branches):
+                not chain and view.nodes[conv].input[0] == identity[0]
+                for conv, chain, _ in branches):
             return None  # a summand that is neither a Conv nor the input of one
         return Match(node_index=index, target_index=add[0],
                      extra={"branches": branches, "adds": adds, "identity": identity})
@@ -80,12 +87,12 @@ class AddBnRule:
             return affine
         channels = affine.scale.shape[0]
         parts, exact_shift = [], []
-        for conv_index, resample_index, add_index in match.extra["branches"]:
+        for conv_index, chain, add_index in match.extra["branches"]:
             conv = view.nodes[conv_index]
-            reader = add_index if resample_index is None else resample_index
-            problem = view.sole_consumer_problem(conv.output[0], reader)
-            if problem:
-                return f"{node_label(conv)} output {problem}"
+            for link, reader in zip((conv_index, *chain), (*chain, add_index)):
+                problem = view.sole_consumer_problem(view.nodes[link].output[0], reader)
+                if problem:
+                    return f"{node_label(view.nodes[link])} output {problem}"
             part = Match(node_index=match.node_index, target_index=conv_index)
             shape = _CONV_RULE.output_channels(view, part)
             if isinstance(shape, str):
@@ -94,11 +101,8 @@ class AddBnRule:
                 return (f"{node_label(conv)} has {shape[0]} output channels but the BN has "
                         f"{channels}")
             exact = True
-            if resample_index is not None:
-                resample = view.nodes[resample_index]
-                problem = view.sole_consumer_problem(resample.output[0], add_index)
-                if problem:
-                    return f"{node_label(resample)} output {problem}"
+            if chain:
+                resample_index = chain[len(chain) // 2]  # alone, or between the two Casts
                 mode = _resample_mode(view, resample_index, channels, shape[1])
                 if mode not in _LINEAR_MODES:
                     return mode
@@ -143,9 +147,9 @@ class AddBnRule:
         for part in match.extra["parts"]:
             dead += apply_plan(view, part)
             view.alter(view.nodes[part.target_index].output[0])
-        for _, resample, _ in match.extra["branches"]:
-            if resample is not None:
-                view.alter(view.nodes[resample].output[0])
+        for _, chain, _ in match.extra["branches"]:
+            for link in chain:
+                view.alter(view.nodes[link].output[0])
         for add_index, _ in match.extra["adds"][1:]:
             view.alter(view.nodes[add_index].output[0])
         view.bypass(match.node_index, match.target_index)
@@ -178,7 +182,7 @@ def _summands(view: GraphView, top: int, bn: int):
             work += [(n, inner[0]) for n in inner[1].input]
         else:
             leaves.append((name, reader, branch))
-    read = {view.nodes[b[0]].input[0] for _, _, b in leaves if b is not None and b[1] is None}
+    read = {view.nodes[b[0]].input[0] for _, _, b in leaves if b is not None and not b[1]}
     branches, others = [], []
     for name, reader, branch in leaves:
         if branch is None or name in read:
@@ -198,9 +202,9 @@ def _absorb_identity(view: GraphView, match: Match, parts: list[Match],
     if identity is None:
         return None
     problems = []
-    for number, ((_, resample, _), part) in enumerate(zip(match.extra["branches"], parts)):
+    for number, ((_, chain, _), part) in enumerate(zip(match.extra["branches"], parts)):
         conv = view.nodes[part.target_index]
-        if resample is not None or conv.input[0] != identity[0]:
+        if chain or conv.input[0] != identity[0]:
             continue
         problem = plan_with_identity(view, part, scale, scale, shifts[number])
         if problem is None:
@@ -209,18 +213,47 @@ def _absorb_identity(view: GraphView, match: Match, parts: list[Match],
     return f"{identity[0]!r} is a summand no Conv of it can absorb ({'; '.join(problems)})"
 
 
-def _branch(view: GraphView, name: str) -> tuple[int, int | None] | None:
-    """(Conv index, Resize/Upsample index or None) when `name` is a Conv's output, directly or
-    through one resampling node; else None."""
+def _branch(view: GraphView, name: str) -> tuple[int, tuple[int, ...]] | None:
+    """(Conv index, the nodes between it and `name`) when `name` is a Conv's output directly,
+    through one Resize/Upsample, or through Cast up → Resize → Cast back to the Conv's type (a
+    float16 model keeps Resize in float32 so); else None."""
     conv = produced_by(view, name, "Conv")
     if conv is not None:
-        return conv[0], None
+        return conv[0], ()
+    chain = []
+    cast = produced_by(view, name, "Cast")
+    if cast is not None and cast[1].input:
+        chain.append(cast[0])
+        name = cast[1].input[0]
     found = view.producer_of(name)
     if (found is None or found[1].op_type not in _RESAMPLING_OPS
             or found[1].domain not in ("", "ai.onnx") or not found[1].input):
         return None
-    conv = produced_by(view, found[1].input[0], "Conv")
-    return None if conv is None else (conv[0], found[0])
+    chain.insert(0, found[0])
+    name = found[1].input[0]
+    if cast is not None:
+        widen = produced_by(view, name, "Cast")
+        if widen is None or not widen[1].input:
+            return None
+        chain.insert(0, widen[0])
+        name = widen[1].input[0]
+    conv = produced_by(view, name, "Conv")
+    if conv is None or (cast is not None and not _round_trip(view, conv[1], *(
+            view.nodes[i] for i in (chain[0], chain[-1])))):
+        return None
+    return conv[0], tuple(chain)
+
+
+def _round_trip(view: GraphView, conv, widen, narrow) -> bool:
+    """Whether Cast `widen` takes the Conv's float output to a type holding all its values and
+    Cast `narrow` brings the resampled result back to the Conv's type."""
+    elem = view.constant_dtype(conv.input[1]) if len(conv.input) > 1 else None
+    try:
+        up = typed_attribute(widen, "to", "int", -1)
+        down = typed_attribute(narrow, "to", "int", -1)
+    except AttributeProblem:
+        return False
+    return down == elem and up in _WIDER.get(elem, ())
 
 
 def _resample_mode(view: GraphView, index: int, channels: int, rank: int) -> str:
