@@ -32,7 +32,10 @@ from bnfold.folding.rules.common import (
     typed_attribute,
     weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import constant_or_reason, optional_constant
+from bnfold.folding.rules.conv_bn import ConvBnRule
+from bnfold.folding.rules.into_producer import optional_constant
+
+_CONV_RULE = ConvBnRule()
 
 
 class MergeConvsRule:
@@ -60,7 +63,7 @@ class MergeConvsRule:
             problem = view.sole_consumer_problem(conv.output[0], match.node_index)
             if problem:
                 return f"{node_label(conv)} output {problem}"
-            found = _geometry(view, conv)
+            found = _geometry(view, conv_index)
             if isinstance(found, str):
                 return f"{node_label(conv)}: {found}"
             geometry.append(found)
@@ -101,15 +104,14 @@ class MergeConvsRule:
         return dead + list(other.input[1:])
 
 
-def _geometry(view: GraphView, conv) -> dict | str:
+def _geometry(view: GraphView, index: int) -> dict | str:
     """A Conv's weight, bias, group, strides, dilations and pads, or why it has none to merge."""
-    if len(conv.input) < 2:
-        return "it has no weight input"
-    weight = constant_or_reason(view, conv.input[1], "Conv weight")
-    if isinstance(weight, str):
-        return weight
-    if weight.ndim < 3:
-        return f"its weight has rank {weight.ndim}, expected at least 3"
+    conv = view.nodes[index]
+    part = Match(node_index=index, target_index=index)
+    shape = _CONV_RULE.output_channels(view, part)  # the weight, a constant of rank ≥ 3
+    if isinstance(shape, str):
+        return shape
+    weight = part.extra["weight"]
     bias = optional_constant(view, conv, 2, "Conv bias", shape=(weight.shape[0],))
     if isinstance(bias, str):
         return bias
