@@ -217,6 +217,18 @@ def gemm_c_problem(c: np.ndarray | None, columns: int, label: str) -> str | None
     return None
 
 
+def matmul_columns_affine(view: GraphView, bn_index: int, b: np.ndarray
+                          ) -> ChannelAffine | str:
+    """The affine map of BN `bn_index` when it has one value per column of MatMul B `b` (the
+    MatMul's last axis), or why not."""
+    affine = batchnorm_affine(view, bn_index)
+    if isinstance(affine, str):
+        return affine
+    if affine.scale.shape[0] != b.shape[1]:
+        return f"MatMul has {b.shape[1]} output columns but the BN has {affine.scale.shape[0]}"
+    return affine
+
+
 def optional_constant(
     view: GraphView,
     node,

@@ -15,12 +15,15 @@ from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
     Match,
     apply_plan,
-    batchnorm_affine,
     compute_dtype,
     plan_problem,
     weight_and_bias_updates,
 )
-from bnfold.folding.rules.into_producer import matmul_weight, per_channel_vector
+from bnfold.folding.rules.into_producer import (
+    matmul_columns_affine,
+    matmul_weight,
+    per_channel_vector,
+)
 
 
 class MatMulBnRule:
@@ -60,12 +63,10 @@ class MatMulBnRule:
                 f"MatMul output has rank {known[1]}: BN's channel axis 1 is not the MatMul's "
                 f"last axis"
             )
-        affine = batchnorm_affine(view, match.node_index)
+        affine = matmul_columns_affine(view, match.node_index, b)
         if isinstance(affine, str):
             return affine
         channels = b.shape[1]
-        if affine.scale.shape[0] != channels:
-            return f"MatMul has {channels} output columns but the BN has {affine.scale.shape[0]}"
         bias = None
         if add_index is not None:
             add = view.nodes[add_index]

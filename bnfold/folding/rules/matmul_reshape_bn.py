@@ -23,7 +23,6 @@ from bnfold.folding.rules.common import (
     Match,
     apply_plan,
     attribute_reason,
-    batchnorm_affine,
     compute_dtype,
     is_batchnorm,
     plan_problem,
@@ -32,6 +31,7 @@ from bnfold.folding.rules.common import (
 )
 from bnfold.folding.rules.into_producer import (
     constant_or_reason,
+    matmul_columns_affine,
     matmul_weight,
     per_channel_vector,
 )
@@ -88,12 +88,10 @@ class MatMulReshapeBnRule:
             if rank != 2:
                 return (f"{node_label(reshape)} makes a rank-{rank} tensor: the BN's channel "
                         f"axis 1 is not the MatMul's last axis")
-        affine = batchnorm_affine(view, match.node_index)
+        affine = matmul_columns_affine(view, match.node_index, b)
         if isinstance(affine, str):
             return affine
         channels = b.shape[1]
-        if affine.scale.shape[0] != channels:
-            return f"MatMul has {channels} output columns but the BN has {affine.scale.shape[0]}"
         elem = view.constant_dtype(matmul.input[1])
         bias, bias_update = None, None
         if add_index is not None:
