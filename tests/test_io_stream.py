@@ -94,3 +94,34 @@ def test_writer_keeps_unknown_fields_of_model_graph_and_tensors():
     write_model(m, buffer)
     assert buffer.getvalue() == m.SerializeToString()
     assert len(buffer.getvalue()) > len(_model_with_everything().SerializeToString())
+
+
+def test_writer_reserves_exactly_the_bytes_it_writes(tmp_path, monkeypatch):
+    # A reservation larger than the file would leave blocks allocated past its end: the size
+    # asked for must be the size written.
+    import bnfold.onnxio.stream as stream
+
+    reserved: list[int] = []
+    monkeypatch.setattr(stream, "reserve", lambda handle, nbytes: reserved.append(nbytes))
+    m = _model_with_everything()
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(1 << 16, np.float32), "big"))
+    path = tmp_path / "m.onnx"
+    with open(path, "wb") as handle:
+        write_model(m, handle)
+    assert path.read_bytes() == m.SerializeToString()
+    assert reserved == [path.stat().st_size]
+
+
+def test_reserve_allocates_blocks_without_changing_the_length(tmp_path):
+    from bnfold.onnxio.preallocate import MIN_BYTES, reserve
+
+    assert not reserve(io.BytesIO(), MIN_BYTES)  # no file behind it
+    path = tmp_path / "reserved.bin"
+    with open(path, "wb") as handle:
+        assert not reserve(handle, MIN_BYTES - 1)  # too small to be worth a call
+        if not reserve(handle, MIN_BYTES):
+            pytest.skip("this platform or file system cannot reserve blocks (fallocate)")
+        handle.write(b"model")
+    stat = path.stat()
+    assert stat.st_size == 5
+    assert stat.st_blocks * 512 >= MIN_BYTES

@@ -34,6 +34,7 @@ from bnfold.onnxio.stream import (
     write_values,
 )
 from bnfold.onnxio.nodes import node_names
+from bnfold.onnxio.preallocate import reserve
 from bnfold.onnxio.tensors import all_graphs, iter_tensors, iter_tensors_by_scope
 
 # Smaller files are parsed by protobuf in one call, weights included. Deferring saves at most
@@ -260,6 +261,7 @@ def _save_staged(model, path, external_data, accept, overrides, deferred, whole=
         else:
             with open(staged, "wb") as handle:
                 if whole is not None:
+                    reserve(handle, len(whole))
                     handle.write(whole)
                 else:
                     write_model(model, handle, overrides, deferred)

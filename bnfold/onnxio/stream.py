@@ -13,6 +13,8 @@ from typing import BinaryIO
 
 import onnx
 
+from bnfold.onnxio.preallocate import reserve
+
 try:
     from google.protobuf.unknown_fields import UnknownFieldSet
 except ImportError:  # protobuf < 4.24
@@ -152,8 +154,10 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
         size += len(header[1])
         plan.append((tensor, header, size, source))
         graph_size += len(_INITIALIZER_TAG) + len(varint(size)) + size
-    handle.write(_serialized_fields(model, below=graph_number))
-    handle.write(_GRAPH_TAG + varint(graph_size))
+    head = _serialized_fields(model, below=graph_number) + _GRAPH_TAG + varint(graph_size)
+    tail = _serialized_fields(model, above=graph_number) + _unknown_bytes(model)
+    reserve(handle, len(head) + graph_size + len(tail))
+    handle.write(head)
     handle.write(before)
     for tensor, header, size, source in plan:
         handle.write(_INITIALIZER_TAG + varint(size))
@@ -168,7 +172,7 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
             write_values(handle, source)
         handle.write(header[1])
     handle.write(after)
-    handle.write(_serialized_fields(model, above=graph_number) + _unknown_bytes(model))
+    handle.write(tail)
 
 
 def write_values(handle: BinaryIO, values) -> None:
