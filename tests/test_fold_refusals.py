@@ -152,6 +152,30 @@ def test_conv_weight_computed_at_run_time_is_refused():
     fold_refused(m, feed, "Conv weight 'w_in' is a graph input")
 
 
+@pytest.mark.parametrize("stored", ["int8", "float"])
+def test_quantized_conv_weight_is_refused_with_what_to_do(stored):
+    # ONNX Runtime's quantizer stores int8 weights (DequantizeLinear); QAT exports from
+    # pytorch-quantization keep float ones behind QuantizeLinear → DequantizeLinear.
+    r = rng(0)
+    weight = r.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    scale = (np.abs(weight).reshape(4, -1).max(1) / 127).astype(np.float32)
+    zero = np.zeros(4, np.int8)
+    if stored == "int8":
+        inits = [onnx.numpy_helper.from_array(np.round(weight / scale[:, None, None, None])
+                                              .astype(np.int8), "w_q")]
+        nodes = []
+    else:
+        inits = [tensor("w_f", weight)]
+        nodes = [helper.make_node("QuantizeLinear", ["w_f", "w_scale", "w_zero"], ["w_q"], axis=0)]
+    inits += [tensor("w_scale", scale), onnx.numpy_helper.from_array(zero, "w_zero"),
+              *bn_params("bn", 4)]
+    nodes += [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+              helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "y")]
+    m = model(nodes, [("x", [2, 3, 6, 6])], [("y", None)], inits)
+    fold_refused(m, FEED, "Conv weight 'w' is quantized (DequantizeLinear): a fold would make "
+                          "it a float weight; fold BatchNormalization before quantizing")
+
+
 def test_matmul_with_3d_output_is_refused():
     r = rng(0)
     inits = [tensor("B", r.standard_normal((5, 6))), *bn_params("bn", 4)]

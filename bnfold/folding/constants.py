@@ -25,6 +25,8 @@ EVALUATED_OPS = frozenset({
     "Concat", "Slice", "Gather", "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt",
     "Reciprocal", "Abs", "Exp", "Log", "Pow", "Expand", "Tile", "Range",
 })
+# A weight these compute is quantized: folding into it would make it a float weight.
+QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 MAX_VALUES = 1 << 27  # 128 M values: 512 MB of float32 for one computed tensor
 MAX_DEPTH = 64
 
@@ -59,6 +61,10 @@ class ConstantSubgraphs:
         if found is None:
             return "computed at run time, not a constant"
         _, node = found
+        if node.op_type in QUANTIZATION_OPS:
+            return (f"quantized ({node.op_type}): a fold would make it a float weight; fold "
+                    f"BatchNormalization before quantizing (TensorRT fuses this one into the "
+                    f"quantized layer itself)")
         if node.domain not in ("", "ai.onnx") or node.op_type not in EVALUATED_OPS:
             return f"computed at run time by {node.op_type}, not a constant"
         if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
