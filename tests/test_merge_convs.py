@@ -85,3 +85,24 @@ def test_convs_that_cannot_merge_stay_as_they_were(case):
     result = bnfold.fold(m)
     assert result.report.folded == []
     assert count_ops(result.model, "Conv") == 2 and count_ops(result.model, "Add") == 1
+
+
+def test_acnet_block_summed_in_its_own_order_becomes_one_3x3():
+    # ACNet's ACBlock returns square + vertical + horizontal: (3×3 + 3×1) merges first, then
+    # the 1×3 lies inside the merged 3×3.
+    r = rng(42)
+    nodes, inits = [], []
+    for name, kernel, pads in (("sq", (3, 3), (1, 1, 1, 1)), ("ver", (3, 1), (1, 0, 1, 0)),
+                               ("hor", (1, 3), (0, 1, 0, 1))):
+        inits.append(tensor(f"W{name}", r.standard_normal((4, 4, *kernel))))
+        nodes.append(helper.make_node("Conv", ["x", f"W{name}"], [name], name=f"conv_{name}",
+                                      pads=list(pads), kernel_shape=list(kernel)))
+    nodes += [helper.make_node("Add", ["sq", "ver"], ["s1"]),
+              helper.make_node("Add", ["s1", "hor"], ["y"])]
+    m = model(nodes, [("x", [1, 4, 8, 8])], [("y", None)], inits, opset=17)
+    result = bnfold.fold(m)
+    checker.check_model(result.model)
+    assert result.report.to_dict()["summary"]["convs_merged"] == 2
+    (conv,) = result.model.graph.node
+    assert conv.op_type == "Conv" and conv.output[0] == "y"
+    assert_same_outputs(m, result.model, feed_for(m), 1e-5)
