@@ -101,8 +101,30 @@ def test_table_wraps_long_node_names_instead_of_cutting_their_tail():
     assert name in "".join(cells) and "…" not in "".join(cells)
 
 
-def test_list_draws_every_entry_as_a_table(capsys):
+def test_list_draws_every_entry_as_a_table_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
     report = _all_folded_report()
     print_fold_report(report, title="bnfold fold m.onnx", full=True)
     out = capsys.readouterr().out
     assert "┃" in out and out.count("conv-bn)") == 3 and "gemm-bn" in out
+
+
+def test_list_piped_is_one_line_per_entry_with_names_whole(capsys, monkeypatch):
+    # Piped, rich would draw the table 80 columns wide and wrap a long name anywhere in it.
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    report = _all_folded_report()
+    long_name = "backbone/stage4/block12/branch_a/norm_with_a_very_long_identifying_suffix"
+    report.entries += [
+        FoldEntry("/stem/Add", "Add", FOLDED, "main", "/stem/conv", "merge-convs"),
+        FoldEntry(long_name, "BatchNormalization", KEPT, "main", None, None,
+                  ["no Conv/ConvTranspose/Gemm/MatMul beside it"]),
+    ]
+    print_fold_report(report, title="bnfold inspect m.onnx", full=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["bnfold inspect m.onnx", "folded 5: conv-bn 3, gemm-bn 1, merge-convs 1"]
+    assert "  bn1 → conv1 (conv-bn)" in lines and "  bn_gemm → fc (gemm-bn)" in lines
+    assert "  /stem/Add (Add) → /stem/conv (merge-convs)" in lines
+    assert lines[lines.index("kept 1:") + 1] == (
+        f"  {long_name}: no Conv/ConvTranspose/Gemm/MatMul beside it")
+    assert lines[-1].startswith("BatchNormalization:") and not any("┃" in x for x in lines)

@@ -3,25 +3,28 @@
 By default `bnfold fold` prints what a user must read: the title, the folds counted per rule,
 every kept or lowered BN on one line with its reason in full (names are never cut), the notes
 and the summary. That is plain lines, printed with click: importing rich and drawing a table
-cost ~50 ms, more than folding a 30 MB model (DenseNet-121 keeps 59 BNs). `--list` draws every
-entry as a table with rich (bnfold.cli.report_view), around the same lines. Styles are rich's
+cost ~50 ms, more than folding a 30 MB model (DenseNet-121 keeps 59 BNs). `--list` and
+`bnfold inspect` show every entry: on a terminal as a table drawn with rich
+(bnfold.cli.report_view), around the same lines; piped (a file, grep, a CI log), one line per
+entry, since a table 80 columns wide would wrap long node names in the middle. Styles are rich's
 (same text, styled on a terminal only, with its reading of NO_COLOR, FORCE_COLOR, TERM=dumb).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
-from bnfold.folding.report import KEPT, LOWERED, FoldEntry, FoldReport
+from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 
 # The rich styles the lines use, as click.style arguments.
 _CLICK_STYLES = {"italic": {"italic": True}, "dim": {"dim": True}, "green": {"fg": "green"},
                  "red": {"fg": "red"}, "yellow": {"fg": "yellow"}}
 
 
-def fold_counts_line(report: FoldReport) -> str:
+def fold_counts_line(report: FoldReport, pointer: bool = True) -> str:
     """'folded 52: conv-bn 50, gemm-bn 2 (every entry: ...)', rules by count."""
     by_rule: dict[str, int] = {}
     for entry in report.folded:
@@ -29,7 +32,15 @@ def fold_counts_line(report: FoldReport) -> str:
     counts = ", ".join(f"{rule} {count}" for rule, count in sorted(by_rule.items(),
                                                                     key=lambda i: -i[1]))
     text = f"folded {len(report.folded)}" + (f": {counts}" if counts else "")
-    return text + " (every entry: --list or --report)"
+    return text + (" (every entry: --list or --report)" if pointer else "")
+
+
+def folded_lines(report: FoldReport) -> list[tuple[str, str | None]]:
+    """The counts, then one line per fold ('  name → into (rule)')."""
+    lines: list[tuple[str, str | None]] = [(fold_counts_line(report, pointer=False), "green")]
+    lines.extend((f"  {_place(e)} → {e.into} ({e.rule})", None)
+                 for e in report.entries if e.status == FOLDED)
+    return lines
 
 
 def summary_lines(report: FoldReport) -> list[tuple[str, str | None]]:
@@ -64,16 +75,26 @@ def _place(entry: FoldEntry) -> str:
 
 
 def print_fold_report(report: FoldReport, title: str, full: bool = False) -> None:
-    """The report on stdout: plain lines by default, every entry in a rich table with `full`."""
-    if full:
+    """The report on stdout: plain lines by default; with `full`, every entry, in a rich table
+    on a terminal and one line each when piped."""
+    if full and _terminal():
         from bnfold.cli.common import console
         from bnfold.cli.report_view import render_fold_report
 
         render_fold_report(report, console, title=title)
         return
-    for text, style in [(title, "italic"), (fold_counts_line(report), "green"),
-                        *unfolded_lines(report), *summary_lines(report)]:
+    folded = folded_lines(report) if full else [(fold_counts_line(report), "green")]
+    for text, style in [(title, "italic"), *folded, *unfolded_lines(report),
+                        *summary_lines(report)]:
         echo(text, style)
+
+
+def _terminal() -> bool:
+    """Whether rich would draw for a terminal: stdout is one, or FORCE_COLOR says to act so."""
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def echo(text: str, style: str | None = None) -> None:

@@ -67,14 +67,14 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
               help="As for fold: treat a graph input that has an initializer as a constant.")
 def inspect_command(model, json_path, freeze_inputs):
     """List every BatchNormalization: what it would fold into, or why not. Writes no model."""
-    from bnfold.cli.common import console
-    from bnfold.cli.report_view import render_fold_report
+    from bnfold.cli.fold_summary import print_fold_report
     from bnfold.folding.api import fold
 
     require_folder_of(json_path, "--json")
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold(model, freeze_inputs=freeze)
-    render_fold_report(result.report, console, title=f"bnfold inspect {os.path.basename(model)}")
+    print_fold_report(result.report, title=f"bnfold inspect {os.path.basename(model)}",
+                      full=True)
     if json_path:
         write_json(json_path, result.report.to_dict())
 
