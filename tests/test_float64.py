@@ -3,6 +3,8 @@ ConvTranspose included (onnx.reference's own grouped ConvTranspose is wrong)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from golden import model, rng, run, tensor
@@ -30,6 +32,47 @@ def test_grouped_conv_transpose_matches_onnx_runtime(group, c_in, c_out_per_grou
     truth = evaluate_float64(m, {"x": x})["y"]
     assert truth.dtype == np.float64 and truth.shape == expected.shape
     assert np.abs(truth - expected).max() <= 1e-6 * np.abs(truth).max()
+
+
+@pytest.mark.parametrize("shape,kernel,attrs", [
+    ((2, 4, 9, 7), (6, 2, 3, 2), {"group": 2, "dilations": [2, 1], "pads": [1, 0, 2, 1],
+                                  "strides": [2, 1]}),
+    ((1, 3, 10), (4, 3, 3), {"auto_pad": "SAME_UPPER", "strides": [2]}),
+    ((1, 3, 10), (4, 3, 4), {"auto_pad": "SAME_LOWER", "strides": [3]}),
+    ((1, 6, 5, 5, 5), (6, 1, 3, 3, 3), {"group": 6, "auto_pad": "VALID"}),
+    # WaveNet-style: onnx.reference's own Conv would build a 2,049-tap dense kernel here
+    ((1, 16, 4000), (16, 16, 3), {"dilations": [1024], "pads": [2048, 0]}),
+])
+def test_conv_matches_onnx_runtime(shape, kernel, attrs):
+    r = rng(7)
+    inits = [tensor("W", r.standard_normal(kernel)), tensor("B", r.standard_normal(kernel[0]))]
+    m = model([helper.make_node("Conv", ["x", "W", "B"], ["y"], **attrs)], [("x", list(shape))],
+              [("y", None)], inits)
+    x = r.standard_normal(shape).astype(np.float32)
+    expected = run(m, {"x": x})[0]
+    truth = evaluate_float64(m, {"x": x})["y"]
+    assert truth.dtype == np.float64 and truth.shape == expected.shape
+    assert np.abs(truth - expected).max() <= 1e-6 * np.abs(truth).max()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cap is Linux's RLIMIT_AS")
+def test_float64_evaluation_past_the_memory_cap_is_skipped_not_fatal(monkeypatch):
+    import resource
+
+    from bnfold.errors import BnfoldError
+    from bnfold.verification import float64
+
+    # A cap 64 MB above the process's present size: widening this input alone needs 128 MB.
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    monkeypatch.setattr(float64, "_address_space_limits", lambda: (before, size + (64 << 20)))
+    m = model([helper.make_node("Neg", ["x"], ["y"])], [("x", [4000, 4000])], [("y", None)], [])
+    x = np.ones((4000, 4000), np.float32)
+    with pytest.raises(BnfoldError, match="more than half of the free memory"):
+        evaluate_float64(m, {"x": x})
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    assert evaluate_float64(m, {"x": x[:2]})["y"].shape == (2, 4000)  # the cap is gone
 
 
 def test_verify_reports_ground_truth_for_the_sample_model():

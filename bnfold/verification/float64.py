@@ -6,6 +6,9 @@ float64; the evaluator is pure numpy, so this is for small models only.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -71,6 +74,64 @@ def _grouped_conv_transpose():
     return ConvTranspose
 
 
+def _tap_by_tap_conv():
+    """Conv as a sum over kernel taps of (group-batched) matrix products: memory of a few
+    copies of the input, where onnx.reference first builds a dense dilated kernel and an
+    im2col matrix of C·(k−1)·d+1 rows per position (a WaveNet-style Conv of dilation 4096 over
+    7,500 samples asked it for tens of GB)."""
+    from onnx.reference.op_run import OpRun
+
+    class Conv(OpRun):
+        op_domain = ""
+
+        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None,
+                 kernel_shape=None, pads=None, strides=None):
+            return (conv_by_taps(X, W, B, auto_pad or "NOTSET", dilations, group or 1, pads,
+                                 strides).astype(X.dtype),)
+
+    return Conv
+
+
+def conv_by_taps(X, W, B, auto_pad, dilations, group, pads, strides) -> np.ndarray:
+    """ONNX Conv of X [N, C, *in] with W [M, C/group, *k] (and bias B [M])."""
+    spatial = X.ndim - 2
+    if spatial < 1 or W.ndim != X.ndim or X.shape[1] != W.shape[1] * group or W.shape[0] % group:
+        raise ValueError(f"Conv of X {X.shape} with W {W.shape}, group {group}")
+    kernel = W.shape[2:]
+    dilations = list(dilations or [1] * spatial)
+    strides = list(strides or [1] * spatial)
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    if auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        head, tail = [], []
+        for size, stride, span in zip(X.shape[2:], strides, reach):
+            needed = max(0, (-(-size // stride) - 1) * stride + span - size)
+            first = (needed + 1) // 2 if auto_pad == "SAME_LOWER" else needed // 2
+            head.append(first)
+            tail.append(needed - first)
+        pads = head + tail
+    pads = list(pads or [0] * 2 * spatial)
+    padded = np.pad(X, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    out = [(padded.shape[2 + i] - reach[i]) // strides[i] + 1 for i in range(spatial)]
+    if min(out) < 1:
+        raise ValueError(f"Conv output of size {out}")
+    batch, channels, maps = X.shape[0], X.shape[1] // group, W.shape[0] // group
+    positions = int(np.prod(out))
+    result = np.zeros((batch, group, maps, positions), np.result_type(X, W))
+    for tap in np.ndindex(*kernel):
+        window = tuple(slice(t * d, t * d + (n - 1) * s + 1, s)
+                       for t, d, n, s in zip(tap, dilations, out, strides))
+        taken = padded[(slice(None), slice(None), *window)].reshape(
+            batch, group, channels, positions)
+        weights = W[(slice(None), slice(None), *tap)].reshape(group, maps, channels)
+        result += np.matmul(weights, taken)
+    result = result.reshape(batch, group * maps, *out)
+    if B is not None:
+        result += B.reshape((1, -1) + (1,) * spatial)
+    return result
+
+
 def _inference_batch_normalization():
     """onnx.reference runs BatchNormalization 9–13 in training mode whenever a `momentum`
     attribute is present (paddle2onnx always writes one); ONNX Runtime, like the spec for
@@ -116,12 +177,17 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
         name: value.astype(np.float64) if value.dtype == np.float32 else value
         for name, value in feed.items()
     }
-    new_ops = [_grouped_conv_transpose(), _inference_batch_normalization()]
+    new_ops = [_grouped_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv()]
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), _memory_cap():
             evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
             names = outputs if names is None else list(names)
             values = evaluator.run(names, wide_feed)
+    except MemoryError:
+        raise BnfoldError(
+            "onnx.reference would need more than half of the free memory to evaluate the model "
+            "in float64"
+        ) from None
     except Exception as exc:  # the reference evaluator raises anything from numpy
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise BnfoldError(
@@ -129,3 +195,47 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
             f"{detail})"
         ) from None
     return dict(zip(names, values))
+
+
+@contextlib.contextmanager
+def _memory_cap():
+    """While inside, allocations past half of the memory now free fail with MemoryError (Linux:
+    the address-space limit, raised from the process's present size): onnx.reference's
+    intermediates are sized by the model, and the ground truth is only worth running where it
+    is affordable, never at the cost of the whole fold being killed."""
+    limits = _address_space_limits()
+    if limits is None:
+        yield
+        return
+    import resource
+
+    previous, cap = limits
+    resource.setrlimit(resource.RLIMIT_AS, (cap, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, previous)
+
+
+def _address_space_limits():
+    """(the present RLIMIT_AS, the cap to set) or None where there is nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status
+                        if line.startswith("VmSize:"))
+        with open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    previous = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + free // 2
+    if previous[0] != resource.RLIM_INFINITY and previous[0] <= cap:
+        return None
+    if previous[1] != resource.RLIM_INFINITY:
+        cap = min(cap, previous[1])
+    return previous, cap
