@@ -190,8 +190,9 @@ def test_fold_no_verify_loads_only_the_fold(tmp_path):
     assert loaded == [], f"`bnfold fold --no-verify` imported {loaded}"
 
 
-def test_kept_batchnorms_print_without_rich_and_list_draws_the_table(tmp_path):
-    # A kept BN is a plain line; --list (every entry, a table) loads rich through the same path.
+def test_kept_batchnorms_print_without_rich_and_list_draws_the_table(tmp_path, monkeypatch):
+    # A kept BN is a plain line; --list piped is plain lines too, and on a terminal (FORCE_COLOR
+    # stands in for one) a table, which loads rich through the same path.
     import onnx
 
     from bnfold.sample_model import build_sample_model  # preact_bn is kept
@@ -199,7 +200,10 @@ def test_kept_batchnorms_print_without_rich_and_list_draws_the_table(tmp_path):
     onnx.save(build_sample_model(), str(tmp_path / "m.onnx"))
     args = (str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"))
     watched = ("rich.table", "bnfold.verification")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
     assert loaded_modules(FOLD_NO_VERIFY, watched, *args) == []
+    assert loaded_modules(FOLD_NO_VERIFY, watched, *args, "--list") == []
+    monkeypatch.setenv("FORCE_COLOR", "1")
     assert loaded_modules(FOLD_NO_VERIFY, watched, *args, "--list") == ["rich.table"]
 
 
