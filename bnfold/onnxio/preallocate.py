@@ -1,10 +1,10 @@
 """Reserve a file's blocks before writing it: a large model is written about 3× faster.
 
-On ext4 (and xfs, btrfs, tmpfs) writing 100 MB into an empty file allocates its blocks page by
-page as the writes arrive; measured here, that took 0.05–0.25 s of a fold whose other work on
-ResNet-50 is 0.04 s. One fallocate(2) of the known size beforehand brings the same write to
-about 0.02 s. FALLOC_FL_KEEP_SIZE leaves the file's length alone, so what was written is what
-the file holds even if the reservation were too large.
+On ext4, writing 100 MB into an empty file allocates its blocks page by page as the writes
+arrive; measured here, that took 0.05–0.25 s of a fold whose other work on ResNet-50 is 0.04 s.
+One fallocate(2) of the known size beforehand brought the same write to about 0.02 s (xfs and
+btrfs reserve the same way; not measured here). FALLOC_FL_KEEP_SIZE leaves the file's length
+alone, so what was written is what the file holds even if the reservation were too large.
 
 Best effort: Linux only, through the C library's own fallocate (glibc's posix_fallocate would
 instead write zeros where the file system cannot reserve, doubling the write); any failure
@@ -55,4 +55,3 @@ def reserve(handle, nbytes: int) -> bool:
     except (AttributeError, OSError, ValueError):  # an in-memory stream
         return False
     return function(descriptor, _KEEP_SIZE, 0, nbytes) == 0
-
