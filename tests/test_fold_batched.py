@@ -115,10 +115,46 @@ def _shared_weight(i, nodes, inits):
         nodes[-3].input[1] = "w1"
 
 
+def _stored_other_ways(i, nodes, inits):
+    """Constants the pass cannot read as plain float32 bytes, and BN attributes beyond
+    epsilon: each pair must still come out as the rules make it."""
+    def replace(name, make):
+        found = next(t for t in inits if t.name == name)
+        found.CopyFrom(make(onnx.numpy_helper.to_array(found)))
+
+    if i == 0:  # the bias from a Constant node
+        found = next(t for t in inits if t.name == "b0")
+        inits.remove(found)
+        nodes.insert(0, helper.make_node("Constant", [], ["b0"], value=found))
+    elif i == 1:
+        nodes[-2].attribute.extend([helper.make_attribute("epsilon", 1e-3),
+                                    helper.make_attribute("momentum", 0.9)])
+    elif i == 2:  # typed float_data, not raw bytes
+        replace("bn2_mean", lambda v: helper.make_tensor("bn2_mean", TensorProto.FLOAT,
+                                                         v.shape, v.tolist()))
+    elif i == 4:
+        replace("b4", lambda v: helper.make_tensor("b4", TensorProto.FLOAT, v.shape, v.tolist()))
+    elif i == 7:  # training_mode=0, the default: read the general way, folded all the same
+        nodes[-2].attribute.extend([helper.make_attribute("training_mode", 0)])
+    elif i == 10:  # a BN parameter from a Constant node
+        found = next(t for t in inits if t.name == "bn10_scale")
+        inits.remove(found)
+        nodes.insert(len(nodes) - 3, helper.make_node("Constant", [], ["bn10_scale"],
+                                                      value=found))
+    elif i == 11:  # batch statistics: the rules refuse it
+        nodes[-2].attribute.extend([helper.make_attribute("momentum", 0.9),
+                                    helper.make_attribute("training_mode", 1)])
+        nodes[-2].output.extend(["bn11_running_mean", "bn11_running_var"])
+
+
 @pytest.mark.parametrize("edit", [_negative_var, _huge_weight, _bn_before_conv,
-                                  _identity_between, _shared_weight])
+                                  _identity_between, _shared_weight, _stored_other_ways])
 def test_pairs_the_pass_leaves_go_to_the_rules_with_the_same_outcome(edit, monkeypatch):
     m = chain(12, edits=edit)
+    computed = []
+    compute = batched._compute
+    monkeypatch.setattr(batched, "_compute",
+                        lambda pairs: computed.extend(p.bn for p in pairs) or compute(pairs))
     fast, slow = folded_both_ways(m, monkeypatch)
     assert canonical(fast.model) == canonical(slow.model)
     assert report_rows(fast) == report_rows(slow)
@@ -126,6 +162,10 @@ def test_pairs_the_pass_leaves_go_to_the_rules_with_the_same_outcome(edit, monke
     feed = {"x": rng(3).standard_normal((1, C, 6, 6)).astype(np.float32)}
     if edit not in (_huge_weight, _negative_var):  # the original's own outputs are inf/NaN
         assert_same_outputs(m, fast.model, feed)
+    if edit is _stored_other_ways:  # every pair but the refused one, taken by the pass
+        assert len(computed) == 11
+        assert fast.report.folded_count == 11
+        assert [e.node for e in fast.report.kept] == ["bn11"]
 
 
 def test_refused_pair_keeps_its_reason():

@@ -29,13 +29,18 @@ from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.report import FOLDED, FoldEntry
-from bnfold.folding.rules.common import BnParameters, batchnorm_epsilon, parameters_from_values
+from bnfold.folding.rules.common import (
+    DEFAULT_EPSILON,
+    batchnorm_epsilon,
+    parameters_from_values,
+)
 from bnfold.folding.rules.conv_bn import ConvBnRule
 from bnfold.folding.rules.into_producer import SOURCE_OPS
 from bnfold.onnxio.nodes import DEFAULT_DOMAINS
 from bnfold.precision import HEADROOM
 
 _FLOAT = onnx.TensorProto.FLOAT
+_FLOAT_ATTRIBUTE = onnx.AttributeProto.FLOAT
 _FLOAT32_CEILING = float(np.finfo(np.float32).max) / HEADROOM  # precision.headroom_problem's
 _MIN_PAIRS = 8  # below this the rules' own pair-by-pair path costs as little
 # Larger weights cost their bytes, not the graph: the rules fold them one at a time, so a
@@ -51,11 +56,15 @@ _INPUT_SIDE_OPS = frozenset({*SOURCE_OPS, "Identity", "Dropout", "Cast"})
 class _Pair:
     bn: int  # node indices
     conv: int
-    parameters: BnParameters
+    names: tuple[str, ...]  # the BN's scale, B, mean and var, unused once it is gone
+    epsilon: float
+    # γ, β, μ, σ² and the Conv's bias (None: it has none), each a vector of C values: the
+    # little-endian float32 bytes of an initializer as stored (joined with the other pairs'
+    # and read in one call) or, read the general way, an array of a float type.
+    vectors: tuple[bytes | np.ndarray | None, ...]
     weight_name: str  # a float32 initializer of shape weight_shape, read chunk by chunk
     weight_shape: tuple[int, ...]
-    bias: np.ndarray | None  # [C]
-    weight: np.ndarray | None = None  # while its chunk is computed
+    weight: bytes | np.ndarray | None = None  # while its chunk is computed
 
 
 def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule
@@ -70,7 +79,9 @@ def fold_plain_conv_bn(view: GraphView, rule: ConvBnRule
         # Only one chunk's original weights are in memory at a time (the folded ones wait in
         # view.pending for the writer, as the rules' do).
         for pair in chunk:
-            pair.weight = _value(view, pair.weight_name)[0]
+            pair.weight = _stored_bytes(view, pair.weight_name, math.prod(pair.weight_shape))
+            if pair.weight is None:
+                pair.weight = _value(view, pair.weight_name)[0]
         for pair, weight, bias in _compute(chunk):
             bn = view.nodes[pair.bn]
             into = node_label(view.nodes[pair.conv])
@@ -91,7 +102,7 @@ def _rewrite(view: GraphView, pair: _Pair, weight: np.ndarray, bias: np.ndarray)
     view.set_constant(pair.conv, 1, weight, _FLOAT, pair.weight_name)
     view.set_constant(pair.conv, 2, bias.astype(np.float32), _FLOAT, f"{pair.weight_name}_bias")
     view.bypass(pair.bn, pair.conv)
-    return dead + list(pair.parameters.names)
+    return dead + list(pair.names)
 
 
 def _collect(view: GraphView, rule: ConvBnRule) -> list[_Pair]:
@@ -128,7 +139,7 @@ def _collect(view: GraphView, rule: ConvBnRule) -> list[_Pair]:
 
 def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     """The pair's constants, checked as ConvBnRule checks them, or None (the rule decides)."""
-    epsilon = batchnorm_epsilon(view, index)
+    epsilon = _plain_epsilon(view, index)
     if isinstance(epsilon, str):
         return None
     conv_inputs = view.table.inputs[conv]
@@ -140,6 +151,23 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     shape = tuple(stored.dims)
     if len(shape) < 3 or min(shape) <= 0 or math.prod(shape) > _MAX_WEIGHT_VALUES:
         return None  # empty, corrupt (the rules say so) or large (its bytes cost, not the graph)
+    channels = shape[0]
+    names = view.table.inputs[index][1:5]
+    bias_name = conv_inputs[2] if len(conv_inputs) > 2 else ""
+    vectors = [_stored_vector(view, name, channels) for name in names]
+    # No bias reads as C float32 zeros, so that the usual pairs' biases join in one read too.
+    vectors.append(_stored_vector(view, bias_name, channels) if bias_name
+                   else bytes(4 * channels))
+    if all(vectors):
+        return _Pair(index, conv, names, epsilon, tuple(vectors), name, shape)
+    return _general_pair(view, index, conv, epsilon, name, shape)
+
+
+def _general_pair(view: GraphView, index: int, conv: int, epsilon: float, name: str,
+                  shape: tuple[int, ...]) -> _Pair | None:
+    """_plain_pair for constants that are not all plain float32 vectors in the proto: read and
+    checked the general way."""
+    conv_inputs = view.table.inputs[conv]
     channels = shape[0]
     bias = None
     if len(conv_inputs) > 2 and conv_inputs[2]:
@@ -154,7 +182,53 @@ def _plain_pair(view: GraphView, index: int, conv: int) -> _Pair | None:
     parameters = parameters_from_values(names, found, epsilon)
     if isinstance(parameters, str) or parameters.gamma.shape != (channels,):
         return None
-    return _Pair(index, conv, parameters, name, shape, bias)
+    p = parameters
+    return _Pair(index, conv, names, epsilon, (p.gamma, p.beta, p.mean, p.var, bias), name,
+                 shape)
+
+
+def _plain_epsilon(view: GraphView, index: int) -> float | str:
+    """batchnorm_epsilon, read directly for the usual BN (one output, five inputs, at most
+    epsilon and momentum set, opset 7 on): what torch, tf2onnx and paddle2onnx write."""
+    node = view.nodes[index]
+    if view.opset < 7 or len(node.output) != 1 or len(node.input) != 5:
+        return batchnorm_epsilon(view, index)
+    epsilon = DEFAULT_EPSILON
+    seen = False
+    for attribute in node.attribute:
+        name = attribute.name
+        if name == "epsilon" and not seen and attribute.type == _FLOAT_ATTRIBUTE:
+            epsilon, seen = attribute.f, True
+        elif name != "momentum":  # unused by inference, whatever its type
+            return batchnorm_epsilon(view, index)  # it says what is wrong, or reads the rest
+    return epsilon if math.isfinite(epsilon) and all(node.input) else batchnorm_epsilon(
+        view, index)
+
+
+def _stored_vector(view: GraphView, name: str, channels: int) -> bytes | None:
+    """The raw bytes of float32 initializer `name` when it is a vector of `channels` values
+    stored in the proto, else None."""
+    tensor = view.float32_initializer(name)
+    if tensor is None:
+        return None
+    dims = tensor.dims
+    if len(dims) != 1 or dims[0] != channels:
+        return None
+    return _raw(tensor, channels)
+
+
+def _stored_bytes(view: GraphView, name: str, count: int) -> bytes | None:
+    """The raw bytes of float32 initializer `name` (known to hold `count` values) when they are
+    in the proto, else None."""
+    tensor = view.float32_initializer(name)
+    return None if tensor is None else _raw(tensor, count)
+
+
+def _raw(tensor: onnx.TensorProto, count: int) -> bytes | None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return None
+    raw = tensor.raw_data
+    return raw if len(raw) == 4 * count else None
 
 
 def _chunks(pairs: list[_Pair]):
@@ -181,26 +255,20 @@ def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, np.ndarray, np.ndarray]]:
     channels = np.array([p.weight_shape[0] for p in pairs])
     starts = np.concatenate(([0], np.cumsum(channels)[:-1]))
 
-    def joined(arrays) -> np.ndarray:  # vectors of C values (_plain_pair checked the shapes)
-        return np.concatenate(list(arrays), dtype=np.float64)
-
-    gamma = joined(p.parameters.gamma for p in pairs)
-    beta = joined(p.parameters.beta for p in pairs)
-    mean = joined(p.parameters.mean for p in pairs)
-    var = joined(p.parameters.var for p in pairs)
-    epsilon = np.repeat(np.array([p.parameters.epsilon for p in pairs], np.float64), channels)
+    gamma, beta, mean, var, biases = (
+        _joined([p.vectors[i] for p in pairs], channels) for i in range(5))
+    epsilon = np.repeat(np.array([p.epsilon for p in pairs], np.float64), channels)
     # BnParameters.affine, element by element: var+ε > 0, then s and t finite.
     positive = np.minimum.reduceat(var + epsilon > 0, starts)
     scale, shift = fold_math.bn_scale_shift(gamma, beta, mean, var, epsilon)
     finite = np.minimum.reduceat(np.isfinite(scale) & np.isfinite(shift), starts)
 
-    sizes = np.array([p.weight.size for p in pairs])
+    sizes = np.array([math.prod(p.weight_shape) for p in pairs])
     weight_starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    weights = np.concatenate([p.weight.reshape(-1) for p in pairs])
+    weights = _joined([p.weight for p in pairs], sizes, np.float32)
     # conv_output_fold: W·s in float64, rounded once into float32.
     folded = fold_math.scaled(weights, np.repeat(scale, np.repeat(sizes // channels, channels)),
                               np.float32)
-    biases = joined(np.zeros(len(p.weight)) if p.bias is None else p.bias for p in pairs)
     folded_bias = biases * scale + shift
 
     # plan_problem for float32: new and replaced values finite and within the headroom
@@ -216,6 +284,17 @@ def _compute(pairs: list[_Pair]) -> list[tuple[_Pair, np.ndarray, np.ndarray]]:
             continue
         at, count = starts[number], channels[number]
         weight_at = weight_starts[number]
-        weight = folded[weight_at:weight_at + sizes[number]].reshape(pair.weight.shape)
+        weight = folded[weight_at:weight_at + sizes[number]].reshape(pair.weight_shape)
         accepted.append((pair, weight, folded_bias[at:at + count]))
     return accepted
+
+
+def _joined(items: list, counts, dtype=np.float64) -> np.ndarray:
+    """The pairs' vectors (raw float32 bytes, arrays, or None for zeros; item i of counts[i]
+    values) end to end as one `dtype` array. Bytes alone, the usual case, take one read."""
+    if all(type(item) is bytes for item in items):
+        return np.frombuffer(b"".join(items), "<f4").astype(dtype)
+    return np.concatenate([
+        np.frombuffer(item, "<f4") if type(item) is bytes
+        else np.zeros(count) if item is None else item.reshape(-1)
+        for item, count in zip(items, counts)], dtype=dtype)

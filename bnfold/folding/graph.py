@@ -252,10 +252,16 @@ class GraphView(ConstantLookups):
                 fill_tensor(self.initializers[old], values, elem_type)
             self.declare_input(old, values.shape, elem_type)
             return old
-        tensor = onnx.TensorProto(
-            name=self.names.fresh(f"{hint}_bnfold"), dims=values.shape, data_type=elem_type,
-            raw_data=np.ascontiguousarray(values).tobytes())  # as fill_tensor, on a new tensor
-        name = self.add_initializer(tensor, before=node_index)
+        fields = dict(name=self.names.fresh(f"{hint}_bnfold"), dims=values.shape,
+                      data_type=elem_type,  # as fill_tensor, on a new tensor
+                      raw_data=np.ascontiguousarray(values).tobytes())
+        if self.constants_as_nodes:
+            name = self.add_initializer(onnx.TensorProto(**fields), before=node_index)
+        else:  # add_initializer, building the tensor in place rather than copying one in
+            stored = self.graph.initializer.add(**fields)
+            name = stored.name
+            self.initializers[name] = stored
+            self.declare_input(name, values.shape, elem_type)
         while len(node.input) <= input_slot:
             node.input.append("")
         if old:
