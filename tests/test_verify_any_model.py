@@ -244,11 +244,11 @@ def test_plain_fold_command_prints_the_chosen_sizes(tmp_path):
     assert "set to 64" in result.output and "wrote" in result.output
 
 
-def two_layer_saturated_head():
+def two_layer_saturated_head(shift: float = -15.0):
     r = rng(4)
     inits = [tensor("W1", r.standard_normal((8, 16, 3, 3)) * 0.2), *bn_params("bn1", 8, seed=5),
              tensor("W2", r.standard_normal((8, 8, 3, 3)) * 0.1),
-             tensor("bn2_scale", r.uniform(0.5, 1.5, 8)), tensor("bn2_bias", np.full(8, -15.0)),
+             tensor("bn2_scale", r.uniform(0.5, 1.5, 8)), tensor("bn2_bias", np.full(8, shift)),
              tensor("bn2_mean", r.normal(0, 0.5, 8)), tensor("bn2_var", r.uniform(0.5, 2.0, 8))]
     nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
              bn_node("c1", "b1", prefix="bn1", name="bn1"),
@@ -259,13 +259,21 @@ def two_layer_saturated_head():
     return make(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 8, 8, 8])], inits)
 
 
-def test_fold_sites_catch_a_wrong_fold_that_a_saturated_output_hides(tmp_path):
-    m = two_layer_saturated_head()
+@pytest.mark.parametrize("shift, why", [
+    (-15.0, "only against the model's own float32 noise"),  # outputs ~1e-7: over atol
+    (-40.0, "within its tolerance of zero"),  # outputs ~1e-18: anything near 0 passes
+])
+def test_fold_sites_catch_a_wrong_fold_that_a_saturated_output_hides(shift, why, tmp_path):
+    m = two_layer_saturated_head(shift)
     src = tmp_path / "head.onnx"
     save_model(m, src)
     result = bnfold.fold_file(src)
     verification = result.report.verification
     assert verification["ok"] and {s["name"] for s in verification["sites"]} == {"b1", "b2"}
+    assert any(why in note and "fold site(s) were compared" in note
+               for note in verification["notes"])
+    # float32 rounds the saturated tail to 0 where float64 keeps 1e-18: no disagreement
+    assert verification["ground_truth_skipped"] is None
     wrong = result.model
     bias = next(t for t in wrong.graph.initializer if t.name == wrong.graph.node[0].input[2])
     values = onnx.numpy_helper.to_array(bias).copy()
@@ -274,6 +282,27 @@ def test_fold_sites_catch_a_wrong_fold_that_a_saturated_output_hides(tmp_path):
     outcome = bnfold.verify(m, wrong, sites=["b1", "b2"])
     assert not outcome.ok
     assert "b1" in [s.name for s in outcome.sites if not s.ok]
+    if shift == -40.0:  # the outputs alone pass the wrong fold: the note says they cannot tell
+        alone = bnfold.verify(m, wrong)
+        assert alone.ok and not alone.sites
+        assert any("cannot show a wrong fold; verify with real inputs" in note
+                   for note in alone.notes)
+
+
+def test_an_output_with_one_value_everywhere_is_blind():
+    from bnfold.verification.comparison import blind_spot, compare
+
+    reference = np.full((2, 10), 0.1, np.float32)  # a softmax over constant logits
+    assert "one value everywhere" in blind_spot(compare("y", reference, reference, None, None))
+    varied = np.linspace(0, 1, 20, dtype=np.float32).reshape(2, 10)
+    assert blind_spot(compare("y", varied, varied, None, None)) is None
+    single = np.array([0.5], np.float32)  # one value is not "constant": a wrong fold moves it
+    assert blind_spot(compare("y", single, single, None, None)) is None
+    tiny = np.array([1e-20, 3e-9], np.float32)
+    assert "tolerance of zero" in blind_spot(compare("y", tiny, tiny * 2, None, None))
+    assert blind_spot(compare("y", varied, varied + 1, None, None)) is None  # failed: not blind
+    labels = np.zeros(5, np.int64)  # compared exactly: equality tells
+    assert blind_spot(compare("y", labels, labels, None, None)) is None
 
 
 def test_shape_given_for_a_later_input_settles_the_shared_dim_param():

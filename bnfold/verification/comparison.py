@@ -71,6 +71,9 @@ class OutputMetrics:
     non_finite: int = 0  # positions where both hold the same inf/NaN
     noise_floor: float | None = None  # max|ORT optimised − unoptimised| of the reference
     note: str = ""
+    # max − min of the reference over finite positions (inf with fewer than two): an output
+    # that spreads no further than the tolerance cannot show a wrong fold (see blind_spot)
+    spread: float = float("inf")
 
 
 def coarser_precision(*names: str | None) -> str | None:
@@ -105,6 +108,7 @@ def compare(
         return _compare_exact(name, a, b)
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     max_abs = scale = dot = norm_a = norm_b = 0.0
+    low, high, counted = float("inf"), float("-inf"), 0
     non_finite = 0
     with np.errstate(all="ignore"):
         for start in range(0, flat_a.size, _CHUNK):
@@ -122,6 +126,8 @@ def compare(
                 continue
             max_abs = max(max_abs, float(np.abs(ca - cb).max()))
             scale = max(scale, float(np.abs(ca).max()))
+            low, high, counted = min(low, float(ca.min())), max(high, float(ca.max())), (
+                counted + ca.size)
             dot += float(ca @ cb)
             norm_a += float(ca @ ca)
             norm_b += float(cb @ cb)
@@ -130,8 +136,22 @@ def compare(
     cosine = dot / norms if norms > 0 else 1.0
     tolerance = atol + rtol * scale
     note = f"{non_finite} inf/NaN value(s), equal in both" if non_finite else ""
+    spread = high - low if counted > 1 else float("inf")
     return OutputMetrics(name, max_abs, max_rel, cosine, tolerance, max_abs <= tolerance,
-                         scale, non_finite, None, note)
+                         scale, non_finite, None, note, spread)
+
+
+def blind_spot(metrics: OutputMetrics) -> str | None:
+    """How a float output that passed shows no fold's effect, or None: every value within the
+    tolerance of zero (a sigmoid saturated by random inputs), or one value everywhere (a
+    softmax over constant logits). Anything near the reference passes such an output."""
+    if not metrics.ok or metrics.note.startswith("compared exactly"):
+        return None
+    if metrics.scale <= metrics.tolerance:
+        return f"is within its tolerance of zero (largest |value| {metrics.scale:.3g})"
+    if metrics.spread <= metrics.tolerance:
+        return f"holds one value everywhere (spread {metrics.spread:.3g})"
+    return None
 
 
 def _non_finite_problem(a, b, finite_a, finite_b) -> str | None:

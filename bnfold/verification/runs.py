@@ -27,6 +27,7 @@ import onnx
 from bnfold.verification.comparison import (
     OutputMetrics,
     apply_noise_floor,
+    blind_spot,
     compare,
     needs_noise_floor,
 )
@@ -119,12 +120,18 @@ def verify(
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     graph_outputs = {m.name for m in outputs}
     sites = [name for name in dict.fromkeys(sites) if name not in graph_outputs]
-    if sites and any(m.noise_floor is not None for m in outputs):
+    noisy = any(m.noise_floor is not None for m in outputs)
+    blind = [f"{m.name!r} {why}" for m in outputs if (why := blind_spot(m))]
+    if sites and (noisy or blind):
         result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
                                     precision)
         result.ok = result.ok and all(m.ok for m in result.sites)
-        notes.append(f"the outputs passed only against the model's own float32 noise, so the "
-                     f"{len(sites)} fold site(s) were compared as well")
+        why = ("the outputs passed only against the model's own float32 noise" if noisy else
+               f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold")
+        notes.append(f"{why}, so the {len(sites)} fold site(s) were compared as well")
+    elif blind:
+        notes.append(f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold; "
+                     f"verify with real inputs (--inputs FILE.npz) to check it")
     if any(exactness.undecided(m) for m in (*result.outputs, *result.sites)):
         _judge_exactness(result, runner, reference, candidate, ref_model, ground_truth, feeds)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first,
