@@ -35,6 +35,8 @@ MAX_DEPTH = 64
 class ComputedValue:
     value: np.ndarray
     elem_type: int
+    stored: int = 0  # values the model stores for it (initializers, Constant nodes) in all
+    op_type: str = ""  # the op that computes it
 
 
 class ConstantSubgraphs:
@@ -52,6 +54,11 @@ class ConstantSubgraphs:
         outcome = self._evaluate(name, view, depth)
         self._cache[name] = outcome
         return outcome
+
+    def computed(self, name: str) -> ComputedValue | None:
+        """The value computed for `name` so far, if any."""
+        cached = self._cache.get(name)
+        return cached if isinstance(cached, ComputedValue) else None
 
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
@@ -92,13 +99,18 @@ class ConstantSubgraphs:
                     f"({type(exc).__name__}: {detail})")
         slot = list(node.output).index(name)
         value = np.asarray(outputs[slot])
+        stored = 0
+        for input_name, input_value in zip(node.input, inputs):
+            if input_value is not None:
+                cached = self._cache.get(input_name)
+                stored += cached.stored if isinstance(cached, ComputedValue) else input_value.size
         if value.size > MAX_VALUES:
             return f"computed by {node.op_type} into {value.size:,} values (over {MAX_VALUES:,})"
         try:
             elem_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         except (KeyError, ValueError, TypeError):
             return f"computed by {node.op_type} into an unsupported dtype {value.dtype}"
-        return ComputedValue(value, elem_type)
+        return ComputedValue(value, elem_type, stored, node.op_type)
 
 
 def _size_problem(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> str | None:

@@ -9,6 +9,7 @@ A rule is match → check → rewrite:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,9 +293,39 @@ def plan_problem(match: Match, view: GraphView) -> str | None:
             problem = headroom_problem(update.values, update.elem_type, what)
         if problem is None:
             problem = _replaced_headroom_problem(view, update)
+        if problem is None:
+            problem = _growth_problem(view, update)
         if problem:
             return problem
     return None
+
+
+# A folded value stored in place of one the model generates (ConstantOfShape, Expand, Tile of a
+# few stored values) stays generated when it would hold this many times the values it is
+# generated from, unless it is smaller than GROWTH_MIN_BYTES.
+GROWTH_RATIO = 16
+GROWTH_MIN_BYTES = 4096
+
+
+def _growth_problem(view: GraphView, update: ConstantUpdate) -> str | None:
+    """Why storing `update` would blow the file up: the value it replaces is generated at run
+    time from far fewer stored values (onnx's weight-free light_* models: every weight a
+    ConstantOfShape, where folding every one would turn a 78 KB file into 94 MB)."""
+    node = view.nodes[update.node_index]
+    name = node.input[update.slot] if update.slot < len(node.input) else ""
+    computed = view.computed.computed(name) if name and view.computed is not None else None
+    if computed is None:
+        return None
+    count = math.prod(update.values.shape)
+    dtype = ONNX_DTYPE_NAME.get(update.elem_type)
+    nbytes = count * (np.dtype(dtype).itemsize if dtype is not None else 4)
+    if nbytes < GROWTH_MIN_BYTES or count <= GROWTH_RATIO * computed.stored:
+        return None
+    role = {1: "weight", 2: "bias"}.get(update.slot, f"input {update.slot}")
+    size = f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.0f} KB"
+    return (f"its {role} {name!r} is generated at run time by {computed.op_type} from "
+            f"{computed.stored:,} stored value(s): folding would store its {size} in the file, "
+            f"so it stays generated")
 
 
 def _replaced_headroom_problem(view: GraphView, update: ConstantUpdate) -> str | None:
