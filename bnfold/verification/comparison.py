@@ -141,6 +141,17 @@ def compare(
                          scale, non_finite, None, note, spread)
 
 
+def blind_outputs(metrics: list[OutputMetrics]) -> list[str]:
+    """"'name' why" for each output in `metrics` that blind_spot finds."""
+    return [f"{m.name!r} {why}" for m in metrics if (why := blind_spot(m))]
+
+
+def blind_note(blind: list[str]) -> str:
+    """The note for outputs that cannot show a difference, when nothing else was compared."""
+    return (f"output {'; '.join(blind)} on these inputs: it cannot show a difference between "
+            f"the models; verify with real inputs (--inputs FILE.npz) to check it")
+
+
 def blind_spot(metrics: OutputMetrics) -> str | None:
     """How a float output that passed shows no fold's effect, or None: every value within the
     tolerance of zero (a sigmoid saturated by random inputs), or one value everywhere (a

@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from bnfold.verification.comparison import OutputMetrics, coarser_precision, default_tolerance
+from bnfold.verification.comparison import (
+    OutputMetrics,
+    blind_note,
+    blind_outputs,
+    coarser_precision,
+    default_tolerance,
+)
 from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
 from bnfold.errors import BnfoldError
 
@@ -116,6 +122,9 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                                                          weight_precision(ref_model))
     metrics = judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
                             judged_as)
+    blind = blind_outputs(metrics)
+    if blind:
+        notes.append(blind_note(blind))
     result = VerifyResult(all(m.ok for m in metrics), metrics, len(feeds), seed, notes=notes,
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     result.engine = _engine_record(backend, precision, judged_as, tolerance_precision, atol, rtol,

@@ -27,7 +27,8 @@ import onnx
 from bnfold.verification.comparison import (
     OutputMetrics,
     apply_noise_floor,
-    blind_spot,
+    blind_note,
+    blind_outputs,
     compare,
     needs_noise_floor,
 )
@@ -121,7 +122,7 @@ def verify(
     graph_outputs = {m.name for m in outputs}
     sites = [name for name in dict.fromkeys(sites) if name not in graph_outputs]
     noisy = any(m.noise_floor is not None for m in outputs)
-    blind = [f"{m.name!r} {why}" for m in outputs if (why := blind_spot(m))]
+    blind = blind_outputs(outputs)
     if sites and (noisy or blind):
         result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
                                     precision)
@@ -130,8 +131,7 @@ def verify(
                f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold")
         notes.append(f"{why}, so the {len(sites)} fold site(s) were compared as well")
     elif blind:
-        notes.append(f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold; "
-                     f"verify with real inputs (--inputs FILE.npz) to check it")
+        notes.append(blind_note(blind))
     if any(exactness.undecided(m) for m in (*result.outputs, *result.sites)):
         _judge_exactness(result, runner, reference, candidate, ref_model, ground_truth, feeds)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first,
