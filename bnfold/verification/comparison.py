@@ -142,7 +142,7 @@ def compare(
 
 
 def blind_outputs(metrics: list[OutputMetrics]) -> list[str]:
-    """"'name' why" for each output in `metrics` that blind_spot finds."""
+    """Each output in `metrics` that blind_spot finds, as `'name' why`."""
     return [f"{m.name!r} {why}" for m in metrics if (why := blind_spot(m))]
 
 
