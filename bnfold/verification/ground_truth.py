@@ -77,10 +77,15 @@ def record_ground_truth(result, source, model, wanted, feed, ref_out, cand_out) 
         return
     errors = {}
     for name, exact in truth.items():
-        ref_err = relative_to(ref_out[name], exact)
-        if ref_err is None:
+        measured = _distance(ref_out[name], exact)
+        if measured is None:
             continue  # integer, bool or all non-finite: nothing to measure
-        if ref_err > _disagreement_bound(result, name) and not _within_atol(ref_out[name], exact):
+        gap, scale = measured
+        ref_err = gap / scale
+        # Within the dtype's absolute tolerance, closer than any comparison can tell: no
+        # disagreement, however small the scale.
+        _, atol = default_tolerance(np.asarray(ref_out[name]).dtype)
+        if ref_err > _disagreement_bound(result, name) and gap > atol:
             result.ground_truth_skipped = (
                 f"the float64 evaluation of {name!r} is {ref_err:.2g} (scale-relative) from the "
                 f"float32 original: onnx.reference and ONNX Runtime disagree on this model, so "
@@ -107,20 +112,17 @@ def _disagreement_bound(result, name: str) -> float:
     return max(GROUND_TRUTH_MAX_DISAGREEMENT, FLOOR_MULTIPLE * metrics.noise_floor / metrics.scale)
 
 
-def _within_atol(values: np.ndarray, exact: np.ndarray) -> bool:
-    """Whether float32 `values` are within their dtype's absolute tolerance of float64 `exact`
-    everywhere both are finite: closer than any comparison can tell, so no disagreement."""
-    _, atol = default_tolerance(np.asarray(values).dtype)
-    with np.errstate(all="ignore"):
-        gap = np.abs(np.asarray(values, np.float64) - np.asarray(exact, np.float64))
-    finite = np.isfinite(gap)
-    return bool(finite.any()) and float(gap[finite].max()) <= atol
-
-
 def relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
     """max|values − exact| / max|exact| over positions finite in both; None when not float.
     A scale below the dtype's absolute tolerance counts as that tolerance: a sigmoid
     saturated at 1e-22 in float64 is 0 in ORT's float32, which is no disagreement."""
+    measured = _distance(values, exact)
+    return None if measured is None else measured[0] / measured[1]
+
+
+def _distance(values: np.ndarray, exact: np.ndarray) -> tuple[float, float] | None:
+    """(max|values − exact|, the scale relative_to divides it by) over positions finite in
+    both; None when not float or nothing is finite."""
     values, exact = np.asarray(values), np.asarray(exact)
     if values.dtype.kind != "f" or exact.dtype.kind != "f" or values.shape != exact.shape:
         return None
@@ -131,7 +133,7 @@ def relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
         exact64 = exact[finite].astype(np.float64)
         _, atol = default_tolerance(values.dtype)
         scale = max(float(np.abs(exact64).max()), atol)
-        return float(np.abs(values[finite].astype(np.float64) - exact64).max()) / scale
+        return float(np.abs(values[finite].astype(np.float64) - exact64).max()), scale
 
 
 def full_model(source, model: onnx.ModelProto) -> onnx.ModelProto:
