@@ -317,8 +317,8 @@ def _growth_problem(view: GraphView, update: ConstantUpdate) -> str | None:
     if computed is None:
         return None
     count = math.prod(update.values.shape)
-    dtype = ONNX_DTYPE_NAME.get(update.elem_type)
-    nbytes = count * (np.dtype(dtype).itemsize if dtype is not None else 4)
+    # plan_problem let only float types this far: each has a numpy dtype
+    nbytes = count * onnx.helper.tensor_dtype_to_np_dtype(update.elem_type).itemsize
     if nbytes < GROWTH_MIN_BYTES or count <= GROWTH_RATIO * computed.stored:
         return None
     role = {1: "weight", 2: "bias"}.get(update.slot, f"input {update.slot}")
