@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from golden import model, rng, run, tensor
+import onnx
 from onnx import helper
 
 import bnfold
@@ -97,3 +98,22 @@ def test_ground_truth_is_skipped_above_the_node_limit_and_says_why(monkeypatch):
         f"{nodes - 1:,}; --ground-truth forces it)")
     forced = bnfold.verify(original, bnfold.fold(original).model, ground_truth=True)
     assert forced.ground_truth_skipped is None and forced.ground_truth
+
+
+def test_budget_counts_generated_weights_and_says_which():
+    """onnx's light_* zoo models store a few thousand values and make millions with
+    ConstantOfShape: the float64 evaluator holds the millions, and the message says so."""
+    from bnfold.verification.ground_truth import float64_budget_problem
+
+    r = rng(0)
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 250, 250])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["W"],
+                              value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])),
+             helper.make_node("Conv", ["x", "W"], ["y"])]
+    m = model(nodes, [("x", [1, 4, 250, 250])], [("y", None)],
+              [shape, tensor("unused", r.standard_normal(3))])
+    feed = {"x": np.zeros((1, 4, 250, 250), np.float32)}
+    # stored: the shape (4), the unused vector (3) and ConstantOfShape's own value (1)
+    assert float64_budget_problem(m, feed, None) == (
+        "model too large for the float64 reference evaluator (2,000,008 weight values: 8 "
+        "stored, 2,000,000 made by ConstantOfShape, limit 2,000,000; --ground-truth forces it)")

@@ -24,20 +24,30 @@ GROUND_TRUTH_MAX_NODES = 5_000
 GROUND_TRUTH_MAX_DISAGREEMENT = 1e-3
 
 
-def parameter_count(model: onnx.ModelProto) -> int:
-    """Values held in initializers and Constant nodes, and made by ConstantOfShape."""
+def weight_values(model: onnx.ModelProto) -> tuple[int, int]:
+    """(values stored in initializers and Constant nodes, values ConstantOfShape makes from
+    a stored shape): what the float64 evaluator holds."""
     from bnfold.onnxio.files import iter_tensors
 
-    total = sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))
+    stored = sum(math.prod(t.dims) for t in iter_tensors(model, schema_only=True))
+    generated = 0
     shapes = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input and node.input[0] in shapes:
             shape = shapes[node.input[0]]
             try:
-                total += math.prod(max(int(d), 0) for d in onnx.numpy_helper.to_array(shape).reshape(-1))
+                generated += math.prod(
+                    max(int(d), 0) for d in onnx.numpy_helper.to_array(shape).reshape(-1))
             except (ValueError, TypeError):
                 continue
-    return total
+    return stored, generated
+
+
+def _values_phrase(stored: int, generated: int) -> str:
+    if not generated:
+        return f"{stored:,} parameters"
+    return (f"{stored + generated:,} weight values: {stored:,} stored, {generated:,} made by "
+            f"ConstantOfShape")
 
 
 def float64_budget_problem(model, feed, wanted) -> str | None:
@@ -47,9 +57,10 @@ def float64_budget_problem(model, feed, wanted) -> str | None:
         return "not requested"
     if wanted:
         return None
-    params = parameter_count(model)
-    if params > GROUND_TRUTH_MAX_PARAMS:
-        return (f"model too large for the float64 reference evaluator ({params:,} parameters, "
+    stored, generated = weight_values(model)
+    if stored + generated > GROUND_TRUTH_MAX_PARAMS:
+        return (f"model too large for the float64 reference evaluator "
+                f"({_values_phrase(stored, generated)}, "
                 f"limit {GROUND_TRUTH_MAX_PARAMS:,}; --ground-truth forces it)")
     nodes = sum(len(graph.node) for graph in all_graphs(model.graph))
     if nodes > GROUND_TRUTH_MAX_NODES:
