@@ -179,8 +179,8 @@ def test_export_cli_example_inputs_from_npz(cli, tmp_path):
      "forward() needs argument 'side', which was not given: add an input for it (--input-shape "
      "side:DIMS[:DTYPE], or an array named side in --inputs)"),
     (["--model", "user_models:with_width", "--input-shape", "1x3x8x8"],
-     "user_models:with_width needs arguments (width) but a factory is called with none: add one "
-     "that takes none, e.g. def build(): return with_width(width=...)"),
+     "user_models:with_width needs arguments (width): give them in the spec, e.g. "
+     "user_models:with_width(width=...) (literals), or add a factory that takes none"),
     (["--model", "user_models:conv_bn", "--input-shape", "1x3x8x8:float16"],
      "the model fails on the example inputs (input 1x3x8x8 float16) (RuntimeError: Input type "
      "(c10::Half) and bias type (float) should be the same)"),
@@ -196,9 +196,10 @@ def test_export_failures_are_one_line_with_nothing_on_stdout(cli, tmp_path, capf
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_factory_help_says_it_takes_no_arguments(cli):
+def test_factory_help_says_how_to_give_arguments(cli):
     result = invoke(cli, "export", "--help")
-    assert ("module:factory (a function taking no arguments that returns the nn.Module)"
+    assert ("module:factory or file.py:factory (a function that returns the nn.Module; literal "
+            "arguments in the spec: \"timm:create_model('resnet18', num_classes=10)\")"
             in " ".join(result.output.split()))
 
 

@@ -39,8 +39,9 @@ def _dynamic_option(ctx, param, values):
         raise click.BadParameter(str(exc)) from None
 
 
-MODEL_HELP = ("A sample (bnfold.pytorch.zoo), module:factory (a function taking no arguments that "
-              "returns the nn.Module), or torchvision:NAME.")
+MODEL_HELP = ("A sample (bnfold.pytorch.zoo), module:factory or file.py:factory (a function that "
+              "returns the nn.Module; literal arguments in the spec: "
+              "\"timm:create_model('resnet18', num_classes=10)\"), or torchvision:NAME.")
 
 
 @click.command("export")
@@ -105,7 +106,7 @@ def train_command(target, out_dir, data, steps, batch_size, lr, seed):
 
     `bnfold train paper --out DIR` trains Ioffe & Szegedy 2015's sigmoid MLP with and without
     BatchNorm; `bnfold train NAME --data file.npz --out DIR` trains a sample (or module:factory,
-    a function taking no arguments) and writes DIR/NAME.pt (module.factory.pt).
+    with literal arguments if it takes any) and writes DIR/NAME.pt (module.factory.pt).
     """
     if target == PAPER_TARGET:
         _train_paper(out_dir, data or "digits", steps, batch_size, lr, seed)

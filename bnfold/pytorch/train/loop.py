@@ -99,7 +99,7 @@ def train_sample(
 def run_training(job: TrainingJob, out_dir: str | os.PathLike,
                  progress: Callable[[int], None] | None = None) -> TrainResult:
     from bnfold.pytorch.train.files import save_state_dict
-    from bnfold.pytorch.zoo import require_torch
+    from bnfold.pytorch.zoo import file_stem, require_torch
 
     torch = require_torch()
     model, dataset, loss_fn = job.model, job.dataset, job.loss_fn
@@ -127,7 +127,7 @@ def run_training(job: TrainingJob, out_dir: str | os.PathLike,
         else:
             metric_name, metric = "test_mse", torch.nn.functional.mse_loss(output, y_test).item()
     ensure_folder(out_dir)
-    path = save_state_dict(model, os.path.join(out_dir, f"{job.name.replace(':', '.')}.pt"))
+    path = save_state_dict(model, os.path.join(out_dir, f"{file_stem(job.name)}.pt"))
     return TrainResult(job.name, path, job.steps, float(loss.item()), metric_name, float(metric))
 
 

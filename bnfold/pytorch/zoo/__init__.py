@@ -6,21 +6,21 @@
     >>> bnfold.pytorch.zoo.default_input_shape("resnet18")
     (1, 3, 32, 32)
 
-A spec is a sample name (SAMPLE_NAMES), `module:factory` (the module is imported and
-`factory()` must return a torch.nn.Module) or `torchvision:NAME` (only where torchvision is
-installed; bnfold never depends on it). torch itself is imported on first use only.
+A spec is a sample name (SAMPLE_NAMES), `module:factory` or `file.py:factory`, either with
+optional literal arguments, `timm:create_model('resnet18', num_classes=10)` (the factory must
+return a torch.nn.Module; bnfold.pytorch.zoo.factory), or `torchvision:NAME` (only where
+torchvision is installed; bnfold never depends on it). torch itself is imported on first use
+only.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import re
-import sys
 import warnings
 
 from bnfold.errors import BnfoldError
+from bnfold.pytorch.zoo.factory import build_from_factory, import_failure, spec_file_stem
 
 SAMPLE_NAMES = (
     "paper-mlp",
@@ -54,7 +54,7 @@ def create(spec: str, checkpoint: str | None = None, notes: list[str] | None = N
     elif spec.startswith(TORCHVISION_PREFIX):
         model = _create_torchvision(spec[len(TORCHVISION_PREFIX):])
     elif ":" in spec:
-        model = _create_from_factory(spec)
+        model = build_from_factory(spec)
     else:
         raise BnfoldError(
             f"unknown model {spec!r}: use a sample ({', '.join(SAMPLE_NAMES)}), "
@@ -68,6 +68,16 @@ def create(spec: str, checkpoint: str | None = None, notes: list[str] | None = N
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, notes)
     return model.eval()
+
+
+def file_stem(spec: str) -> str:
+    """A file name stem for what `spec` builds: the sample's name, `torchvision.NAME`,
+    `module.factory` (with the readable part of any arguments)."""
+    if spec in SAMPLE_NAMES:
+        return spec
+    if spec.startswith(TORCHVISION_PREFIX):
+        return spec.replace(":", ".")
+    return spec_file_stem(spec)
 
 
 def default_input_shape(spec: str) -> tuple[int, ...]:
@@ -303,21 +313,6 @@ def _create_sample(name: str, checkpoint: str | None):
     return factory()
 
 
-def _import_failure(module_name: str, exc: Exception) -> str:
-    """One line for a module that raised while importing; a torchvision built for another
-    torch (`operator torchvision::nms does not exist`) named as such."""
-    text = " ".join(str(exc).split())[:200] or type(exc).__name__
-    if "torchvision::" in text or module_name.split(".")[0] == "torchvision":
-        import torch
-
-        return (f"importing {module_name!r} failed ({type(exc).__name__}: {text}): the installed "
-                f"torchvision does not match torch {torch.__version__}; install the torchvision "
-                f"release built for this torch, or define the network in your own "
-                f"module:factory")
-    return (f"importing {module_name!r} failed ({type(exc).__name__}: {text}): fix the error in "
-            f"that module, or point --model at another module:factory")
-
-
 def _create_torchvision(name: str):
     try:
         import torchvision
@@ -327,56 +322,13 @@ def _create_torchvision(name: str):
             "or use a sample or module:factory"
         ) from None
     except Exception as exc:  # a torchvision built for another torch fails at import
-        raise BnfoldError(_import_failure("torchvision", exc)) from None
+        raise BnfoldError(import_failure("torchvision", exc)) from None
     try:
         return torchvision.models.get_model(name, weights=None)
     except ValueError:
         raise BnfoldError(
             f"torchvision has no model {name!r}: see torchvision.models.list_models()"
         ) from None
-
-
-def _create_from_factory(spec: str):
-    module_name, _, factory_name = spec.rpartition(":")
-    if not module_name or not factory_name:
-        raise BnfoldError(f"cannot read model spec {spec!r}: write module:factory, e.g. mypkg.nets:build")
-    # Like `python -m`, look in the working folder too: `bnfold export --model mynet:build`.
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BnfoldError(
-            f"cannot import {module_name!r} ({exc}): check the name and that it is on PYTHONPATH"
-        ) from None
-    except Exception as exc:  # the user's module ran and failed: any exception type
-        raise BnfoldError(_import_failure(module_name, exc)) from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise BnfoldError(
-            f"{module_name!r} has no callable {factory_name!r}: name a function that returns the model"
-        )
-    try:
-        required = [p.name for p in inspect.signature(factory).parameters.values()
-                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
-                                                           p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    except (TypeError, ValueError):  # builtins without a signature: just call it
-        required = []
-    if required:
-        raise BnfoldError(
-            f"{spec} needs arguments ({', '.join(required)}) but a factory is called with none: "
-            f"add one that takes none, e.g. def build(): return {factory_name}("
-            f"{', '.join(f'{r}=...' for r in required)})"
-        )
-    try:
-        return factory()
-    except Exception as exc:  # the user's factory failed: any exception type
-        text = " ".join(str(exc).split())[:200] or "no message"
-        raise BnfoldError(f"{spec}() raised {type(exc).__name__}: {text}: fix the factory") from None
 
 
 def randomize_batchnorm(model, seed: int = 0):
