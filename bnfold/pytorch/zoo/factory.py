@@ -35,7 +35,10 @@ class FactorySpec:
 
     @property
     def is_file(self) -> bool:
-        return self.module.endswith(".py") or os.sep in self.module
+        """A path (`code/nets.py`, or `nets.py` where that file exists), not a module name
+        (`pkg.py` can also be a package's submodule called py)."""
+        return os.sep in self.module or (self.module.endswith(".py")
+                                         and os.path.isfile(self.module))
 
     def call_text(self) -> str:
         """How the factory is called, for messages: `build()`, `create_model('resnet18')`."""
