@@ -9,6 +9,8 @@ a BN over the last axis of a sequence). These files are what bnfold meets from t
     tf2onnx_keras_sequence     Conv1D → BN and Dense → BN on [batch, time, features] (rank-3 MatMul)
     tf2onnx_keras_mobilenetv2  keras.applications.MobileNetV2 (alpha 0.35, 96x96, no weights)
     tf2onnx_keras_efficientnetb0  keras.applications.EfficientNetB0 (no weights)
+    tf2onnx_keras_densenet121  keras.applications.DenseNet121 (64x64, no weights): pre-activation
+                               BNs (Concat → BN → ReLU → Conv) that tf2onnx leaves as Mul → Add
 
 BN statistics are drawn like a trained net's so no fold is an identity. TensorFlow does not
 belong in the project's venv; use one of its own (pinned: these versions export these files):
@@ -61,6 +63,8 @@ MODELS = {
     "tf2onnx_keras_mobilenetv2": lambda keras: keras.applications.MobileNetV2(
         input_shape=(96, 96, 3), alpha=0.35, weights=None),
     "tf2onnx_keras_efficientnetb0": lambda keras: keras.applications.EfficientNetB0(
+        input_shape=(64, 64, 3), weights=None),
+    "tf2onnx_keras_densenet121": lambda keras: keras.applications.DenseNet121(
         input_shape=(64, 64, 3), weights=None),
 }
 
