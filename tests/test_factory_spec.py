@@ -77,7 +77,8 @@ def test_spec_parsing_keeps_colons_inside_arguments():
 
 
 @pytest.mark.parametrize("arguments", ["(__import__('os').getcwd())", "(*[1])", "(**{'a': 1})",
-                                       "(width=x)", "(8", "(8).foo"])
+                                       "(width=x)", "(8", "(8).foo", "(8\x00)",
+                                       "(" + "[" * 5000 + "]" * 5000 + ")"])
 def test_arguments_are_literals_only(nets_file, arguments):
     with pytest.raises(BnfoldError, match="cannot read the arguments of .*Python literals"):
         zoo.create(f"{nets_file}:build{arguments}")

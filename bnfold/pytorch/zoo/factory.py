@@ -63,7 +63,7 @@ def parse_factory_spec(spec: str) -> FactorySpec:
 def _literal_arguments(spec: str, text: str) -> tuple[tuple, dict]:
     try:
         tree = ast.parse("f" + text, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL byte
         raise BnfoldError(f"cannot read the arguments of {spec!r}: {_ARGUMENTS_HINT}") from None
     if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
         raise BnfoldError(f"cannot read the arguments of {spec!r}: {_ARGUMENTS_HINT}")
