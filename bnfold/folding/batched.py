@@ -27,6 +27,7 @@ import onnx
 
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
+from bnfold.folding.lookups import raw_float32
 from bnfold.folding.names import node_label
 from bnfold.folding.report import FOLDED, FoldEntry
 from bnfold.folding.rules.common import (
@@ -214,21 +215,14 @@ def _stored_vector(view: GraphView, name: str, channels: int) -> bytes | None:
     dims = tensor.dims
     if len(dims) != 1 or dims[0] != channels:
         return None
-    return _raw(tensor, channels)
+    return raw_float32(tensor, channels)
 
 
 def _stored_bytes(view: GraphView, name: str, count: int) -> bytes | None:
     """The raw bytes of float32 initializer `name` (known to hold `count` values) when they are
     in the proto, else None."""
     tensor = view.float32_initializer(name)
-    return None if tensor is None else _raw(tensor, count)
-
-
-def _raw(tensor: onnx.TensorProto, count: int) -> bytes | None:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
-        return None
-    raw = tensor.raw_data
-    return raw if len(raw) == 4 * count else None
+    return None if tensor is None else raw_float32(tensor, count)
 
 
 def _chunks(pairs: list[_Pair]):

@@ -112,12 +112,11 @@ class ConstantLookups:
         proto: what constant_value reads, read with a quarter of its steps, for the batched
         pass. None: use constant_value."""
         tensor = self.float32_initializer(name)
-        if tensor is None or not tensor.HasField("raw_data"):
+        if tensor is None:
             return None
         dims = tensor.dims[:]  # a list, at a third of tuple()'s cost on a repeated field
-        raw = tensor.raw_data
-        if (dims and min(dims) < 0) or len(raw) != 4 * math.prod(dims) or (
-                tensor.data_location == onnx.TensorProto.EXTERNAL):
+        raw = None if dims and min(dims) < 0 else raw_float32(tensor, math.prod(dims))
+        if raw is None:
             return None  # constant_value says what is wrong
         values = np.frombuffer(raw, dtype="<f4")
         return values if len(dims) == 1 else values.reshape(dims)
@@ -133,3 +132,12 @@ class ConstantLookups:
     def non_constant_reason(self, name: str, role: str) -> str | None:
         found = self.constant(name)
         return f"{role} {name!r} {found}" if isinstance(found, str) else None
+
+
+def raw_float32(tensor: onnx.TensorProto, count: int) -> bytes | None:
+    """The raw bytes of float32 `tensor` when they are in the proto and hold `count` values,
+    else None (external, typed float_data, or a length that does not fit)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return None
+    raw = tensor.raw_data
+    return raw if len(raw) == 4 * count else None
