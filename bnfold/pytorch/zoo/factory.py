@@ -18,6 +18,8 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from bnfold.errors import BnfoldError
@@ -110,22 +112,30 @@ def spec_file_stem(spec: str) -> str:
     return stem
 
 
-def _import(name: str):
-    # Like `python -m`, look in the working folder too: `bnfold export --model mynet:build`.
-    added = os.getcwd() not in sys.path
+@contextmanager
+def _on_import_path(folder: str) -> Iterator[None]:
+    """`folder` first on sys.path while inside (unless it is there already)."""
+    added = folder not in sys.path
     if added:
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, folder)
     try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise BnfoldError(
-            f"cannot import {name!r} ({exc}): check the name and that it is on PYTHONPATH"
-        ) from None
-    except Exception as exc:  # the user's module ran and failed: any exception type
-        raise BnfoldError(import_failure(name, exc)) from None
+        yield
     finally:
         if added:
-            sys.path.remove(os.getcwd())
+            sys.path.remove(folder)
+
+
+def _import(name: str):
+    # Like `python -m`, look in the working folder too: `bnfold export --model mynet:build`.
+    with _on_import_path(os.getcwd()):
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            raise BnfoldError(
+                f"cannot import {name!r} ({exc}): check the name and that it is on PYTHONPATH"
+            ) from None
+        except Exception as exc:  # the user's module ran and failed: any exception type
+            raise BnfoldError(import_failure(name, exc)) from None
 
 
 def _import_file(spec: str, path: str):
@@ -142,19 +152,13 @@ def _import_file(spec: str, path: str):
     if loader_spec is None or loader_spec.loader is None:
         raise BnfoldError(f"model spec {spec!r}: {path!r} cannot be imported: give a .py file")
     module = importlib.util.module_from_spec(loader_spec)
-    folder = os.path.dirname(path)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
     sys.modules[name] = module  # dataclasses and pickling look the module up while it runs
-    try:
-        loader_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file ran and failed: any exception type
-        del sys.modules[name]
-        raise BnfoldError(import_failure(path, exc)) from None
-    finally:
-        if added:
-            sys.path.remove(folder)
+    with _on_import_path(os.path.dirname(path)):
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file ran and failed: any exception type
+            del sys.modules[name]
+            raise BnfoldError(import_failure(path, exc)) from None
     return module
 
 
