@@ -48,9 +48,20 @@ def summary_lines(report: FoldReport) -> list[tuple[str, str | None]]:
     # The counts come straight from the report: to_dict() would copy every entry first.
     summary = (f"BatchNormalization: {report.batchnorm_count}  folded: {report.folded_count}  "
                f"lowered: {len(report.lowered)}  kept: {report.kept_count}   "
+               f"{_affine_counts(report)}"
                f"nodes: {report.nodes_before} → {report.nodes_after}   "
                f"parameters: {report.params_before:,} → {report.params_after:,}")
     return [*((note, "dim") for note in report.notes), (summary, None)]
+
+
+def _affine_counts(report: FoldReport) -> str:
+    """'Mul/Add folded: 32  kept: 62   ' for a model whose BNs are written out (tf2onnx), so
+    the summary does not read 'folded: 0' after 32 folds; empty when there are none."""
+    folded = len(report.folded) - report.folded_count - report.merged_count
+    kept = len(report.kept) - report.kept_count
+    if not (folded or kept):
+        return ""
+    return f"Mul/Add folded: {folded}  kept: {kept}   "
 
 
 def unfolded_lines(report: FoldReport) -> list[tuple[str, str | None]]:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.folding.affine_pairs import LINEAR_OPS, standalone_pairs
 from bnfold.folding.batched import fold_plain_conv_bn
 from bnfold.folding.constants import ConstantSubgraphs
 from bnfold.folding.functions import inline_bn_functions
@@ -192,10 +193,16 @@ class _ModelFolder:
         return folded
 
     def settle_kept(self, view: GraphView) -> None:
-        """Record why each remaining BN stays, and each Mul/Add of a per-channel constant that
-        a rule matched (a frozen BN, as tf2onnx writes them); lower a BN to Mul+Add when asked
-        and possible."""
+        """Record why each remaining BN stays, each Mul/Add of a per-channel constant that
+        a rule matched (a frozen BN, as tf2onnx writes them), and each per-channel Mul→Add or
+        Add→Mul pair that none matched; lower a BN to Mul+Add when asked and possible."""
+        pairs = dict(standalone_pairs(view, self.refused))
         for index, node in list(view.live_nodes_of(_CANDIDATE_OPS)):
+            if index in pairs:
+                self.report.entries.append(FoldEntry(
+                    node_label(node), node.op_type, KEPT, view.path, None, None,
+                    [_pair_reason(view, index, pairs[index])]))
+                continue
             if node.op_type != "BatchNormalization":
                 if index in self.refused and _scales_channels(view, node):
                     self.report.entries.append(FoldEntry(node_label(node), node.op_type, KEPT,
@@ -264,6 +271,28 @@ def _neighbourhood(view: GraphView, index: int) -> str:
     return (
         f"no Conv/ConvTranspose/Gemm/MatMul beside it (input from {source}, output to {target})"
     )
+
+
+def _pair_reason(view: GraphView, first: int, second: int) -> str:
+    """Why a per-channel Mul→Add (Add→Mul) pair that no rule matched stays, with what it reads
+    and what reads it."""
+    head, tail = view.nodes[first], view.nodes[second]
+    data = next(name for name in head.input if view.constant_array(name) is None)
+    producer = view.producer_of(data)
+    source = node_label(producer[1]) if producer else f"graph input {data!r}"
+    consumers = [view.nodes[i] for i in view.live_consumers(tail.output[0])]
+    readers = [node_label(c) for c in consumers]
+    if tail.output[0] in view.graph_outputs:
+        readers.append("graph output")
+    target = ", ".join(readers[:3]) or "nothing"
+    pair = ("per-channel scale and shift, Mul → Add" if head.op_type == "Mul"
+            else "per-channel shift and scale, Add → Mul")
+    if any(c.op_type in LINEAR_OPS for c in consumers):
+        return (f"{pair} {node_label(tail)}: a Mul/Add pair folds only into the "
+                f"Conv/ConvTranspose/Gemm/MatMul that produces its input, and {source} is none "
+                f"(output to {target})")
+    return (f"{pair} {node_label(tail)}: no Conv/ConvTranspose/Gemm/MatMul beside it (input "
+            f"from {source}, output to {target})")
 
 
 # Why a BN that feeds one of these (and has no producer to fold into) stays.
