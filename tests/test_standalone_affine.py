@@ -118,9 +118,9 @@ def test_input_normalisation_before_a_conv_says_which_side_folds():
     result = bnfold.fold(m)
     assert entries(result.report) == [("norm_mul", "Mul", "kept")]
     assert result.report.kept[0].reasons == [
-        "per-channel scale and shift, Mul → Add norm_add: a Mul/Add pair folds only into the "
-        "Conv/ConvTranspose/Gemm/MatMul that produces its input, and graph input 'x' is none "
-        "(output to conv1)"]
+        "per-channel scale and shift, Mul → Add norm_add: a Mul/Add pair folds into the "
+        "Conv/ConvTranspose/Gemm/MatMul that produces its input, and graph input 'x' is none, "
+        "or into MatMuls with constant B that alone read it (output to conv1)"]
 
 
 def test_bias_add_then_layer_scale_is_not_listed():

@@ -49,9 +49,9 @@ def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
         following = _channel_operand(view, second)
         if following is None or following[0] != node.output[0] or following[1:] != (axis, count):
             continue
-        if node.op_type == "Mul" and _normalised(view, data):
+        if node.op_type == "Mul" and is_normalised(view, data):
             continue
-        if node.op_type == "Add" and _produced_by(view, data, LINEAR_OPS):
+        if node.op_type == "Add" and produced_by_any(view, data, LINEAR_OPS):
             continue
         pairs.append((index, second_index))
     return pairs
@@ -75,12 +75,12 @@ def _channel_operand(view: GraphView, node: onnx.NodeProto) -> tuple[str, int, i
     return None
 
 
-def _produced_by(view: GraphView, name: str, op_types) -> bool:
+def produced_by_any(view: GraphView, name: str, op_types) -> bool:
     found = view.producer_of(name)
     return found is not None and found[1].op_type in op_types
 
 
-def _normalised(view: GraphView, data: str) -> bool:
+def is_normalised(view: GraphView, data: str) -> bool:
     """Whether `data` is a normalisation's output: a Div, or a Mul of two computed tensors."""
     found = view.producer_of(data)
     if found is None:

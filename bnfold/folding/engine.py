@@ -288,9 +288,9 @@ def _pair_reason(view: GraphView, first: int, second: int) -> str:
     pair = ("per-channel scale and shift, Mul → Add" if head.op_type == "Mul"
             else "per-channel shift and scale, Add → Mul")
     if any(c.op_type in LINEAR_OPS for c in consumers):
-        return (f"{pair} {node_label(tail)}: a Mul/Add pair folds only into the "
-                f"Conv/ConvTranspose/Gemm/MatMul that produces its input, and {source} is none "
-                f"(output to {target})")
+        return (f"{pair} {node_label(tail)}: a Mul/Add pair folds into the "
+                f"Conv/ConvTranspose/Gemm/MatMul that produces its input, and {source} is none, "
+                f"or into MatMuls with constant B that alone read it (output to {target})")
     return (f"{pair} {node_label(tail)}: no Conv/ConvTranspose/Gemm/MatMul beside it (input "
             f"from {source}, output to {target})")
 

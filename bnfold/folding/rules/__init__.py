@@ -1,6 +1,7 @@
 """The fold rules, in the order they are tried on each node. No registration by import."""
 
 from bnfold.folding.rules.add_bn import AddBnRule
+from bnfold.folding.rules.affine_matmul import AddMatMulRule, MulMatMulRule
 from bnfold.folding.rules.bn_conv import BnConvRule
 from bnfold.folding.rules.bn_gemm import BnGemmRule
 from bnfold.folding.rules.concat_bn import ConcatBnRule
@@ -28,6 +29,8 @@ FOLD_RULES = (
     AddBnRule(),
     BnConvRule(),
     BnGemmRule(),
+    AddMatMulRule(),  # a frozen BN's shift (tf2onnx: Mul → Add) into the Dense biases after it
+    MulMatMulRule(),  # and then its scale into their B
     IdentityBnRule(),
     MergeConvsRule(),  # not a BN: the Convs the folds above leave summed, merged
 )
