@@ -258,13 +258,7 @@ def refusal_reasons(view: GraphView, index: int) -> list[str]:
 
 def _neighbourhood(view: GraphView, index: int) -> str:
     node = view.nodes[index]
-    producer = view.producer_of(node.input[0])
-    source = node_label(producer[1]) if producer else f"graph input {node.input[0]!r}"
-    consumers = [view.nodes[i] for i in view.live_consumers(node.output[0])]
-    readers = [node_label(c) for c in consumers]
-    if node.output[0] in view.graph_outputs:
-        readers.append("graph output")
-    target = ", ".join(readers[:3]) or "nothing"
+    source, consumers, target = _surroundings(view, node.input[0], node.output[0])
     after = next((c for c in consumers if c.op_type in _AFTER_BN_REASONS), None)
     if after is not None:
         return f"{_AFTER_BN_REASONS[after.op_type]} (input from {source}, output to {target})"
@@ -273,18 +267,25 @@ def _neighbourhood(view: GraphView, index: int) -> str:
     )
 
 
+def _surroundings(view: GraphView, data: str, output: str
+                  ) -> tuple[str, list[onnx.NodeProto], str]:
+    """What produces `data` (a label), the live nodes reading `output`, and those readers as
+    text ('A, B, C', 'graph output', 'nothing')."""
+    producer = view.producer_of(data)
+    source = node_label(producer[1]) if producer else f"graph input {data!r}"
+    consumers = [view.nodes[i] for i in view.live_consumers(output)]
+    readers = [node_label(c) for c in consumers]
+    if output in view.graph_outputs:
+        readers.append("graph output")
+    return source, consumers, ", ".join(readers[:3]) or "nothing"
+
+
 def _pair_reason(view: GraphView, first: int, second: int) -> str:
     """Why a per-channel Mul→Add (Add→Mul) pair that no rule matched stays, with what it reads
     and what reads it."""
     head, tail = view.nodes[first], view.nodes[second]
     data = next(name for name in head.input if view.constant_array(name) is None)
-    producer = view.producer_of(data)
-    source = node_label(producer[1]) if producer else f"graph input {data!r}"
-    consumers = [view.nodes[i] for i in view.live_consumers(tail.output[0])]
-    readers = [node_label(c) for c in consumers]
-    if tail.output[0] in view.graph_outputs:
-        readers.append("graph output")
-    target = ", ".join(readers[:3]) or "nothing"
+    source, consumers, target = _surroundings(view, data, tail.output[0])
     pair = ("per-channel scale and shift, Mul → Add" if head.op_type == "Mul"
             else "per-channel shift and scale, Add → Mul")
     if any(c.op_type in LINEAR_OPS for c in consumers):
