@@ -42,18 +42,17 @@ class _AffineMatMulRule:
 
     def match(self, view: GraphView, index: int) -> Match | None:
         node = view.nodes[index]
-        if node.op_type != self.op_type or len(node.input) != 2:
+        if (node.op_type != self.op_type or len(node.input) != 2
+                or node.output[0] in view.graph_outputs):
             return None
-        constant = [view.constant_array(name) is not None for name in node.input]
-        if constant.count(True) != 1:
-            return None
-        if node.output[0] in view.graph_outputs:
-            return None
-        readers = view.live_consumers(node.output[0])
+        readers = view.live_consumers(node.output[0])  # the cheap test first: most Adds fail it
         if not readers or any(
                 view.nodes[i].op_type != "MatMul" or view.nodes[i].domain not in _DEFAULT_DOMAINS
                 or list(view.nodes[i].input) != [node.output[0], view.nodes[i].input[1]]
                 or view.nodes[i].input[1] == node.output[0] for i in readers):
+            return None
+        constant = [view.constant_array(name) is not None for name in node.input]
+        if constant.count(True) != 1:
             return None
         data = node.input[constant.index(False)]
         if self.affine_of_another_op(view, data):
