@@ -64,6 +64,17 @@ def test_tf2onnx_pre_activation_pair_is_listed_kept_with_its_neighbours(order, k
     assert_same_outputs(m, result.model, FEED)
 
 
+def test_two_frozen_bns_in_a_row_are_two_entries():
+    nodes = [helper.make_node("Concat", ["x", "x"], ["cat"], name="concat", axis=1),
+             helper.make_node("Mul", ["cat", "s"], ["a"], name="mul1"),
+             helper.make_node("Add", ["a", "t"], ["b"], name="add1"),
+             helper.make_node("Mul", ["b", "s"], ["c"], name="mul2"),
+             helper.make_node("Add", ["c", "t"], ["y"], name="add2")]
+    m = build(nodes, [tensor("s", rng(2).uniform(0.5, 1.5, (1, 6, 1, 1))),
+                      tensor("t", rng(3).standard_normal((1, 6, 1, 1)))])
+    assert entries(bnfold.fold(m).report) == [("mul1", "Mul", "kept"), ("mul2", "Mul", "kept")]
+
+
 def test_channels_last_pair_is_listed():
     # tf2onnx keeps NHWC between Transposes: the constants have C values on the last axis.
     nodes = [helper.make_node("Transpose", ["x"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),

@@ -30,9 +30,10 @@ def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
                      ) -> list[tuple[int, int]]:
     """(first, second) node indices of each per-channel Mul→Add or Add→Mul pair of `view`,
     in node order, leaving out any node in `skip` (those a rule matched report themselves)."""
-    pairs = []
+    pairs, seconds = [], set()
     for index, node in view.live_nodes_of(("Mul", "Add")):
-        if index in skip or node.domain not in _DEFAULT_DOMAINS:
+        # Mul→Add→Mul→Add is two pairs, not three: a pair's Add does not start another
+        if index in skip or index in seconds or node.domain not in _DEFAULT_DOMAINS:
             continue
         consumers = view.live_consumers(node.output[0])
         if len(consumers) != 1 or node.output[0] in view.graph_outputs:
@@ -54,6 +55,7 @@ def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
         if node.op_type == "Add" and produced_by_any(view, data, LINEAR_OPS):
             continue
         pairs.append((index, second_index))
+        seconds.add(second_index)
     return pairs
 
 
