@@ -20,10 +20,8 @@ from __future__ import annotations
 import onnx
 
 from bnfold.folding.graph import GraphView
-
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_NORMALISED_BY = ("Div",)  # x / √(σ² + ε) as torch writes a LayerNorm before opset 17
-LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+from bnfold.folding.rules.common import is_normalised, produced_by_linear
+from bnfold.onnxio.nodes import DEFAULT_DOMAINS
 
 
 def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
@@ -33,14 +31,14 @@ def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
     pairs, seconds = [], set()
     for index, node in view.live_nodes_of(("Mul", "Add")):
         # Mul→Add→Mul→Add is two pairs, not three: a pair's Add does not start another
-        if index in skip or index in seconds or node.domain not in _DEFAULT_DOMAINS:
+        if index in skip or index in seconds or node.domain not in DEFAULT_DOMAINS:
             continue
         consumers = view.live_consumers(node.output[0])
         if len(consumers) != 1 or node.output[0] in view.graph_outputs:
             continue
         second_index = consumers[0]
         second = view.nodes[second_index]
-        if (second_index in skip or second.domain not in _DEFAULT_DOMAINS
+        if (second_index in skip or second.domain not in DEFAULT_DOMAINS
                 or {node.op_type, second.op_type} != {"Mul", "Add"}):
             continue
         first = _channel_operand(view, node)
@@ -52,7 +50,7 @@ def standalone_pairs(view: GraphView, skip: set[int] | dict[int, object]
             continue
         if node.op_type == "Mul" and is_normalised(view, data):
             continue
-        if node.op_type == "Add" and produced_by_any(view, data, LINEAR_OPS):
+        if node.op_type == "Add" and produced_by_linear(view, data):
             continue
         pairs.append((index, second_index))
         seconds.add(second_index)
@@ -75,20 +73,3 @@ def _channel_operand(view: GraphView, node: onnx.NodeProto) -> tuple[str, int, i
             return None
         return node.input[1 - slot], values.ndim - wide[0], values.shape[wide[0]]
     return None
-
-
-def produced_by_any(view: GraphView, name: str, op_types) -> bool:
-    found = view.producer_of(name)
-    return found is not None and found[1].op_type in op_types
-
-
-def is_normalised(view: GraphView, data: str) -> bool:
-    """Whether `data` is a normalisation's output: a Div, or a Mul of two computed tensors."""
-    found = view.producer_of(data)
-    if found is None:
-        return False
-    producer = found[1]
-    if producer.op_type in _NORMALISED_BY:
-        return True
-    return producer.op_type == "Mul" and all(
-        view.constant_array(name) is None for name in producer.input)

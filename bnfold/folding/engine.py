@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.affine_pairs import LINEAR_OPS, standalone_pairs
+from bnfold.folding.affine_pairs import standalone_pairs
 from bnfold.folding.batched import fold_plain_conv_bn
 from bnfold.folding.constants import ConstantSubgraphs
 from bnfold.folding.functions import inline_bn_functions
@@ -24,7 +24,7 @@ from bnfold.folding.graph import (
 )
 from bnfold.folding.report import FOLDED, KEPT, LOWERED, FoldEntry, FoldReport
 from bnfold.folding.rules import FOLD_RULES, LOWER_RULES
-from bnfold.folding.rules.common import batchnorm_affine
+from bnfold.folding.rules.common import LINEAR_OPS, batchnorm_affine
 from bnfold.onnxio.tensors import all_graphs, iter_other_tensors
 from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.nodes import NodeTable

@@ -18,10 +18,11 @@ of a constant bias broadcast along the last axis (tf2onnx's Dense), the only pla
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from bnfold.folding import math as fold_math
-from bnfold.folding.affine_pairs import LINEAR_OPS, is_normalised, produced_by_any
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.rules.common import (
@@ -30,14 +31,18 @@ from bnfold.folding.rules.common import (
     apply_plan,
     attribute_reason,
     compute_dtype,
+    is_normalised,
     plan_problem,
+    produced_by_linear,
 )
 from bnfold.folding.rules.into_producer import constant_or_reason, matmul_weight
+from bnfold.onnxio.nodes import DEFAULT_DOMAINS
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
+class _AffineMatMulRule(ABC):
+    """match: a Mul/Add of `op_type` read only by MatMuls as A; check: the constant, each B,
+    plan_reader for each MatMul; rewrite: the MatMuls read the Mul/Add's input, it goes."""
 
-class _AffineMatMulRule:
     op_type = ""
 
     def match(self, view: GraphView, index: int) -> Match | None:
@@ -47,7 +52,7 @@ class _AffineMatMulRule:
             return None
         readers = view.live_consumers(node.output[0])  # the cheap test first: most Adds fail it
         if not readers or any(
-                view.nodes[i].op_type != "MatMul" or view.nodes[i].domain not in _DEFAULT_DOMAINS
+                view.nodes[i].op_type != "MatMul" or view.nodes[i].domain not in DEFAULT_DOMAINS
                 or list(view.nodes[i].input) != [node.output[0], view.nodes[i].input[1]]
                 or view.nodes[i].input[1] == node.output[0] for i in readers):
             return None
@@ -79,7 +84,6 @@ class _AffineMatMulRule:
                 return (f"{self.op_type} constant {name!r} has rank {values.ndim} and the rank "
                         f"of its input is unknown (add shapes or run shape inference)")
         vector = values.reshape(-1).astype(np.float64)
-        match.extra["dead"] = [name]
         for reader in match.extra["readers"]:
             matmul = view.nodes[reader]
             b = matmul_weight(view, matmul)
@@ -93,12 +97,16 @@ class _AffineMatMulRule:
                 return problem
         return plan_problem(match, view)
 
+    @abstractmethod
     def affine_of_another_op(self, view: GraphView, data: str) -> bool:
-        raise NotImplementedError
+        """Whether the Mul/Add reading `data` belongs to another op written out (a LayerNorm,
+        a Dense bias): not a frozen BN, left in place."""
 
+    @abstractmethod
     def plan_reader(self, view: GraphView, match: Match, reader: int, b: np.ndarray,
                     vector: np.ndarray) -> str | None:
-        raise NotImplementedError
+        """Add to match.updates what MatMul `reader` (constant B `b`) takes of the constant
+        `vector` (float64, K values), or return a refusal."""
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
         dead = apply_plan(view, match)
@@ -108,7 +116,7 @@ class _AffineMatMulRule:
             view.set_input(reader, 0, data)
         view.remove_node(match.node_index)
         view.drop_value_info(node.output[0])
-        return dead + match.extra["dead"]
+        return dead + [node.input[1 - match.extra["data_slot"]]]
 
 
 class MulMatMulRule(_AffineMatMulRule):
@@ -134,7 +142,7 @@ class AddMatMulRule(_AffineMatMulRule):
 
     def affine_of_another_op(self, view, data):
         # A Dense's own bias (Add after a MatMul), or a LayerNorm's β (after its γ Mul).
-        if produced_by_any(view, data, LINEAR_OPS):
+        if produced_by_linear(view, data):
             return True
         found = view.producer_of(data)
         return (found is not None and found[1].op_type == "Mul" and any(
@@ -149,7 +157,7 @@ class AddMatMulRule(_AffineMatMulRule):
             return f"{label} output is not read by one bias Add alone, where the shift would go"
         add_index = readers[0]
         add = view.nodes[add_index]
-        if (add.op_type != "Add" or add.domain not in _DEFAULT_DOMAINS or len(add.input) != 2
+        if (add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or len(add.input) != 2
                 or list(add.input).count(output) != 1):
             return f"{label} is followed by {node_label(add)}, not a bias Add the shift can go into"
         slot = 1 - list(add.input).index(output)

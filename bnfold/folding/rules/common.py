@@ -402,3 +402,24 @@ def weight_rank_problem(weight: np.ndarray, channels: int, axis_size: int, what:
     if axis_size != channels:
         return f"{what} has {axis_size} output channels but the BN has {channels}"
     return None
+
+
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_NORMALISED_BY = ("Div",)  # x / √(σ² + ε) as torch writes a LayerNorm before opset 17
+
+
+def produced_by_linear(view: GraphView, name: str) -> bool:
+    """Whether a default-domain Conv, ConvTranspose, Gemm or MatMul produces `name`."""
+    return any(produced_by(view, name, op_type) for op_type in LINEAR_OPS)
+
+
+def is_normalised(view: GraphView, data: str) -> bool:
+    """Whether `data` is a normalisation's output: a Div, or a Mul of two computed tensors."""
+    found = view.producer_of(data)
+    if found is None:
+        return False
+    producer = found[1]
+    if producer.op_type in _NORMALISED_BY:
+        return True
+    return producer.op_type == "Mul" and all(
+        view.constant_array(name) is None for name in producer.input)
