@@ -300,8 +300,8 @@ def _pair_reason(view: GraphView, first: int, second: int) -> str:
 _AFTER_BN_REASONS = {
     "ConvTranspose": "it feeds a ConvTranspose, where its shift would reach border outputs "
                      "unevenly: a BN before a ConvTranspose cannot fold into its weights",
-    "MatMul": "it feeds a MatMul: BN before a MatMul is not folded (only BN before a Gemm, "
-              "or MatMul before a BN)",
+    "MatMul": "it feeds a MatMul, but not as the first input of a MatMul that alone reads it: "
+              "only then does a BN fold into the MatMul's B",
 }
 
 

@@ -4,6 +4,7 @@ from bnfold.folding.rules.add_bn import AddBnRule
 from bnfold.folding.rules.affine_matmul import AddMatMulRule, MulMatMulRule
 from bnfold.folding.rules.bn_conv import BnConvRule
 from bnfold.folding.rules.bn_gemm import BnGemmRule
+from bnfold.folding.rules.bn_matmul import BnMatMulRule
 from bnfold.folding.rules.concat_bn import ConcatBnRule
 from bnfold.folding.rules.conv_bn import ConvBnRule
 from bnfold.folding.rules.convtranspose_bn import ConvTransposeBnRule
@@ -29,6 +30,7 @@ FOLD_RULES = (
     AddBnRule(),
     BnConvRule(),
     BnGemmRule(),
+    BnMatMulRule(),  # 2-D input only: BN → MatMul (→ bias Add) becomes one Gemm
     AddMatMulRule(),  # a frozen BN's shift (tf2onnx: Mul → Add) into the Dense biases after it
     MulMatMulRule(),  # and then its scale into their B
     IdentityBnRule(),
