@@ -108,3 +108,48 @@ def test_bn_read_as_matmul_b_is_kept_with_the_reason():
     assert result.report.folded == []
     assert result.report.kept[0].reasons[0].startswith(
         "it feeds a MatMul, but not as the first input of a MatMul that alone reads it")
+
+
+def linear_bn(noop_after_add=True, noop_before_add=False, tap=None):
+    """x → MatMul(B) [→ Identity] → Add(c) [→ Identity] → BN → y: Linear → BatchNorm1D as
+    paddle2onnx writes it; `tap`: "after_add" or "before_add" makes that Identity's output a
+    graph output too."""
+    r = rng(10)
+    inits = [tensor("B", r.standard_normal((K, N))), tensor("c", r.standard_normal(N)),
+             *bn_params("bn", N)]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["z"], name="linear")]
+    outputs = [("y", None)]
+    data = "z"
+    if noop_before_add:
+        nodes.append(helper.make_node("Identity", ["z"], ["z_id"], name="before_add"))
+        data = "z_id"
+    nodes.append(helper.make_node("Add", [data, "c"], ["a"], name="linear_bias"))
+    data = "a"
+    if noop_after_add:
+        nodes.append(helper.make_node("Identity", ["a"], ["a_id"], name="after_add"))
+        data = "a_id"
+    nodes.append(bn_node(data, "y"))
+    if tap:
+        outputs.append(({"after_add": "a_id", "before_add": "z_id"}[tap], None))
+    return model(nodes, [("x", [3, K])], outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("before,after", [(False, True), (True, False), (True, True)])
+def test_linear_then_bn_folds_through_identity_nodes(before, after):
+    m = linear_bn(noop_after_add=after, noop_before_add=before)
+    result = folded(m)
+    assert [(e.node, e.rule) for e in result.report.folded] == [("bn", "matmul-bn")]
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+    assert result.model.graph.node[0].output[0] == "y"
+    assert_same_outputs(m, result.model, FEED)
+
+
+@pytest.mark.parametrize("tap", ["after_add", "before_add"])
+def test_an_identity_read_outside_keeps_the_bn_with_the_reason(tap):
+    m = linear_bn(noop_before_add=True, tap=tap)
+    result = folded(m)
+    assert result.report.folded == []
+    name = {"after_add": "a_id", "before_add": "z_id"}[tap]
+    node = {"after_add": "after_add", "before_add": "before_add"}[tap]
+    assert f"into linear: {node} output {name!r} is also a graph output" in (
+        result.report.kept[0].reasons)

@@ -33,25 +33,35 @@ class MatMulBnRule:
         node = view.nodes[index]
         if node.op_type != "BatchNormalization":
             return None
-        found = view.producer_of(node.input[0])
-        add_index = None
+        # Identity/Dropout no-ops may stand anywhere in between (paddle2onnx: Add → Identity).
+        source, passed = view.skip_noops(node.input[0])
+        found = _default_domain(view.producer_of(source))
+        add_index, before_add, add_data = None, [], ""
         if found is not None and found[1].op_type == "Add":
             add_index = found[0]
-            operands = [view.producer_of(name) for name in found[1].input]
-            matmuls = [p for p in operands if p is not None and p[1].op_type == "MatMul"]
-            found = matmuls[0] if len(matmuls) == 1 else None
+            operands = [(name, *view.skip_noops(name)) for name in found[1].input]
+            matmuls = [(name, noops, found_at) for name, start, noops in operands
+                       if (found_at := _default_domain(view.producer_of(start))) is not None
+                       and found_at[1].op_type == "MatMul"]
+            if len(matmuls) != 1:
+                return None
+            add_data, before_add, found = matmuls[0]
         if found is None or found[1].op_type != "MatMul":
             return None
-        return Match(node_index=index, target_index=found[0], extra={"add": add_index})
+        extra = {"add": add_index, "add_data": add_data, "passed": passed,
+                 "before_add": before_add}
+        return Match(node_index=index, target_index=found[0], extra=extra)
 
     def check(self, view: GraphView, match: Match) -> str | None:
         matmul = view.nodes[match.target_index]
         add_index = match.extra["add"]
-        chain = [match.target_index] + ([add_index] if add_index is not None else [])
-        for current, following in zip(chain, chain[1:] + [match.node_index]):
-            problem = view.sole_consumer_problem(view.nodes[current].output[0], following)
-            if problem:
-                return f"{node_label(view.nodes[current])} output {problem}"
+        if add_index is None:
+            problem = view.chain_problem(match.target_index, match.extra["passed"], match.node_index)
+        else:
+            problem = (view.chain_problem(match.target_index, match.extra["before_add"], add_index)
+                       or view.chain_problem(add_index, match.extra["passed"], match.node_index))
+        if problem:
+            return problem
         b = matmul_weight(view, matmul)
         if isinstance(b, str):
             return b
@@ -70,7 +80,7 @@ class MatMulBnRule:
         bias = None
         if add_index is not None:
             add = view.nodes[add_index]
-            const_name = next((n for n in add.input if n != matmul.output[0]), "")
+            const_name = next((n for n in add.input if n != match.extra["add_data"]), "")
             values = view.constant_array(const_name)
             bias = None if values is None else per_channel_vector(values, channels, 2)
             if bias is None:
@@ -95,4 +105,11 @@ class MatMulBnRule:
         if match.extra["add"] is not None:
             view.bypass(match.extra["add"], match.target_index)
         view.bypass(match.node_index, match.target_index)
+        for index in match.extra["passed"] + match.extra["before_add"]:  # no-ops go with it
+            view.remove_node(index)
+            view.drop_value_info(view.nodes[index].output[0])
         return dead
+
+
+def _default_domain(found):
+    return None if found is None or found[1].domain not in ("", "ai.onnx") else found
