@@ -15,14 +15,17 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import iter_tensors
+from bnfold.onnxio.validity import sort_nodes_topologically
 
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A float64 copy of `model` (float32 tensors and types only; others untouched)."""
+    """A float64 copy of `model` (float32 tensors and types only; others untouched), its nodes
+    in topological order (onnx.reference runs them as listed; ORT does not mind)."""
     wide = onnx.ModelProto()
     wide.CopyFrom(model)
+    sort_nodes_topologically(wide)
     for tensor in iter_tensors(wide):
         if tensor.data_type == _FLOAT:
             values = numpy_helper.to_array(tensor).astype(np.float64)

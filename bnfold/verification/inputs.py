@@ -4,8 +4,9 @@ Used by `verify` and `bench` alike so both feed a model the same way.
 
 Generated values by type: floats are seeded standard normal; a bool input takes True in one run
 and False in the next (so both branches of an `If` on it are checked); integers are small and
-non-negative, below the table size where the input indexes a Gather; uint8 spans 0–255. Strings
-cannot be generated: the user passes `--inputs`.
+non-negative, below the table size where the input indexes a Gather; uint8 spans 0–255. A string
+input is drawn from the keys of the ai.onnx.ml LabelEncoder/CategoryMapper nodes that alone read
+it (the model's own vocabulary); any other string input needs `--inputs`.
 
 Dims: `--shape` wins; a symbolic batch (axis 0, or a dim named like one) is `batch` (2 unless
 the caller says otherwise; verification uses 1); any other
@@ -90,6 +91,7 @@ class InputSpec:
     elem_type: int
     dims: list[int | str]
     int_high: int = _INT_HIGH  # exclusive upper bound for generated integers
+    vocabulary: tuple[str, ...] = ()  # what a string input is drawn from
 
     @property
     def is_bool(self) -> bool:
@@ -205,6 +207,7 @@ def plan_inputs(
             f"its inputs are: {', '.join(sorted(names)) or '(none)'}"
         )
     bounds = _gather_bounds(model)
+    vocabularies = _string_vocabularies(model)
     metadata_size = _metadata_size(model)
     plan = InputPlan([], batch)
     _seed_given_dim_params(inputs, shapes, plan)
@@ -215,13 +218,17 @@ def plan_inputs(
                 f"with --inputs data.npz"
             )
         elem = value.type.tensor_type.elem_type
-        if elem == onnx.TensorProto.STRING or _numpy_dtype(elem) is None:
+        vocabulary = vocabularies.get(value.name, ()) if elem == onnx.TensorProto.STRING else ()
+        if not vocabulary and (elem == onnx.TensorProto.STRING or _numpy_dtype(elem) is None):
+            why = (" (it is read by nodes other than LabelEncoder/CategoryMapper, whose keys "
+                   "would say which strings it takes)" if elem == onnx.TensorProto.STRING else "")
             raise BnfoldError(
-                f"input {value.name!r} is {type_name(elem)}; bnfold cannot generate it: "
+                f"input {value.name!r} is {type_name(elem)}; bnfold cannot generate it{why}: "
                 f"pass real data with --inputs data.npz"
             )
         dims = _declared_dims(value, shapes, plan, batch, metadata_size)
-        plan.specs.append(InputSpec(value.name, elem, dims, bounds.get(value.name, _INT_HIGH)))
+        plan.specs.append(InputSpec(value.name, elem, dims, bounds.get(value.name, _INT_HIGH),
+                                    vocabulary))
     return plan
 
 
@@ -316,6 +323,32 @@ def _gather_bounds(model: onnx.ModelProto) -> dict[str, int]:
     return bounds
 
 
+# ai.onnx.ml ops that map strings by a table: the attribute holding the strings they know.
+_STRING_KEYS = {"LabelEncoder": ("keys_strings", "classes_strings"), "CategoryMapper": ("cats_strings",)}
+
+
+def _string_vocabularies(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
+    """String inputs read only by LabelEncoder/CategoryMapper nodes: the keys those know (a
+    value outside them maps to the default, which the model handles too, but keys exercise the
+    real paths)."""
+    found: dict[str, list[str]] = {}
+    refused: set[str] = set()
+    for node in model.graph.node:
+        keys = None
+        if node.domain == "ai.onnx.ml" and node.op_type in _STRING_KEYS:
+            for attr in node.attribute:
+                if attr.name in _STRING_KEYS[node.op_type] and attr.strings:
+                    keys = [k.decode("utf-8", "replace") for k in attr.strings]
+                    break
+        for slot, name in enumerate(node.input):
+            if keys is None or slot != 0:
+                refused.add(name)
+            else:
+                found.setdefault(name, []).extend(keys)
+    return {name: tuple(dict.fromkeys(keys)) for name, keys in found.items()
+            if name not in refused}
+
+
 def _numpy_dtype(elem: int):
     if elem in _FLOAT_TYPES:
         return _FLOAT_TYPES[elem]
@@ -328,6 +361,9 @@ def _numpy_dtype(elem: int):
 
 def _generate(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator, run: int):
     elem = spec.elem_type
+    if spec.vocabulary:
+        picks = rng.integers(0, len(spec.vocabulary), size=shape)
+        return np.array(spec.vocabulary, dtype=object)[picks]
     if elem in _FLOAT_TYPES:
         return rng.standard_normal(shape).astype(_FLOAT_TYPES[elem])
     if elem == onnx.TensorProto.BOOL:

