@@ -94,6 +94,16 @@ def seed_models(r: np.random.Generator) -> dict[str, onnx.ModelProto]:
     seeds["matmul_bn"] = _model(
         [helper.make_node("MatMul", ["x", "B"], ["m"], name="mm"), bn],
         [("x", [2, 3])], [("y", 2)], [_t("B", r.normal(0, 0.5, (3, 4))), *p])
+    # paddle2onnx's BatchNorm1D → Linear → BatchNorm1D: BN → MatMul → Add → Identity → BN
+    # (bn-matmul, then matmul-bn through the Identity).
+    bn_in, p_in = _bn("bn_in", "x", "n", 3, r)
+    bn_out, p_out = _bn("bn_out", "a_id", "y", 4, r)
+    seeds["bn_linear_bn"] = _model(
+        [bn_in, helper.make_node("MatMul", ["n", "B"], ["m"], name="linear"),
+         helper.make_node("Add", ["m", "C"], ["a"], name="linear_bias"),
+         helper.make_node("Identity", ["a"], ["a_id"], name="id"), bn_out],
+        [("x", ["N", 3])], [("y", 2)],
+        [_t("B", r.normal(0, 0.5, (3, 4))), _t("C", r.normal(0, 1, 4)), *p_in, *p_out])
     # If whose then-branch holds Conv→BN reading outer weights.
     bn, p = _bn("ibn", "ic", "iy", 2, r)
     then_graph = helper.make_graph(
