@@ -107,3 +107,21 @@ def test_outputs_equal_to_the_last_bit_make_verification_compare_the_fold_sites(
     site = verify["sites"][0]
     assert site["ok"] and 0 < site["max_abs_error"] <= site["tolerance"]
     assert any("equal the original's to the last bit" in note for note in verify["notes"])
+
+
+def test_ranks_past_the_encoder_follow_each_ops_rule():
+    from bnfold.folding.types import TypeTable
+
+    m = phoneme_model()
+    # a second branch: a 1-D B makes MatMul drop an axis; a Reshape to a shape given at run
+    # time has no rank to carry
+    m.graph.node.extend([helper.make_node("MatMul", ["emb", "v"], ["dot"]),
+                         helper.make_node("Reshape", ["emb", "to"], ["reshaped"])])
+    m.graph.input.append(helper.make_tensor_value_info("to", TensorProto.INT64, ["k"]))
+    m.graph.initializer.append(tensor("v", rng(21).standard_normal(E)))
+    table = TypeTable(m)
+    assert table.lookup("ids") == (TensorProto.INT64, 1)
+    assert table.lookup("emb") == (TensorProto.FLOAT, 2)  # Gather: 2 + 1 - 1
+    assert table.lookup("mm_b") == (TensorProto.FLOAT, 2)
+    assert table.lookup("dot") == (TensorProto.FLOAT, 1)
+    assert table.lookup("reshaped") == (TensorProto.FLOAT, None)
