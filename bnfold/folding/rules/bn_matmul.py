@@ -8,8 +8,6 @@ value per column that alone reads the MatMul (paddle2onnx writes Linear as MatMu
 
 from __future__ import annotations
 
-import onnx
-
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
@@ -23,6 +21,7 @@ from bnfold.folding.rules.common import (
     weight_and_bias_updates,
 )
 from bnfold.folding.rules.into_producer import matmul_weight, per_channel_vector
+from bnfold.folding.rules.matmul_bn import become_gemm
 
 
 class BnMatMulRule:
@@ -69,10 +68,7 @@ class BnMatMulRule:
         bn = view.nodes[match.node_index]
         dead = [matmul.input[1], *match.affine.dead_inputs]
         apply_plan(view, match)
-        view.set_op_type(match.target_index, "Gemm")  # Gemm(x, B', c'), α = β = 1, no transposes
-        if view.opset < 7:
-            # Gemm-6 broadcasts C only when asked to.
-            matmul.attribute.append(onnx.helper.make_attribute("broadcast", 1))
+        become_gemm(view, match.target_index)
         view.set_input(match.target_index, 0, bn.input[0])
         view.remove_node(match.node_index)
         view.drop_value_info(bn.output[0])

@@ -98,10 +98,7 @@ class MatMulBnRule:
         matmul = view.nodes[match.target_index]
         dead = [matmul.input[1], *match.affine.dead_inputs]
         apply_plan(view, match)
-        view.set_op_type(match.target_index, "Gemm")  # Gemm(X, B', c'), α = β = 1, no transposes
-        if view.opset < 7:
-            # Gemm-6 broadcasts C only when asked to.
-            matmul.attribute.append(onnx.helper.make_attribute("broadcast", 1))
+        become_gemm(view, match.target_index)
         if match.extra["add"] is not None:
             view.bypass(match.extra["add"], match.target_index)
         view.bypass(match.node_index, match.target_index)
@@ -109,6 +106,14 @@ class MatMulBnRule:
             view.remove_node(index)
             view.drop_value_info(view.nodes[index].output[0])
         return dead
+
+
+def become_gemm(view: GraphView, index: int) -> None:
+    """MatMul `index`, given its B' and a C by apply_plan, as Gemm(X, B', C): α = β = 1, no
+    transposes (the caller proved X is 2-D)."""
+    view.set_op_type(index, "Gemm")
+    if view.opset < 7:  # Gemm-6 broadcasts C only when asked to
+        view.nodes[index].attribute.append(onnx.helper.make_attribute("broadcast", 1))
 
 
 def _default_domain(found):
