@@ -11,10 +11,9 @@ from __future__ import annotations
 from bnfold.folding import math as fold_math
 from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
-from bnfold.folding.rules.bn_conv import consumer_match
+from bnfold.folding.rules.bn_conv import consumer_match, rewrite_bn_into_consumer
 from bnfold.folding.rules.common import (
     Match,
-    apply_plan,
     batchnorm_affine,
     compute_dtype,
     plan_problem,
@@ -50,10 +49,9 @@ class BnMatMulRule:
             return affine
         if b.shape[0] != affine.scale.shape[0]:
             return f"{label} takes {b.shape[0]} input features but the BN has {affine.scale.shape[0]}"
-        bias, add_index = _bias_add(view, match.target_index, b.shape[1])
+        bias, add_index, bias_name = _bias_add(view, match.target_index, b.shape[1])
         if add_index is not None:
-            affine.dead_inputs += (next(n for n in view.nodes[add_index].input
-                                        if n != matmul.output[0]),)
+            affine.dead_inputs += (bias_name,)
         match.extra["add"] = add_index
         match.affine = affine
         elem = view.constant_dtype(matmul.input[1])
@@ -64,30 +62,25 @@ class BnMatMulRule:
         return plan_problem(match, view)
 
     def rewrite(self, view: GraphView, match: Match) -> list[str]:
-        matmul = view.nodes[match.target_index]
-        bn = view.nodes[match.node_index]
-        dead = [matmul.input[1], *match.affine.dead_inputs]
-        apply_plan(view, match)
+        dead = rewrite_bn_into_consumer(view, match)
         become_gemm(view, match.target_index)
-        view.set_input(match.target_index, 0, bn.input[0])
-        view.remove_node(match.node_index)
-        view.drop_value_info(bn.output[0])
         if match.extra["add"] is not None:
             view.bypass(match.extra["add"], match.target_index)
         return dead
 
 
 def _bias_add(view: GraphView, matmul_index: int, columns: int):
-    """(c, index) of the Add that alone reads the MatMul's output and adds one constant per
-    column, or (None, None)."""
+    """(c, index, name of c) of the Add that alone reads the MatMul's output and adds one
+    constant per column, or (None, None, "")."""
+    none = None, None, ""
     output = view.nodes[matmul_index].output[0]
     readers = view.live_consumers(output)
     if len(readers) != 1 or view.sole_consumer_problem(output, readers[0]):
-        return None, None
+        return none
     add = view.nodes[readers[0]]
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or list(add.input).count(output) != 1:
-        return None, None
+        return none
     other = next(name for name in add.input if name != output)
     values = view.constant_array(other)
     bias = None if values is None else per_channel_vector(values, columns, 2, channel_axis=-1)
-    return (None, None) if bias is None else (bias, readers[0])
+    return none if bias is None else (bias, readers[0], other)
