@@ -100,13 +100,44 @@ def test_ground_truth_is_skipped_above_the_node_limit_and_says_why(monkeypatch):
     assert forced.ground_truth_skipped is None and forced.ground_truth
 
 
+def test_ground_truth_stops_at_its_time_budget_and_says_why(monkeypatch):
+    """Unasked, the float64 evaluation gets GROUND_TRUTH_SECONDS: a node that would start later
+    is not run, the ground truth is skipped with that reason and the verification stands;
+    --ground-truth runs it to the end."""
+    from bnfold.verification import ground_truth
+
+    original = build_sample_model()
+    folded = bnfold.fold(original).model
+    monkeypatch.setattr(ground_truth, "GROUND_TRUTH_SECONDS", 0.0)
+    result = bnfold.verify(original, folded)
+    assert result.ok and not result.ground_truth
+    assert result.ground_truth_skipped == (
+        "the float64 reference evaluator ran past its 0 s budget (onnx.reference is pure "
+        "numpy; --ground-truth runs it to the end)")
+    forced = bnfold.verify(original, folded, ground_truth=True)
+    assert forced.ground_truth_skipped is None and forced.ground_truth
+
+
+def test_float64_evaluation_within_its_budget_is_the_unbounded_one():
+    original = build_sample_model()
+    feed = {v.name: rng(1).standard_normal(
+        [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]).astype(np.float32)
+        for v in original.graph.input}
+    bounded = evaluate_float64(original, feed, seconds=60.0)
+    unbounded = evaluate_float64(original, feed)
+    assert bounded.keys() == unbounded.keys()
+    for name, values in unbounded.items():
+        assert values.dtype == np.float64
+        np.testing.assert_array_equal(bounded[name], values)
+
+
 def test_budget_counts_generated_weights_and_says_which():
     """onnx's light_* zoo models store a few thousand values and make millions with
     ConstantOfShape: the float64 evaluator holds the millions, and the message says so."""
     from bnfold.verification.ground_truth import float64_budget_problem
 
     r = rng(0)
-    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 250, 250])
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 1000, 1000])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["W"],
                               value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])),
              helper.make_node("Conv", ["x", "W"], ["y"])]
@@ -115,5 +146,6 @@ def test_budget_counts_generated_weights_and_says_which():
     feed = {"x": np.zeros((1, 4, 250, 250), np.float32)}
     # stored: the shape (4), the unused vector (3) and ConstantOfShape's own value (1)
     assert float64_budget_problem(m, feed, None) == (
-        "model too large for the float64 reference evaluator (2,000,008 weight values: 8 "
-        "stored, 2,000,000 made by ConstantOfShape, limit 2,000,000; --ground-truth forces it)")
+        "model too large for the float64 reference evaluator (32,000,008 weight values: 8 "
+        "stored, 32,000,000 made by ConstantOfShape, limit 32,000,000; --ground-truth forces "
+        "it)")

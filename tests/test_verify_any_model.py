@@ -232,9 +232,9 @@ def test_bool_output_and_big_constant_of_shape_in_the_ground_truth():
     inits = [tensor("zero", np.zeros(1)), tensor("shape", np.array([3000, 1000]), np.int64)]
     m = make(nodes, [vi("x", [2, 3])], [vi("y", [2, 3], TensorProto.BOOL), vi("total", [])], inits)
     outcome = bnfold.verify(m, m)
-    assert outcome.ok
-    assert ("3,000,004 weight values: 4 stored, 3,000,000 made by ConstantOfShape"
-            in outcome.ground_truth_skipped)
+    assert outcome.ok and outcome.ground_truth_skipped is None
+    # 3M values made at run time are within the float64 budget; a bool output has no error
+    assert set(outcome.ground_truth) == {"total"}
 
 
 def test_plain_fold_command_prints_the_chosen_sizes(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -162,11 +163,19 @@ def _inference_batch_normalization():
     return BatchNormalization
 
 
+class _OutOfTime(Exception):
+    pass
+
+
 def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
-                     names: list[str] | None = None) -> dict[str, np.ndarray]:
+                     names: list[str] | None = None, seconds: float | None = None
+                     ) -> dict[str, np.ndarray]:
     """Outputs of `model` (or the tensors `names`, inner ones too) computed in float64 on
-    `feed` (float32 inputs are widened)."""
+    `feed` (float32 inputs are widened). With `seconds`, a node that would start after that
+    long is not run: BnfoldError says the evaluation ran out of time."""
     from onnx.reference import ReferenceEvaluator
+
+    deadline = None if seconds is None else time.monotonic() + seconds
 
     outputs = [o.name for o in model.graph.output]
     if names is not None and set(names) - set(outputs):
@@ -184,8 +193,15 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     try:
         with np.errstate(all="ignore"), _memory_cap():
             evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
+            if deadline is not None:
+                _stop_at(evaluator, deadline)
             names = outputs if names is None else list(names)
             values = evaluator.run(names, wide_feed)
+    except _OutOfTime:
+        raise BnfoldError(
+            f"the float64 reference evaluator ran past its {seconds:g} s budget (onnx.reference "
+            f"is pure numpy; --ground-truth runs it to the end)"
+        ) from None
     except MemoryError:
         raise BnfoldError(
             "onnx.reference would need more than half of the free memory to evaluate the model "
@@ -198,6 +214,21 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
             f"{detail})"
         ) from None
     return dict(zip(names, values))
+
+
+def _stop_at(evaluator, deadline: float) -> None:
+    """Make each of the evaluator's nodes refuse to start past `deadline` (time.monotonic()):
+    the evaluation stops within one node of it. An onnx whose evaluator keeps its nodes
+    elsewhere runs to the end."""
+    def checked(run):
+        def run_before_deadline(*args, **kwargs):
+            if time.monotonic() > deadline:
+                raise _OutOfTime
+            return run(*args, **kwargs)
+        return run_before_deadline
+
+    for node in getattr(evaluator, "rt_nodes_", ()):
+        node.run = checked(node.run)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,12 @@ from bnfold.verification.comparison import (
 )
 from bnfold.errors import BnfoldError
 from bnfold.verification import exactness
-from bnfold.verification.ground_truth import float64_budget_problem, full_model, record_ground_truth
+from bnfold.verification.ground_truth import (
+    float64_budget_problem,
+    full_model,
+    record_ground_truth,
+    time_budget,
+)
 from bnfold.verification.inputs import load_npz_inputs, names_of, plan_inputs
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -155,7 +160,8 @@ def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds)
         names = [m.name for m in undecided]
         try:
             full = full_model(reference, model)
-            exact = [evaluate_float64(full, feed, names) for feed in feeds]
+            exact = [evaluate_float64(full, feed, names, seconds=time_budget(wanted))
+                     for feed in feeds]
         except BnfoldError as exc:
             skipped = str(exc)
     if skipped is not None:
