@@ -1,7 +1,9 @@
 """Evaluate a float32 model in float64 with onnx's reference evaluator: the ground truth.
 
 Every float32 tensor (weights, Constant values, declared inputs/outputs, Cast targets) becomes
-float64; the evaluator is pure numpy, so this is for small models only.
+float64. The evaluator is pure numpy: convolutions and pooling run tap by tap
+(bnfold.verification.float64_ops) instead of onnx.reference's per-position loops, and the
+caller bounds the rest by model size and time (bnfold.verification.ground_truth).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from onnx import numpy_helper
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.files import iter_tensors
 from bnfold.onnxio.validity import sort_nodes_topologically
+from bnfold.verification.float64_ops import conv_by_taps, conv_transpose_by_taps, pool_by_taps
 
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
@@ -52,9 +55,10 @@ def _widen_graph(graph: onnx.GraphProto) -> None:
                     _widen_graph(sub)
 
 
-def _grouped_conv_transpose():
-    """onnx.reference's ConvTranspose slices grouped weights along the wrong axis (weights are
-    [Cin, Cout/g, k…]) and adds the whole bias to every group; run each group on its own."""
+def _conv_transpose():
+    """ConvTranspose tap by tap (float64_ops); where that declines (auto_pad, output_shape),
+    onnx.reference's, one group at a time: it slices grouped weights along the wrong axis
+    (weights are [Cin, Cout/g, k…]) and adds the whole bias to every group."""
     from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
 
     class ConvTranspose(ReferenceConvTranspose):
@@ -63,10 +67,14 @@ def _grouped_conv_transpose():
         def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None,
                  kernel_shape=None, output_padding=None, output_shape=None, pads=None,
                  strides=None):
+            group = group or 1
+            fast = conv_transpose_by_taps(X, W, B, auto_pad, dilations, group, output_padding,
+                                          output_shape, pads, strides)
+            if fast is not None:
+                return (fast.astype(X.dtype),)
             attrs = dict(auto_pad=auto_pad, dilations=dilations, kernel_shape=kernel_shape,
                          output_padding=output_padding, output_shape=output_shape, pads=pads,
                          strides=strides)
-            group = group or 1
             per_in, per_out = X.shape[1] // group, W.shape[1]
             outputs = []
             for g in range(group):
@@ -96,44 +104,41 @@ def _tap_by_tap_conv():
     return Conv
 
 
-def conv_by_taps(X, W, B, auto_pad, dilations, group, pads, strides) -> np.ndarray:
-    """ONNX Conv of X [N, C, *in] with W [M, C/group, *k] (and bias B [M])."""
-    spatial = X.ndim - 2
-    if spatial < 1 or W.ndim != X.ndim or X.shape[1] != W.shape[1] * group or W.shape[0] % group:
-        raise ValueError(f"Conv of X {X.shape} with W {W.shape}, group {group}")
-    kernel = W.shape[2:]
-    dilations = list(dilations or [1] * spatial)
-    strides = list(strides or [1] * spatial)
-    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    if auto_pad == "VALID":
-        pads = [0] * 2 * spatial
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        head, tail = [], []
-        for size, stride, span in zip(X.shape[2:], strides, reach):
-            needed = max(0, (-(-size // stride) - 1) * stride + span - size)
-            first = (needed + 1) // 2 if auto_pad == "SAME_LOWER" else needed // 2
-            head.append(first)
-            tail.append(needed - first)
-        pads = head + tail
-    pads = list(pads or [0] * 2 * spatial)
-    padded = np.pad(X, [(0, 0), (0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
-    out = [(padded.shape[2 + i] - reach[i]) // strides[i] + 1 for i in range(spatial)]
-    if min(out) < 1:
-        raise ValueError(f"Conv output of size {out}")
-    batch, channels, maps = X.shape[0], X.shape[1] // group, W.shape[0] // group
-    positions = int(np.prod(out))
-    result = np.zeros((batch, group, maps, positions), np.result_type(X, W))
-    for tap in np.ndindex(*kernel):
-        window = tuple(slice(t * d, t * d + (n - 1) * s + 1, s)
-                       for t, d, n, s in zip(tap, dilations, out, strides))
-        taken = padded[(slice(None), slice(None), *window)].reshape(
-            batch, group, channels, positions)
-        weights = W[(slice(None), slice(None), *tap)].reshape(group, maps, channels)
-        result += np.matmul(weights, taken)
-    result = result.reshape(batch, group * maps, *out)
-    if B is not None:
-        result += B.reshape((1, -1) + (1,) * spatial)
-    return result
+def _tap_by_tap_pools():
+    """MaxPool and AveragePool tap by tap (float64_ops), where onnx.reference loops in Python
+    over every output position; its own kernels run what float64_ops declines (a MaxPool's
+    Indices output, a dilated AveragePool)."""
+    from onnx.reference.ops._op_common_pool import CommonPool
+    from onnx.reference.ops.op_max_pool import MaxPool as ReferenceMaxPool
+
+    class MaxPool(ReferenceMaxPool):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None,
+                 pads=None, storage_order=None, strides=None):
+            if len(self.onnx_node.output) == 1 and np.issubdtype(x.dtype, np.floating):
+                fast = pool_by_taps(x, "max", kernel_shape, auto_pad, ceil_mode, 0, dilations,
+                                    pads, strides)
+                if fast is not None:
+                    return (fast,)
+            return super()._run(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                kernel_shape=kernel_shape, pads=pads,
+                                storage_order=storage_order, strides=strides)
+
+    class AveragePool(CommonPool):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None,
+                 pads=None, strides=None, count_include_pad=None):
+            fast = pool_by_taps(x, "average", kernel_shape, auto_pad, ceil_mode,
+                                count_include_pad, dilations, pads, strides)
+            if fast is not None:
+                return (fast.astype(x.dtype),)
+            return CommonPool._run(self, "AVG", count_include_pad, x, auto_pad=auto_pad,
+                                   ceil_mode=ceil_mode, dilations=dilations,
+                                   kernel_shape=kernel_shape, pads=pads, strides=strides)
+
+    return MaxPool, AveragePool
 
 
 def _inference_batch_normalization():
@@ -189,7 +194,8 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
         name: value.astype(np.float64) if value.dtype == np.float32 else value
         for name, value in feed.items()
     }
-    new_ops = [_grouped_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv()]
+    new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
+               *_tap_by_tap_pools()]
     try:
         with np.errstate(all="ignore"), _memory_cap():
             evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
