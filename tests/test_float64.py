@@ -137,7 +137,7 @@ def test_budget_counts_generated_weights_and_says_which():
     from bnfold.verification.ground_truth import float64_budget_problem
 
     r = rng(0)
-    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 1000, 1000])
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 500, 1000])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["W"],
                               value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])),
              helper.make_node("Conv", ["x", "W"], ["y"])]
@@ -146,6 +146,6 @@ def test_budget_counts_generated_weights_and_says_which():
     feed = {"x": np.zeros((1, 4, 250, 250), np.float32)}
     # stored: the shape (4), the unused vector (3) and ConstantOfShape's own value (1)
     assert float64_budget_problem(m, feed, None) == (
-        "model too large for the float64 reference evaluator (32,000,008 weight values: 8 "
-        "stored, 32,000,000 made by ConstantOfShape, limit 32,000,000; --ground-truth forces "
+        "model too large for the float64 reference evaluator (16,000,008 weight values: 8 "
+        "stored, 16,000,000 made by ConstantOfShape, limit 16,000,000; --ground-truth forces "
         "it)")

