@@ -149,3 +149,33 @@ def test_budget_counts_generated_weights_and_says_which():
         "model too large for the float64 reference evaluator (16,000,008 weight values: 8 "
         "stored, 16,000,000 made by ConstantOfShape, limit 16,000,000; --ground-truth forces "
         "it)")
+
+
+def test_nested_local_functions_are_inlined_and_widened():
+    """torch's export_modules_as_functions writes functions that call functions, which
+    onnx.reference cannot run ("known functions: []"); a Cast to float32 inside one must
+    become float64 like the graph's own."""
+    inner = helper.make_function(
+        "pkg.inner", "Scale", ["a", "w"], ["b"],
+        [helper.make_node("Mul", ["a", "w"], ["m"]),
+         helper.make_node("Cast", ["m"], ["b"], to=onnx.TensorProto.FLOAT)],
+        [helper.make_opsetid("", 17)])
+    outer = helper.make_function(
+        "pkg.outer", "Block", ["x", "w"], ["y"],
+        [helper.make_node("Scale", ["x", "w"], ["s"], domain="pkg.inner"),
+         helper.make_node("Tanh", ["s"], ["y"])],
+        [helper.make_opsetid("", 17), helper.make_opsetid("pkg.inner", 1)])
+    w = np.float32(1.0 + 2.0 ** -20)  # rounds away in float32 products, not in float64
+    graph = helper.make_graph(
+        [helper.make_node("Block", ["x", "w"], ["y"], domain="pkg.outer")], "functions",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [tensor("w", np.array(w))])
+    m = helper.make_model(graph, functions=[inner, outer], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("pkg.outer", 1),
+        helper.make_opsetid("pkg.inner", 1)])
+    onnx.checker.check_model(m)
+    x = np.array([0.1, 0.5, 1.0, 3.0], np.float32)
+    exact = evaluate_float64(m, {"x": x})["y"]
+    assert exact.dtype == np.float64
+    np.testing.assert_array_equal(exact, np.tanh(x.astype(np.float64) * np.float64(w)))

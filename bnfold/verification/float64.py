@@ -26,9 +26,16 @@ _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float64 copy of `model` (float32 tensors and types only; others untouched), its nodes
-    in topological order (onnx.reference runs them as listed; ORT does not mind)."""
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
+    in topological order (onnx.reference runs them as listed; ORT does not mind). Local
+    functions are inlined, so their bodies are widened too, and because onnx.reference does not
+    let one function call another (torch's export_modules_as_functions nests them)."""
+    if model.functions:
+        from onnx.inliner import inline_local_functions
+
+        wide = inline_local_functions(model)
+    else:
+        wide = onnx.ModelProto()
+        wide.CopyFrom(model)
     sort_nodes_topologically(wide)
     for tensor in iter_tensors(wide):
         if tensor.data_type == _FLOAT:
