@@ -134,19 +134,24 @@ def pool_by_taps(X, kind: str, kernel, auto_pad, ceil_mode, count_include_pad, d
     fill = -np.inf if kind == "max" else 0.0
     padded = np.pad(X, [(0, 0), (0, 0)] + list(zip(pads[:spatial], tails)),
                     constant_values=fill)
-    taps = [padded[(slice(None), slice(None), *_window(tap, dilations, out, strides))]
-            for tap in np.ndindex(*kernel)]
+    # One running max or sum over the taps (a stack of every tap's window would hold k² copies
+    # of the output).
+    taps = (padded[(slice(None), slice(None), *_window(tap, dilations, out, strides))]
+            for tap in np.ndindex(*kernel))
+    combine = np.maximum if kind == "max" else np.add
+    total = next(taps).copy()
+    for window in taps:
+        combine(total, window, out=total)
     if kind == "max":
-        return np.maximum.reduce(taps)
-    total = np.add.reduce(taps)
+        return total
     # The divisor, axis by axis: how many of a window's positions count.
     for i in range(spatial):
         counted = np.zeros(padded.shape[2 + i])
         head = pads[i]
         end = head + sizes[i] + (pads[i + spatial] if count_include_pad else 0)
         counted[0 if count_include_pad else head:end] = 1
-        per_window = sum(counted[t * dilations[i]:t * dilations[i] + (out[i] - 1) * strides[i]
-                                 + 1:strides[i]] for t in range(kernel[i]))
+        per_window = sum(counted[_window((t,), dilations[i:i + 1], out[i:i + 1],
+                                         strides[i:i + 1])] for t in range(kernel[i]))
         total /= per_window.reshape((-1,) + (1,) * (spatial - 1 - i))
     return total
 
