@@ -57,6 +57,9 @@ def test_product_equals_the_eager_product_bit_for_bit(case, chunk_bytes):
         eager = scaled(weight, factors, np.float32)
         assert np.asarray(product).tobytes() == eager.tobytes()
         assert b"".join(bytes(c) for c in product.chunks(chunk_bytes)) == eager.tobytes()
+        # the writer thread's way: each chunk in a buffer of its own, possibly oversized
+        taken = product.chunks(chunk_bytes, take=lambda n: np.empty(n + 3, np.uint8))
+        assert b"".join(bytes(c) for c in taken) == eager.tobytes()
         assert product.tobytes() == eager.tobytes()
         for ours, theirs in ((product.min(), eager.min()), (product.max(), eager.max())):
             assert type(ours) is type(theirs)

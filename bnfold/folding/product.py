@@ -111,25 +111,37 @@ class WeightProduct:
             self._source = np.array([low.min(), high.max()], dtype=weight.dtype)
         return self._extremes
 
-    def chunks(self, max_bytes: int = _CHUNK_BYTES):
+    def chunks(self, max_bytes: int = _CHUNK_BYTES, take=None):
         """The values in C order as consecutive byte views of one reused buffer (each is
-        overwritten by the next: copy or write it before asking for another)."""
+        overwritten by the next: copy or write it before asking for another). With `take`
+        (nbytes -> a writable uint8 array of at least that size), each chunk is computed into
+        a buffer of its own from `take` instead (bnfold.onnxio.background's pool)."""
         weight, factors = self._weight, self._factors
         while weight.ndim > 1 and weight.shape[0] == 1:
             weight, factors = weight[0], factors[0]
         if weight.ndim == 0 or weight.size == 0:
-            yield memoryview(np.asarray(self).reshape(-1)).cast("B")
+            whole = memoryview(np.asarray(self).reshape(-1)).cast("B")
+            if take is not None:
+                out = take(whole.nbytes)[:whole.nbytes]
+                out[...] = whole
+                whole = memoryview(out)
+            yield whole
             return
         rows = weight.shape[0]
         row_bytes = max(1, (weight.size // rows) * self.dtype.itemsize)
         step = max(1, max_bytes // row_bytes)
-        buffer = np.empty((min(step, rows),) + weight.shape[1:], self.dtype)
+        buffer = None if take is not None else np.empty(
+            (min(step, rows),) + weight.shape[1:], self.dtype)
         per_row = factors.shape[0] != 1
         for start in range(0, rows, step):
             count = min(step, rows - start)
-            out = buffer[:count]
+            if buffer is None:
+                nbytes = count * (weight.size // rows) * self.dtype.itemsize
+                out = take(nbytes)[:nbytes].view(self.dtype).reshape(
+                    (count,) + weight.shape[1:])
+            else:
+                out = buffer[:count]
             np.multiply(weight[start:start + count],
                         factors[start:start + count] if per_row else factors,
                         out=out, dtype=np.float64, casting="unsafe")
             yield memoryview(out).cast("B")
-

@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import onnx
 
+from bnfold.onnxio.background import BackgroundWriter
 from bnfold.onnxio.preallocate import reserve
 
 try:
@@ -157,22 +158,39 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
     head = _serialized_fields(model, below=graph_number) + _GRAPH_TAG + varint(graph_size)
     tail = _serialized_fields(model, above=graph_number) + _unknown_bytes(model)
     reserve(handle, len(head) + graph_size + len(tail))
-    handle.write(head)
-    handle.write(before)
+    # Weights computed as they are written: compute the next while one is written
+    computed = any(hasattr(source, "chunks") for _, _, _, source in plan)
+    out = BackgroundWriter(handle) if computed else handle
+    try:
+        _write_planned(out, head, before, plan, after, tail, deferred)
+    except BaseException:
+        if computed:
+            out.close(abort=True)
+        raise
+    if computed:
+        out.close()
+
+
+def _write_planned(out, head, before, plan, after, tail, deferred) -> None:
+    out.write(head)
+    out.write(before)
     for tensor, header, size, source in plan:
-        handle.write(_INITIALIZER_TAG + varint(size))
+        out.write(_INITIALIZER_TAG + varint(size))
         if header is None:
-            handle.write(tensor.SerializeToString())
+            out.write(tensor.SerializeToString())
             continue
         if isinstance(source, str):
-            handle.write(header[0] + _RAW_DATA_TAG + varint(deferred.nbytes(source)))
-            deferred.copy_to(source, handle)
+            out.write(header[0] + _RAW_DATA_TAG + varint(deferred.nbytes(source)))
+            if isinstance(out, BackgroundWriter):
+                out.call(lambda handle, name=source: deferred.copy_to(name, handle))
+            else:
+                deferred.copy_to(source, out)
         else:
-            handle.write(header[0] + _RAW_DATA_TAG + varint(source.nbytes))
-            write_values(handle, source)
-        handle.write(header[1])
-    handle.write(after)
-    handle.write(tail)
+            out.write(header[0] + _RAW_DATA_TAG + varint(source.nbytes))
+            write_values(out, source)
+        out.write(header[1])
+    out.write(after)
+    out.write(tail)
 
 
 def write_values(handle: BinaryIO, values) -> None:
@@ -181,6 +199,10 @@ def write_values(handle: BinaryIO, values) -> None:
     chunks = getattr(values, "chunks", None)
     if chunks is None:
         handle.write(memoryview(values).cast("B"))
+        return
+    if isinstance(handle, BackgroundWriter):
+        for chunk in chunks(take=handle.take):
+            handle.write_taken(chunk)
         return
     for chunk in chunks():
         handle.write(chunk)
