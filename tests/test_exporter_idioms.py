@@ -79,15 +79,18 @@ def test_zoo_ir3_weights_from_constant_of_shape_fold():
     assert "W__SHAPE" not in {t.name for t in graph.initializer}
 
 
-@pytest.mark.parametrize("generated", [True, False], ids=["constant-of-shape", "reshape"])
-def test_a_large_generated_weight_stays_generated(generated):
+@pytest.mark.parametrize("generated, value", [(True, 0.02), (True, 3e38), (False, None)],
+                         ids=["constant-of-shape", "constant-of-shape-near-the-top", "reshape"])
+def test_a_large_generated_weight_stays_generated(generated, value):
     # A fold would store the weight a few stored values generate: 18 KB from 4 here, 94 MB
     # from 80 KB over light_resnet50. A weight reshaped from stored values folds as usual.
+    # Near the float32 top the weight has no headroom either: the growth is the reason given,
+    # found from the shape alone before any pass over the values.
     shape = (32, 16, 3, 3)
     if generated:
         source = [tensor("W__SHAPE", np.array(shape), np.int64)]
         make = helper.make_node("ConstantOfShape", ["W__SHAPE"], ["W"],
-                                value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.02]))
+                                value=helper.make_tensor("v", TensorProto.FLOAT, [1], [value]))
     else:
         flat = rng(3).standard_normal(math.prod(shape)) * 0.1
         source = [tensor("W_flat", flat),
@@ -96,8 +99,9 @@ def test_a_large_generated_weight_stays_generated(generated):
     nodes = [make, helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
     m = build(nodes, [*source, *bn_params("bn", 32)], x_shape=(1, 16, 6, 6))
     result = bnfold.fold(m)
-    feed = {"x": rng(2).standard_normal((1, 16, 6, 6)).astype(np.float32)}
-    assert_same_outputs(m, result.model, feed)
+    if value is None or value < 1:  # near the top, the model's own outputs overflow
+        feed = {"x": rng(2).standard_normal((1, 16, 6, 6)).astype(np.float32)}
+        assert_same_outputs(m, result.model, feed)
     if not generated:
         assert result.report.folded_count == 1
         return

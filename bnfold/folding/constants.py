@@ -3,8 +3,9 @@
 Exporters compute weights and BN parameters instead of storing them: torch.onnx turns identical
 initializers into `Identity` nodes, the IR-3 model zoo builds weights with `ConstantOfShape`,
 paddle2onnx and tf2onnx `Reshape`/`Cast`/`Unsqueeze` them. A value that a fold rule reads is
-evaluated here, once, with onnx's reference implementation of each op (exact for these
-shape/copy ops; elementwise arithmetic rounds in the tensor's own dtype, as ONNX Runtime does).
+evaluated here, once: the common shape/copy ops in plain numpy (bnfold.folding.constant_ops),
+the others with onnx's reference implementation (its elementwise arithmetic rounds in the
+tensor's own dtype, as ONNX Runtime does).
 
 Only names a rule asks about are evaluated, never the whole graph: this is not a constant
 folder. An op outside `EVALUATED_OPS`, a subgraph deeper than `MAX_DEPTH` or a result above
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
+from bnfold.folding import constant_ops
 
 # Deterministic ops whose output depends on their inputs' values alone.
 EVALUATED_OPS = frozenset({
@@ -158,6 +161,12 @@ def _broadcast(node: onnx.NodeProto, shapes: list[tuple[int, ...]]) -> list[int]
 
 
 def _run_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list:
+    outputs = constant_ops.run(node, inputs, opset)
+    return outputs if outputs is not None else reference_run(node, inputs, opset)
+
+
+def reference_run(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> list:
+    """`node` run alone on `inputs` by onnx.reference."""
     from onnx.reference import ReferenceEvaluator
 
     names = [f"in{i}" if value is not None else "" for i, value in enumerate(inputs)]
