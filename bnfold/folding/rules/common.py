@@ -281,20 +281,18 @@ def plan_problem(match: Match, view: GraphView) -> str | None:
             name = onnx.TensorProto.DataType.Name(update.elem_type) if update.elem_type in (
                 onnx.TensorProto.DataType.values()) else str(update.elem_type)
             return f"{update.hint} is {name}, not float16/bfloat16/float32/float64"
+        # first the check that needs no values: the others reduce over the whole weight
+        problem = _growth_problem(view, update)
         dtype = ONNX_DTYPE_NAME.get(update.elem_type)
         what = f"folded {update.hint}"
-        if dtype is not None:
+        if problem is None and dtype is not None:
             problem = range_problem(update.values, dtype, what)
-        elif not all_finite(update.values):
+        elif problem is None and not all_finite(update.values):
             problem = f"{what} is not finite"
-        else:
-            problem = None
         if problem is None:
             problem = headroom_problem(update.values, update.elem_type, what)
         if problem is None:
             problem = _replaced_headroom_problem(view, update)
-        if problem is None:
-            problem = _growth_problem(view, update)
         if problem:
             return problem
     return None
