@@ -137,7 +137,7 @@ def test_budget_counts_generated_weights_and_says_which():
     from bnfold.verification.ground_truth import float64_budget_problem
 
     r = rng(0)
-    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [8, 4, 500, 1000])
+    shape = helper.make_tensor("shape", onnx.TensorProto.INT64, [4], [32, 4, 500, 1000])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["W"],
                               value=helper.make_tensor("v", onnx.TensorProto.FLOAT, [1], [0.5])),
              helper.make_node("Conv", ["x", "W"], ["y"])]
@@ -146,8 +146,8 @@ def test_budget_counts_generated_weights_and_says_which():
     feed = {"x": np.zeros((1, 4, 250, 250), np.float32)}
     # stored: the shape (4), the unused vector (3) and ConstantOfShape's own value (1)
     assert float64_budget_problem(m, feed, None) == (
-        "model too large for the float64 reference evaluator (16,000,008 weight values: 8 "
-        "stored, 16,000,000 made by ConstantOfShape, limit 16,000,000; --ground-truth forces "
+        "model too large for the float64 reference evaluator (64,000,008 weight values: 8 "
+        "stored, 64,000,000 made by ConstantOfShape, limit 64,000,000; --ground-truth forces "
         "it)")
 
 
@@ -179,3 +179,59 @@ def test_nested_local_functions_are_inlined_and_widened():
     exact = evaluate_float64(m, {"x": x})["y"]
     assert exact.dtype == np.float64
     np.testing.assert_array_equal(exact, np.tanh(x.astype(np.float64) * np.float64(w)))
+
+
+def test_float64_evaluation_holds_the_weights_once_and_drops_spent_activations():
+    """Eight 1024x1024 MatMuls (32 MB of float32 weights): the evaluator's own run held them
+    twice in float64 (128 MB) plus every activation; now they stay float32, each widened only
+    while its node runs, and each activation goes after its last reader."""
+    import tracemalloc
+
+    r = rng(4)
+    size, layers = 1024, 8
+    inits = [tensor(f"W{k}", r.standard_normal((size, size)) / 32) for k in range(layers)]
+    nodes = [helper.make_node("MatMul", [f"h{k}", f"W{k}"], [f"h{k + 1}"]) for k in range(layers)]
+    m = model(nodes, [("h0", [256, size])], [(f"h{layers}", None)], inits)
+    x = r.standard_normal((256, size)).astype(np.float32)
+    expected = x.astype(np.float64)
+    for k in range(layers):
+        expected = expected @ onnx.numpy_helper.to_array(m.graph.initializer[k]).astype(np.float64)
+    tracemalloc.start()
+    try:
+        truth = evaluate_float64(m, {"h0": x})[f"h{layers}"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(truth, expected)  # the same float64 products, in the same order
+    weights = layers * size * size * 4
+    assert peak < weights + 3 * size * size * 8  # float32 weights + one widened + a few MB
+
+
+def test_subgraphs_read_outer_values_widened():
+    """If branches read an outer float32 initializer and an outer activation by name: the
+    run keeps both for them, widened, and the result is the float64 one."""
+    r = rng(5)
+    scale = r.standard_normal(4)
+    then_graph = helper.make_graph(
+        [helper.make_node("Mul", ["a", "S"], ["t"])], "then", [],
+        [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph(
+        [helper.make_node("Sub", ["a", "S"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Exp", ["x"], ["a"]),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=then_graph,
+                         else_branch=else_graph),
+    ]
+    m = model(nodes, [("x", [4])], [("y", None)],
+              [tensor("S", scale), tensor("zero", np.zeros((), np.float32))])
+    for sign in (1, -1):
+        x = (sign * np.abs(r.standard_normal(4)) + sign * 0.1).astype(np.float32)
+        truth = evaluate_float64(m, {"x": x})["y"]
+        wide_scale = scale.astype(np.float32).astype(np.float64)
+        a = np.exp(x.astype(np.float64))
+        assert truth.dtype == np.float64
+        assert np.array_equal(truth, a * wide_scale if sign > 0 else a - wide_scale)
+        assert np.allclose(truth, run(m, {"x": x})[0], rtol=1e-6)

@@ -18,7 +18,7 @@ from bnfold.deploy.engines import ENGINES
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
 @click.option("--ground-truth/--no-ground-truth", default=None,
               help="Compare with a float64 evaluation, with no size or time limit [auto: up "
-                   "to 16M weights, 5,000 nodes, 5 s].")
+                   "to 64M weights, 5,000 nodes, 5 s].")
 @click.option("--engine", type=click.Choice(list(ENGINES)),
               help="Run CANDIDATE on this engine (an .onnx; for trt also a built .engine; for "
                    "torch a model SPEC); REFERENCE stays ORT CPU, optimisation off.")

@@ -24,11 +24,13 @@ from bnfold.verification.float64_ops import conv_by_taps, conv_transpose_by_taps
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float64(model: onnx.ModelProto, main_initializers: bool = True) -> onnx.ModelProto:
     """A float64 copy of `model` (float32 tensors and types only; others untouched), its nodes
     in topological order (onnx.reference runs them as listed; ORT does not mind). Local
     functions are inlined, so their bodies are widened too, and because onnx.reference does not
-    let one function call another (torch's export_modules_as_functions nests them)."""
+    let one function call another (torch's export_modules_as_functions nests them). Without
+    `main_initializers`, the main graph's initializers stay float32 (a run that widens each
+    where it is read, _run_releasing)."""
     if model.functions:
         from onnx.inliner import inline_local_functions
 
@@ -37,8 +39,9 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
         wide = onnx.ModelProto()
         wide.CopyFrom(model)
     sort_nodes_topologically(wide)
+    kept = set() if main_initializers else {id(t) for t in wide.graph.initializer}
     for tensor in iter_tensors(wide):
-        if tensor.data_type == _FLOAT:
+        if tensor.data_type == _FLOAT and id(tensor) not in kept:
             values = numpy_helper.to_array(tensor).astype(np.float64)
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     _widen_graph(wide.graph)
@@ -254,13 +257,21 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     }
     new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
                *_tap_by_tap_pools(), _label_encoder(), _one_hot()]
+    names = outputs if names is None else list(names)
     try:
         with np.errstate(all="ignore"), _memory_cap():
-            evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
-            if deadline is not None:
-                _stop_at(evaluator, deadline)
-            names = outputs if names is None else list(names)
-            values = evaluator.run(names, wide_feed)
+            wide = to_float64(model, main_initializers=False)
+            evaluator = ReferenceEvaluator(wide, new_ops=new_ops)
+            if _can_run_releasing(evaluator):
+                for tensor in wide.graph.initializer:  # the evaluator holds them as arrays
+                    tensor.Clear()
+                values = _run_releasing(evaluator, names, wide_feed, deadline)
+            else:  # another onnx's evaluator: its own run, on a model widened whole
+                del evaluator, wide
+                evaluator = ReferenceEvaluator(to_float64(model), new_ops=new_ops)
+                if deadline is not None:
+                    _stop_at(evaluator, deadline)
+                values = evaluator.run(names, wide_feed)
     except _OutOfTime:
         raise BnfoldError(
             f"the float64 reference evaluator ran past its {seconds:g} s budget (onnx.reference "
@@ -278,6 +289,76 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
             f"{detail})"
         ) from None
     return dict(zip(names, values))
+
+
+def _can_run_releasing(evaluator) -> bool:
+    """Whether `evaluator` keeps what _run_releasing reads (onnx 1.23's does)."""
+    nodes = getattr(evaluator, "rt_nodes_", None)
+    return (isinstance(getattr(evaluator, "rt_inits_", None), dict) and nodes is not None
+            and all(hasattr(node, attr) for node in nodes
+                    for attr in ("input", "output", "run", "need_context")))
+
+
+def _run_releasing(evaluator, names: list[str], feed: dict[str, np.ndarray],
+                   deadline: float | None) -> list:
+    """ReferenceEvaluator.run's loop, except that each value is dropped after the last node
+    that reads it (the evaluator's own run keeps every intermediate to the end) and float32
+    initializers are widened only where a node reads them. Peak memory is then the live
+    activations and the weights once in float32, not every activation plus the weights twice
+    in float64. Values a subgraph reads from outside (If/Loop/Scan get every value as their
+    context) are widened up front and kept."""
+    nodes = list(evaluator.rt_nodes_)
+    results: dict[str, object] = {"": None}
+    results.update(evaluator.rt_inits_)
+    evaluator.rt_inits_ = {}  # this run owns them: each goes after its last reader
+    results.update(feed)
+    kept = set(names) | _read_by_subgraphs(nodes)
+    for name in kept & results.keys():
+        results[name] = _widened(results[name])
+    last_reader = {name: index for index, node in enumerate(nodes) for name in node.input}
+    released: list[list[str]] = [[] for _ in nodes]
+    for name, index in last_reader.items():
+        if name not in kept:
+            released[index].append(name)
+    for index, node in enumerate(nodes):
+        if deadline is not None and time.monotonic() > deadline:
+            raise _OutOfTime
+        for name in node.input:
+            if name not in results:
+                raise RuntimeError(f"no value for {name!r}, an input of {node.op_type}")
+        inputs = [_widened(results[name]) for name in node.input]
+        if node.need_context():
+            outputs = node.run(*inputs, context=results)
+        else:
+            outputs = node.run(*inputs)
+        for name, value in zip(node.output, outputs):
+            if name in last_reader or name in kept:
+                results[name] = value
+        for name in released[index]:
+            results.pop(name, None)
+    return [results[name] for name in names]
+
+
+def _widened(value):
+    if isinstance(value, np.ndarray) and value.dtype == np.float32:
+        return value.astype(np.float64)
+    return value
+
+
+def _read_by_subgraphs(nodes) -> set[str]:
+    """Every name read anywhere inside the nodes' subgraphs (a superset of what they read from
+    outside, which is all that matters here)."""
+    read: set[str] = set()
+    stack = [attr for node in nodes for attr in getattr(node, "onnx_node", node).attribute
+             ] if any(node.need_context() for node in nodes) else []
+    while stack:
+        attr = stack.pop()
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                read.update(inner.input)
+                stack.extend(inner.attribute)
+    return read
 
 
 def _stop_at(evaluator, deadline: float) -> None:
