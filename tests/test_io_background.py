@@ -121,3 +121,17 @@ def test_abort_drops_what_is_queued_and_stops_the_thread():
     opener.join()
     assert not writer._thread.is_alive()
     assert handle.getvalue() == b""
+
+
+def test_close_stops_the_thread_when_the_last_batch_finds_a_failure():
+    handle = _Recording(fail_at=0)
+    writer = BackgroundWriter(handle)
+    writer.write(b"y" * (1 << 17))  # queued as it is, and fails
+    writer.call(lambda out: None)  # waits for the failure to be recorded before the batch
+    while writer._jobs:
+        threading.Event().wait(0.01)
+    writer.write(b"x" * 10)  # batched: only close() queues it, and finds the failure
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    writer._thread.join(timeout=5)
+    assert not writer._thread.is_alive()

@@ -86,14 +86,16 @@ class BackgroundWriter:
     def close(self, abort: bool = False) -> None:
         """Write what is queued (nothing more when `abort`), stop the thread, and raise the
         error of a failed write."""
-        if not abort:
-            self._flush_batch()
-        with self._ready:
-            if abort:
-                self._jobs.clear()
-            self._jobs.append(None)
-            self._ready.notify_all()
-        self._thread.join()
+        try:
+            if not abort:
+                self._flush_batch()  # raises a failure already seen: the thread stops anyway
+        finally:
+            with self._ready:
+                if abort or self._error is not None:
+                    self._jobs.clear()
+                self._jobs.append(None)
+                self._ready.notify_all()
+            self._thread.join()
         if not abort:
             self._raise_failure()
 

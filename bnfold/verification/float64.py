@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.onnxio.files import iter_tensors
+from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors
 from bnfold.onnxio.validity import sort_nodes_topologically
 from bnfold.verification.float64_ops import conv_by_taps, conv_transpose_by_taps, pool_by_taps
 
@@ -39,9 +39,8 @@ def to_float64(model: onnx.ModelProto, main_initializers: bool = True) -> onnx.M
         wide = onnx.ModelProto()
         wide.CopyFrom(model)
     sort_nodes_topologically(wide)
-    kept = set() if main_initializers else {id(t) for t in wide.graph.initializer}
-    for tensor in iter_tensors(wide):
-        if tensor.data_type == _FLOAT and id(tensor) not in kept:
+    for tensor in iter_tensors(wide) if main_initializers else iter_other_tensors(wide):
+        if tensor.data_type == _FLOAT:
             values = numpy_helper.to_array(tensor).astype(np.float64)
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     _widen_graph(wide.graph)
