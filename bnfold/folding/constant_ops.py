@@ -19,16 +19,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-_ATTRIBUTES = {
-    "Identity": set(),
-    "Reshape": {"allowzero"},
-    "Unsqueeze": {"axes"},
-    "Squeeze": {"axes"},
-    "Flatten": {"axis"},
-    "Transpose": {"perm"},
-    "ConstantOfShape": {"value"},
-    "Cast": {"to", "saturate"},
-}
 # Cast targets whose numpy dtype is numpy's own: astype is exactly what the reference does
 _PLAIN_CAST_TYPES = frozenset({
     onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -44,15 +34,16 @@ def run(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int
     """`node`'s outputs for these inputs, or None where the reference should run it. Raises
     what numpy raises for inputs the op rejects (a shape that does not fit, an axis out of
     range), as the reference would."""
-    known = _ATTRIBUTES.get(node.op_type)
-    if known is None or len(node.output) != 1:
+    op = _OPS.get(node.op_type)
+    if op is None or len(node.output) != 1:
         return None
+    known, compute = op
     attributes = {attr.name: attr for attr in node.attribute}
     if not set(attributes) <= known:
         return None
     if any(value is not None and value.dtype.kind not in _PLAIN_KINDS for value in inputs):
         return None
-    result = _RUN[node.op_type](attributes, inputs, opset)
+    result = compute(attributes, inputs, opset)
     return None if result is None else [result]
 
 
@@ -151,13 +142,14 @@ def _cast(attributes, inputs, opset):
     return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
 
 
-_RUN = {
-    "Identity": _identity,
-    "Reshape": _reshape,
-    "Unsqueeze": _unsqueeze,
-    "Squeeze": _squeeze,
-    "Flatten": _flatten,
-    "Transpose": _transpose,
-    "ConstantOfShape": _constant_of_shape,
-    "Cast": _cast,
+# op type -> (the attributes it may have, its numpy implementation)
+_OPS = {
+    "Identity": (set(), _identity),
+    "Reshape": ({"allowzero"}, _reshape),
+    "Unsqueeze": ({"axes"}, _unsqueeze),
+    "Squeeze": ({"axes"}, _squeeze),
+    "Flatten": ({"axis"}, _flatten),
+    "Transpose": ({"perm"}, _transpose),
+    "ConstantOfShape": ({"value"}, _constant_of_shape),
+    "Cast": ({"to", "saturate"}, _cast),
 }

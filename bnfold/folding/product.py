@@ -136,7 +136,7 @@ class WeightProduct:
         for start in range(0, rows, step):
             count = min(step, rows - start)
             if buffer is None:
-                nbytes = count * (weight.size // rows) * self.dtype.itemsize
+                nbytes = count * row_bytes  # weight.size > 0: row_bytes is exact here
                 out = take(nbytes)[:nbytes].view(self.dtype).reshape(
                     (count,) + weight.shape[1:])
             else:

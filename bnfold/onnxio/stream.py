@@ -158,17 +158,17 @@ def write_model(model: onnx.ModelProto, handle: BinaryIO, overrides=None, deferr
     head = _serialized_fields(model, below=graph_number) + _GRAPH_TAG + varint(graph_size)
     tail = _serialized_fields(model, above=graph_number) + _unknown_bytes(model)
     reserve(handle, len(head) + graph_size + len(tail))
+    if not any(hasattr(source, "chunks") for _, _, _, source in plan):
+        _write_planned(handle, head, before, plan, after, tail, deferred)
+        return
     # Weights computed as they are written: compute the next while one is written
-    computed = any(hasattr(source, "chunks") for _, _, _, source in plan)
-    out = BackgroundWriter(handle) if computed else handle
+    out = BackgroundWriter(handle)
     try:
         _write_planned(out, head, before, plan, after, tail, deferred)
     except BaseException:
-        if computed:
-            out.close(abort=True)
+        out.close(abort=True)
         raise
-    if computed:
-        out.close()
+    out.close()
 
 
 def _write_planned(out, head, before, plan, after, tail, deferred) -> None:

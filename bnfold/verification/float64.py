@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors
+from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors, names_read_by_subgraphs
 from bnfold.onnxio.validity import sort_nodes_topologically
 from bnfold.verification.float64_ops import conv_by_taps, conv_transpose_by_taps, pool_by_taps
 
@@ -295,7 +295,7 @@ def _can_run_releasing(evaluator) -> bool:
     nodes = getattr(evaluator, "rt_nodes_", None)
     return (isinstance(getattr(evaluator, "rt_inits_", None), dict) and nodes is not None
             and all(hasattr(node, attr) for node in nodes
-                    for attr in ("input", "output", "run", "need_context")))
+                    for attr in ("input", "output", "run", "need_context", "onnx_node")))
 
 
 def _run_releasing(evaluator, names: list[str], feed: dict[str, np.ndarray],
@@ -311,7 +311,8 @@ def _run_releasing(evaluator, names: list[str], feed: dict[str, np.ndarray],
     results.update(evaluator.rt_inits_)
     evaluator.rt_inits_ = {}  # this run owns them: each goes after its last reader
     results.update(feed)
-    kept = set(names) | _read_by_subgraphs(nodes)
+    kept = set(names).union(*(names_read_by_subgraphs(node.onnx_node) for node in nodes
+                              if node.need_context()))
     for name in kept & results.keys():
         results[name] = _widened(results[name])
     last_reader = {name: index for index, node in enumerate(nodes) for name in node.input}
@@ -342,22 +343,6 @@ def _widened(value):
     if isinstance(value, np.ndarray) and value.dtype == np.float32:
         return value.astype(np.float64)
     return value
-
-
-def _read_by_subgraphs(nodes) -> set[str]:
-    """Every name read anywhere inside the nodes' subgraphs (a superset of what they read from
-    outside, which is all that matters here)."""
-    read: set[str] = set()
-    stack = [attr for node in nodes for attr in getattr(node, "onnx_node", node).attribute
-             ] if any(node.need_context() for node in nodes) else []
-    while stack:
-        attr = stack.pop()
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            for inner in graph.node:
-                read.update(inner.input)
-                stack.extend(inner.attribute)
-    return read
 
 
 def _stop_at(evaluator, deadline: float) -> None:
