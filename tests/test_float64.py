@@ -262,3 +262,18 @@ def test_erf_and_gelu_are_float64_not_rounded_through_float32(op_type, attrs):
         expected = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in wide]
     assert exact.dtype == np.float64
     np.testing.assert_allclose(exact, expected, rtol=4e-16, atol=1e-300)
+
+
+def test_ground_truth_is_skipped_above_the_input_limit_and_says_why(monkeypatch):
+    from bnfold.verification import ground_truth
+
+    original = build_sample_model()
+    folded = bnfold.fold(original).model
+    assert bnfold.verify(original, folded).ground_truth  # under the limit: run
+    monkeypatch.setattr(ground_truth, "GROUND_TRUTH_MAX_INPUT_VALUES", 1)
+    result = bnfold.verify(original, folded)
+    assert result.ok and not result.ground_truth
+    assert result.ground_truth_skipped.startswith(
+        "inputs too large for the float64 reference evaluator (")
+    assert result.ground_truth_skipped.endswith(" values, limit 1; --ground-truth forces it)")
+    assert bnfold.verify(original, folded, ground_truth=True).ground_truth
