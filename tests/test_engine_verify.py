@@ -150,6 +150,12 @@ def test_wrong_candidate_fails_naming_the_output(engine, sample_files):
                                        "--engine", engine])
     assert cli_run.exit_code == 1, cli_run.output
     assert "head_bn.out" in cli_run.output and "NOT equivalent" in cli_run.output
+    # whose difference: the original passes on the same engine, so it came with the candidate
+    record = result.engine["reference_on_engine"]
+    assert record["reference_ok"] and not record["candidate_matches_reference"]
+    assert any(note.startswith(f"the reference passes on {engine} (") and
+               note.endswith("): the difference comes with the candidate")
+               for note in result.notes)
 
 
 def test_fp16_model_passes_at_fp16_and_fails_at_float32(sample_files, tmp_path):
@@ -336,3 +342,52 @@ def test_openvino_input_of_the_wrong_dtype_is_one_line(sample_files, tmp_path):
                                    "--inputs", str(npz), "--min-time", "0.01"])
     assert run.exit_code == 1
     assert "float64" in run.output and "Traceback" not in run.output
+
+
+class OffsetEngine:
+    """ORT on the CPU, except that every float output comes back offset by 1% of its scale: an
+    engine that computes any model differently from the reference."""
+
+    name = "offset"
+
+    def __init__(self, options):
+        from bnfold.deploy.engines.ort import OrtCpuEngine
+
+        self._inner, self.notes = OrtCpuEngine(options), []
+
+    def open(self, label, model, feed):
+        session = self._inner.open(label, model, feed)
+        exact = session.outputs
+        session.outputs = lambda feed=None: {
+            name: value + np.float32(0.01) * np.abs(value).max() if value.dtype.kind == "f"
+            else value for name, value in exact(feed).items()}
+        return session
+
+    def environment(self):
+        return {}
+
+
+@pytest.mark.parametrize("candidate,matches", [("folded", True), ("wrong", False)])
+def test_a_failure_on_the_engine_says_whose_difference_it_is(monkeypatch, sample_files,
+                                                              candidate, matches):
+    """An engine that computes the original as differently as the folded model: the folded one
+    fails against ONNX Runtime, but the report says it matches the original on that engine.
+    A wrong candidate differs from both."""
+    from bnfold.deploy import engines
+
+    monkeypatch.setitem(engines.ENGINES, "offset", (__name__, "OffsetEngine", "test"))
+    result = verify(sample_files["original"], sample_files[candidate], engine="offset",
+                    ground_truth=False)
+    assert not result.ok
+    record = result.engine["reference_on_engine"]
+    assert not record["reference_ok"] and record["candidate_matches_reference"] is matches
+    worst = max(record["reference"], key=lambda m: m["max_rel_error"])
+    assert 0.009 < worst["max_rel_error"] < 0.03  # the engine's 1% offset, against ORT
+    (note,) = [n for n in result.notes if n.startswith("the reference ")]
+    if matches:
+        assert note.startswith("the reference itself differs on offset (")
+        assert note.endswith("): the difference is offset's, not the candidate's")
+        assert all(m["max_rel_error"] < 1e-5 for m in record["candidate_vs_reference"])
+    else:
+        assert note.startswith("the reference also differs on offset (")
+        assert "and there the candidate differs from it too (head_bn.out: " in note

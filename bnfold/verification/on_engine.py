@@ -129,6 +129,11 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     result.engine = _engine_record(backend, precision, judged_as, tolerance_precision, atol, rtol,
                                    ref_outputs[0])
+    if not result.ok and _reference_runs_there(engine, candidate):
+        record, note = _reference_on_engine(backend, runner, ref_payload, feeds, ref_outputs,
+                                            cand_outputs, atol, rtol, judged_as)
+        result.engine["reference_on_engine"] = record
+        result.notes.append(note)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
                   cand_outputs[0])
     return result
@@ -162,6 +167,65 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
         checks.append(OutputCheck(opened.label, all(m.ok for m in metrics), precision,
                                   judged_as, metrics))
     return checks
+
+
+def _reference_runs_there(engine: str, candidate) -> bool:
+    """Whether the reference can run where the candidate failed: an ONNX candidate (a TensorRT
+    engine file carries build settings the reference would not get; torch runs a module)."""
+    if engine == "torch":
+        return False
+    if isinstance(candidate, (str, os.PathLike)):
+        from bnfold.deploy.engines.trt import ENGINE_SUFFIXES
+
+        return not os.fspath(candidate).endswith(ENGINE_SUFFIXES)
+    return True
+
+
+def _reference_on_engine(backend, runner, ref_payload, feeds, ref_outputs, cand_outputs, atol,
+                         rtol, judged_as) -> tuple[dict, str]:
+    """After a candidate fails on an engine, the reference run there too, to say whose the
+    difference is: the engine's (it computes the original model as differently from ONNX
+    Runtime, and the candidate matches that run) or the candidate's (the original passes)."""
+    from bnfold.verification.runs import judge_outputs
+
+    name = backend.name
+    try:
+        opened = backend.open("the reference", ref_payload, feeds[0])
+        try:
+            orig_outputs = [opened.outputs(feed) for feed in feeds]
+        finally:
+            opened.close()
+        _check_outputs_match(ref_outputs[0], orig_outputs[0])
+    except BnfoldError as exc:
+        return ({"error": str(exc)},
+                f"the reference could not run on {name} to tell whose difference it is: {exc}")
+    original = judge_outputs(runner, ref_payload, feeds, ref_outputs, orig_outputs, atol, rtol,
+                             judged_as)
+    versus = judge_outputs(runner, ref_payload, feeds, orig_outputs, cand_outputs, atol, rtol,
+                           judged_as, noise_outputs=ref_outputs)
+    reference_ok, matches = all(m.ok for m in original), all(m.ok for m in versus)
+    if reference_ok:
+        note = (f"the reference passes on {name} ({_worst_figure(original)}): the difference "
+                f"comes with the candidate")
+    elif matches:
+        note = (f"the reference itself differs on {name} ({_worst_figure(original)} from ONNX "
+                f"Runtime), and there the candidate matches it ({_worst_figure(versus)}): the "
+                f"difference is {name}'s, not the candidate's")
+    else:
+        note = (f"the reference also differs on {name} ({_worst_figure(original)} from ONNX "
+                f"Runtime), and there the candidate differs from it too "
+                f"({_worst_figure(versus)})")
+    record = {"reference_ok": reference_ok, "candidate_matches_reference": matches,
+              "reference": [asdict(m) for m in original],
+              "candidate_vs_reference": [asdict(m) for m in versus]}
+    return record, note
+
+
+def _worst_figure(metrics: list[OutputMetrics]) -> str:
+    """'out: 0.0395 scale-relative' for the worst failing output (the worst one if none fails)."""
+    pool = [m for m in metrics if not m.ok] or metrics
+    worst = max(pool, key=lambda m: m.max_rel_error)
+    return f"{worst.name}: {worst.max_rel_error:.3g} scale-relative"
 
 
 def _check_precision_name(name: str | None) -> None:
