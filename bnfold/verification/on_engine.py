@@ -224,6 +224,8 @@ def _reference_on_engine(backend, runner, ref_payload, feeds, ref_outputs, cand_
 def _worst_figure(metrics: list[OutputMetrics]) -> str:
     """'out: 0.0395 scale-relative' for the worst failing output (the worst one if none fails)."""
     pool = [m for m in metrics if not m.ok] or metrics
+    if not pool:
+        return "no outputs"
     worst = max(pool, key=lambda m: m.max_rel_error)
     return f"{worst.name}: {worst.max_rel_error:.3g} scale-relative"
 
