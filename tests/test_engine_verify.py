@@ -375,7 +375,14 @@ def test_a_failure_on_the_engine_says_whose_difference_it_is(monkeypatch, sample
     A wrong candidate differs from both."""
     from bnfold.deploy import engines
 
+    from bnfold.verification.runs import _Runner
+
     monkeypatch.setitem(engines.ENGINES, "offset", (__name__, "OffsetEngine", "test"))
+    optimised_sessions = []
+    plain_session = _Runner.session
+    monkeypatch.setattr(_Runner, "session", lambda self, payload, role, optimised=False: (
+        optimised_sessions.append(role) if optimised else None,
+        plain_session(self, payload, role, optimised))[1])
     result = verify(sample_files["original"], sample_files[candidate], engine="offset",
                     ground_truth=False)
     assert not result.ok
@@ -383,6 +390,8 @@ def test_a_failure_on_the_engine_says_whose_difference_it_is(monkeypatch, sample
     assert not record["reference_ok"] and record["candidate_matches_reference"] is matches
     worst = max(record["reference"], key=lambda m: m["max_rel_error"])
     assert 0.009 < worst["max_rel_error"] < 0.03  # the engine's 1% offset, against ORT
+    # three judgements against the reference's noise, one optimised ORT run to measure it
+    assert optimised_sessions == ["reference (optimised)"]
     (note,) = [n for n in result.notes if n.startswith("the reference ")]
     if matches:
         assert note.startswith("the reference itself differs on offset (")
