@@ -53,7 +53,7 @@ def _payload(model):
     """What InferenceSession takes: a path as is (ORT reads external data), else bytes."""
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model)
-    return model.SerializeToString()
+    return model if isinstance(model, bytes) else model.SerializeToString()
 
 
 def _create_session(model, options, providers, label: str):

@@ -421,6 +421,10 @@ class TrtEngine:
             from bnfold.onnxio.files import load_model
 
             proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+            if isinstance(proto, bytes):  # a payload verify made (outputs marked, say)
+                import onnx
+
+                proto = onnx.load_from_string(proto)
             profiles = [ShapeProfile(k, tuple(v.shape), tuple(v.shape), tuple(v.shape))
                         for k, v in feed.items()]
             fp16 = self.options.inference_precision == "f16"
