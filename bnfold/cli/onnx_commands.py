@@ -54,8 +54,9 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     if result.output_path is None:  # only after a verification, which printed with rich
         from bnfold.cli.common import console
 
-        console.print("[red]verification failed: nothing was written[/] (inspect with "
-                      "`bnfold verify`, or write anyway with --no-verify)")
+        console.print("[red]verification failed: nothing was written[/] (write anyway with "
+                      "--no-verify, then `bnfold verify MODEL OUTPUT --locate` names the first "
+                      "tensor that differs)")
         raise SystemExit(1)
     echo(f"wrote {result.output_path}")
 

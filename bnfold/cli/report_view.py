@@ -90,6 +90,7 @@ def render_verification(result: dict, console: Console) -> None:
                                f"{site['tolerance']:.3g} {site['note']}", style="red"))
     for note in result.get("notes", ()):
         console.print(Text(note, style="dim"))
+    _print_located(result.get("located"), console)
     if engine:
         _print_engine_precision(engine, console)
     truth = result.get("ground_truth")
@@ -104,6 +105,18 @@ def render_verification(result: dict, console: Console) -> None:
         console.print(f"[dim]float64 ground truth skipped: {escape(result['ground_truth_skipped'])}[/]")
     verdict = "[green]equivalent[/]" if result["ok"] else "[red]NOT equivalent[/]"
     console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")
+
+
+def _print_located(located: dict | None, console: Console, shown: int = 5) -> None:
+    """The tensors after the first that differ (the note already names the first), in the
+    reference's node order, with their scale-relative errors: where the error grows."""
+    if not located or located["differing"] < 2:
+        return
+    later = located["listed"][1:shown + 1]
+    console.print(Text("then: " + ", ".join(f"{m['name']} {m['max_rel_error']:.3g}" for m in later)
+                       + (f" … and {located['differing'] - 1 - len(later)} more"
+                          if located["differing"] - 1 > len(later) else ""),
+                       style="dim"), soft_wrap=True)
 
 
 def _print_engine_precision(engine: dict, console: Console) -> None:

@@ -31,10 +31,13 @@ from bnfold.deploy.engines import ENGINES
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of the candidate engine.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="--engine torch: weights for the model SPEC.")
+@click.option("--locate", is_flag=True,
+              help="If they differ, mark every tensor both models compute as an output and name "
+                   "the first that differs (holds all of one input set's tensors in memory).")
 @verify_options
 def verify_command(reference, candidate, json_path, ground_truth, engine, inference_precision,
-                   tolerance_precision, threads, checkpoint, seed, runs, atol, rtol, shapes,
-                   inputs_path, timeout):
+                   tolerance_precision, threads, checkpoint, locate, seed, runs, atol, rtol,
+                   shapes, inputs_path, timeout):
     """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not).
 
     With --engine, CANDIDATE runs on that engine (what you deploy) and is judged with the
@@ -56,9 +59,12 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
     result = verify(reference, candidate, inputs=inputs_path, seed=seed, runs=runs, atol=atol,
                     rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth,
                     timeout=timeout, engine=engine, engine_options=engine_options,
-                    tolerance_precision=tolerance_precision, torch_checkpoint=checkpoint)
+                    tolerance_precision=tolerance_precision, torch_checkpoint=checkpoint,
+                    locate=locate)
     render_verification(result.to_dict(), console)
     if json_path:
         write_json(json_path, result.to_dict())
     if not result.ok:
+        if not locate:
+            console.print("[dim]rerun with --locate to name the first tensor that differs[/]")
         raise SystemExit(1)

@@ -30,6 +30,7 @@ from bnfold.verification.comparison import (
     blind_note,
     blind_outputs,
     coarser_precision,
+    compare,
     default_tolerance,
 )
 from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
@@ -78,7 +79,8 @@ class OutputCheck:
 def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: int = 0,
                      runs: int = 1, atol=None, rtol=None, shapes=None, ground_truth=None,
                      timeout=None, options: EngineOptions | None = None,
-                     tolerance_precision: str | None = None, torch_checkpoint: str | None = None):
+                     tolerance_precision: str | None = None, torch_checkpoint: str | None = None,
+                     locate: bool = False):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
     from bnfold.verification.ground_truth import record_ground_truth
     from bnfold.verification.runs import (
@@ -87,6 +89,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
         _load,
         _Runner,
         judge_outputs,
+        locate_into,
         weight_precision,
     )
 
@@ -113,10 +116,12 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
         if hasattr(opened, "output_names") and opened.output_names is None:
             opened.output_names = list(ref_outputs[0])  # torch: outputs in export order
         cand_outputs = [opened.outputs(feed) for feed in feeds]
+        again = opened.outputs(feeds[0])  # the same input once more: is the engine repeatable?
         precision = opened.precision
     finally:
         opened.close()
     _check_outputs_match(ref_outputs[0], cand_outputs[0])
+    drift = run_to_run(cand_outputs[0], again)
     # A model whose weights are float16 computes in float16 on any engine.
     judged_as = tolerance_precision or coarser_precision(precision.compute,
                                                          weight_precision(ref_model))
@@ -129,11 +134,25 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                           shapes={k: list(v.shape) for k, v in feeds[0].items()})
     result.engine = _engine_record(backend, precision, judged_as, tolerance_precision, atol, rtol,
                                    ref_outputs[0])
+    result.engine["run_to_run"] = drift
+    if drift:
+        name = max(drift, key=lambda n: drift[n]["max_rel_error"])
+        result.notes.append(
+            f"the candidate's outputs on {engine} change from run to run: the same input set run "
+            f"twice in one session gives {name} {drift[name]['max_abs_error']:.3g} apart "
+            f"({drift[name]['max_rel_error']:.3g} scale-relative); {engine} is not repeatable on "
+            f"this model, so no comparison with it is finer than that")
     if not result.ok and _reference_runs_there(engine, candidate):
         record, note = _reference_on_engine(backend, runner, ref_payload, feeds, ref_outputs,
                                             cand_outputs, atol, rtol, judged_as)
         result.engine["reference_on_engine"] = record
         result.notes.append(note)
+    if locate and not result.ok and not _reference_runs_there(engine, candidate):
+        result.notes.append(f"--locate needs an ONNX candidate: the tensors inside "
+                            f"{'a PyTorch module' if engine == 'torch' else 'a built engine'} "
+                            f"cannot be marked as outputs")
+    elif locate:
+        locate_into(result, reference, candidate, feeds, runner, atol, rtol, judged_as, backend)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
                   cand_outputs[0])
     return result
@@ -228,6 +247,21 @@ def _worst_figure(metrics: list[OutputMetrics]) -> str:
         return "no outputs"
     worst = max(pool, key=lambda m: m.max_rel_error)
     return f"{worst.name}: {worst.max_rel_error:.3g} scale-relative"
+
+
+def run_to_run(first: dict, second: dict) -> dict[str, dict[str, float]]:
+    """Outputs that differ between two runs of the same input (an engine that is not
+    repeatable: a race, or memory read before it is written), with how far apart they are."""
+    drift = {}
+    for name, value in first.items():
+        a, b = np.asarray(value), np.asarray(second.get(name))
+        if a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=(
+                a.dtype.kind in "fc")):
+            continue
+        metrics = compare(name, a, b, 0.0, 0.0)
+        drift[name] = {"max_abs_error": metrics.max_abs_error,
+                       "max_rel_error": metrics.max_rel_error}
+    return drift
 
 
 def _check_precision_name(name: str | None) -> None:

@@ -64,6 +64,8 @@ class VerifyResult:
     sites: list[OutputMetrics] = field(default_factory=list)  # fold sites, when compared
     # `verify --engine`: the candidate's engine, the precision read from it, the tolerance used.
     engine: dict | None = None
+    # `locate`: the first tensor where the candidate leaves the reference (verification.locate)
+    located: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +88,7 @@ def verify(
     engine_options=None,
     tolerance_precision: str | None = None,
     torch_checkpoint: str | None = None,
+    locate: bool = False,
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
@@ -100,6 +103,9 @@ def verify(
     engine instead (the reference stays in ORT on the CPU, optimisation off) and judges it with
     the tolerance of the precision the engine reports, or of `tolerance_precision` when given
     (bnfold.verification.on_engine).
+
+    `locate` marks every tensor both models compute, when verification fails, and names the
+    first that differs (bnfold.verification.locate): `result.located`.
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
@@ -110,7 +116,7 @@ def verify(
                                 atol=atol, rtol=rtol, shapes=shapes, ground_truth=ground_truth,
                                 timeout=timeout, options=engine_options,
                                 tolerance_precision=tolerance_precision,
-                                torch_checkpoint=torch_checkpoint)
+                                torch_checkpoint=torch_checkpoint, locate=locate)
     ref_model, ref_payload = _load(reference)
     _, cand_payload = _load(candidate)
     runner = _Runner(timeout)
@@ -144,9 +150,26 @@ def verify(
         notes.append(blind_note(blind))
     if any(exactness.undecided(m) for m in (*result.outputs, *result.sites)):
         _judge_exactness(result, runner, reference, candidate, ref_model, ground_truth, feeds)
+    if locate:
+        locate_into(result, reference, candidate, feeds, runner, atol, rtol, precision)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first,
                         cand_first)
     return result
+
+
+def locate_into(result: VerifyResult, reference, candidate, feeds, runner, atol, rtol,
+                precision: str | None, backend=None) -> None:
+    """After a failed verification, `result.located` and its note: the first tensor that
+    differs (bnfold.verification.locate). A passing one has nothing to locate."""
+    if result.ok:
+        result.notes.append("the models agree: --locate had nothing to look for")
+        return
+    from bnfold.verification.locate import locate_divergence
+
+    failing = [m.name for m in result.outputs if not m.ok]
+    result.located = locate_divergence(reference, candidate, feeds, runner, atol, rtol,
+                                       precision, backend, failing)
+    result.notes.append(result.located["note"])
 
 
 def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds) -> None:
@@ -277,27 +300,34 @@ def _is_path(source: ModelSource) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
-def _with_outputs(source: ModelSource, names: list[str], path: str) -> str | bytes:
-    """`source` with `names` appended to its graph outputs, as what ORT takes."""
+def _with_outputs(source: ModelSource, names: list[str], path: str,
+                  types: dict[str, int] | None = None) -> str | bytes:
+    """`source` with `names` appended to its graph outputs, as what ORT takes; `types` gives
+    their element types (engines other than ORT need them), else they are left to infer."""
     if not _is_path(source):
         model = onnx.ModelProto()
         model.CopyFrom(source if isinstance(source, onnx.ModelProto) else _load(source)[0])
-        _add_outputs(model, names)
+        _add_outputs(model, names, types)
         return model.SerializeToString()
     from bnfold.onnxio.files import load_model_deferred, save_model
 
     model, deferred, _ = load_model_deferred(source)
     try:
-        _add_outputs(model, names)
+        _add_outputs(model, names, types)
         save_model(model, path, deferred=deferred, check=False)  # typeless extra outputs: ORT infers them
     finally:
         deferred.close()
     return path
 
 
-def _add_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+def _add_outputs(model: onnx.ModelProto, names: list[str],
+                 types: dict[str, int] | None = None) -> None:
     present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    for name in names:
+        if name not in present:
+            value = model.graph.output.add(name=name)
+            if types and name in types:
+                value.type.tensor_type.elem_type = types[name]
 
 
 def _worse(new: OutputMetrics, old: OutputMetrics) -> bool:

@@ -1,0 +1,324 @@
+"""Where two models part: the first tensor, in the reference's node order, that differs.
+
+A failed verification says that an output differs, not where the difference starts. `locate`
+marks tensors that both main graphs produce as extra outputs (a fold keeps the name of the
+tensor it replaces, so the tensors around a fold keep theirs), runs both models on the same
+input set (the reference in ONNX Runtime with optimisation off, the candidate where verify ran
+it) and compares each marked tensor with the outputs' own tolerance.
+
+1. Every shared tensor marked at once: the first one over its tolerance names the node where
+   the difference begins (Polygraphy's `--onnx-outputs mark all`, by hand). ORT with
+   optimisation off fuses nothing, so without an engine this always answers.
+2. On an engine, marking a tensor stops fusion across it, and a difference that comes from a
+   fusion vanishes once everything is marked. Then one tensor at a time is marked, bisecting
+   the failing output's ancestors (in node order) for the first that differs, and that node is
+   checked with its inputs marked too: if they agree and it still differs, the engine computes
+   that node differently; if it then agrees, a fusion that ends there does.
+
+Inner tensors are judged by the fixed tolerance alone (ORT's optimised run has no inner tensors
+to measure the model's own noise against), so the record lists each differing tensor's relative
+error: the jump from rounding size to the error's size shows where the cause is. Step 1 holds
+every inner tensor of the input sets in memory: this runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.verification.comparison import OutputMetrics, compare
+
+LISTED = 20  # differing tensors kept in the record after the first, in node order
+MAX_PROBES = 64  # engine compilations the bisection may take (log2 of the ancestors, +3)
+
+
+def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rtol,
+                      precision: str | None, backend=None, failing: list[str] = ()) -> dict:
+    """Where `candidate` (run in ORT with optimisation off, or opened by engine `backend`)
+    leaves `reference`, as a JSON-able record with a one-line `note`. `failing` names the
+    outputs that failed verification (bisected from, when marking everything hides the
+    difference)."""
+    from bnfold.verification.runs import _load
+
+    ref_graph = _load(reference)[0].graph
+    cand_graph = (candidate if isinstance(candidate, onnx.ModelProto)
+                  else _load(candidate)[0]).graph
+    names = shared_tensors(ref_graph, cand_graph)
+    where = backend.name if backend is not None else "ONNX Runtime"
+    if not names:
+        return _record("", f"the models share no tensor name: nothing to compare inside them "
+                           f"on {where}")
+    try:
+        with _Prober(reference, candidate, feeds, runner, backend, names,
+                     (atol, rtol, precision)) as probe:
+            return _locate(probe, ref_graph, cand_graph, failing, where)
+    except BnfoldError as exc:
+        return _record("", f"could not mark the models' tensors as outputs on {where}: {exc}",
+                       error=str(exc))
+
+
+def shared_tensors(ref_graph: onnx.GraphProto, cand_graph: onnx.GraphProto) -> list[str]:
+    """Tensors that nodes of both main graphs produce, in the reference's node order."""
+    produced = {out for node in cand_graph.node for out in node.output if out}
+    inputs = {value.name for value in ref_graph.input}
+    names = [out for node in ref_graph.node for out in node.output
+             if out and out in produced and out not in inputs]
+    return list(dict.fromkeys(names))
+
+
+class _Prober:
+    """The reference's values of every shared tensor (one ORT run per feed, kept), and the
+    candidate run with chosen tensors marked, compared with them."""
+
+    def __init__(self, reference, candidate, feeds, runner, backend, names, tolerance):
+        self._reference, self._candidate = reference, candidate
+        self._feeds, self._runner, self._backend = feeds, runner, backend
+        self._names, self._tolerance = names, tolerance
+        self.probes = 0  # candidate runs (each an engine compilation)
+        self.on_engine = backend is not None
+
+    def __enter__(self) -> _Prober:
+        from bnfold.verification.runs import _is_path, _with_outputs
+
+        candidate = self._candidate
+        beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
+        self._folder = tempfile.TemporaryDirectory(prefix=".bnfold-locate-", dir=beside)
+        try:
+            marked = _with_outputs(self._reference, self._names,
+                                   os.path.join(self._folder.name, "reference.onnx"))
+            role = "reference (tensors marked)"
+            session = self._runner.session(marked, role)
+            self.expected = [_tensors(self._runner.run(session, feed, role))
+                             for feed in self._feeds]
+            del session
+        except BaseException:
+            self._folder.cleanup()
+            raise
+        self.names = [n for n in self._names if n in self.expected[0]]
+        self._types = {n: onnx.helper.np_dtype_to_tensor_dtype(self.expected[0][n].dtype)
+                       for n in self.names}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._folder.cleanup()
+
+    def __call__(self, names: list[str], index: int) -> dict[str, OutputMetrics]:
+        """The candidate with `names` marked, run on feed `index`, each compared."""
+        from bnfold.verification.runs import _with_outputs
+
+        self.probes += 1
+        marked = _with_outputs(self._candidate, names,
+                               os.path.join(self._folder.name, f"candidate{self.probes}.onnx"),
+                               self._types)
+        try:
+            got = self._run(marked, self._feeds[index])
+        finally:
+            if isinstance(marked, str):
+                os.unlink(marked)
+        want = self.expected[index]
+        return {n: compare(n, want[n], got[n], *self._tolerance) for n in names if n in got}
+
+    def _run(self, marked, feed: dict) -> dict[str, np.ndarray]:
+        if self._backend is None:
+            session = self._runner.session(marked, "candidate (tensors marked)")
+            return _tensors(self._runner.run(session, feed, "candidate (tensors marked)"))
+        opened = self._backend.open("the candidate (tensors marked)", marked, feed)
+        try:
+            return _tensors(opened.outputs(feed))
+        finally:
+            opened.close()
+
+
+def _locate(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
+    outputs = {value.name for value in ref_graph.output}
+    for index in range(len(probe.expected)):
+        compared = list(probe(probe.names, index).values())
+        differing = [m for m in compared if not m.ok]
+        if any(m.name in outputs for m in differing) or (differing and not probe.on_engine):
+            record = _record("every shared tensor marked", "", differing, index)
+            record["compared"] = len(compared)
+            by_name = {m.name: m for m in compared}
+            record["first"] = _describe(differing[0], ref_graph, cand_graph, by_name)
+            record["note"] = _first_note(record["first"], len(differing), len(compared),
+                                         index, where)
+            return record
+    if not probe.on_engine:
+        return _record("every shared tensor marked",
+                       f"with every shared tensor marked as an output, all agree on {where}: "
+                       f"the difference is in no tensor both models compute")
+    return _bisect(probe, ref_graph, cand_graph, failing, where)
+
+
+def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
+    """One tensor marked at a time: the first ancestor of a failing output that differs."""
+    method = "one tensor marked at a time"
+    hidden = (f"with every shared tensor marked as an output the outputs agree on {where} "
+              f"(marking stops fusion)")
+    start = _failing_output(probe, failing)
+    if start is None:
+        return _record(method, f"{hidden}, and with nothing marked no failing output differs "
+                               f"again: the difference did not repeat")
+    output, index, metrics = start
+    producers = _producers(ref_graph)
+    ancestors = _ancestors(output, producers)
+    chain = [n for n in probe.names if n in ancestors]
+    seen = {output: metrics}
+    low, high = 0, chain.index(output)  # chain[high] differs
+    while low < high and probe.probes < MAX_PROBES:
+        middle = (low + high) // 2
+        seen.update(probe([chain[middle]], index))
+        if seen[chain[middle]].ok:
+            low = middle + 1
+        else:
+            high = middle
+    if low < high:
+        return _record(method, f"{hidden}; bisection stopped after {probe.probes} engine runs "
+                               f"between {chain[low]!r} and {chain[high]!r}")
+    tensor = chain[high]
+    alone = seen.get(tensor) or probe([tensor], index)[tensor]
+    # the candidate's node: it is what the engine compiles (a fold renames nothing it keeps)
+    node = _producers(cand_graph).get(tensor) or producers[tensor]
+    shared = set(probe.names)
+    inputs = [i for i in dict.fromkeys(node.input) if i in shared]
+    together = probe([*inputs, tensor], index) if inputs else {}
+    record = _record(method, "", [alone], index)
+    record["compared"] = len(chain)
+    record["first"] = _describe(alone, ref_graph, cand_graph, together)
+    label = _node_label(_node_record(node))
+    with_inputs = together.get(tensor)
+    named = _its_inputs(inputs)
+    are = "are" if len(inputs) > 1 else "is"
+    figure = f"{alone.max_rel_error:.3g} scale-relative"
+    if with_inputs is not None and with_inputs.ok:
+        verdict = "fusion"
+        why = (f"marked alone, {tensor!r} ({label}) is the first to differ ({figure}), and "
+               f"it agrees once {named} {are} marked too: a fusion {where} makes "
+               f"from {label} back into the nodes before it computes it differently")
+    elif any(not m.ok for name, m in together.items() if name != tensor):
+        verdict = "unconfirmed"
+        bad = next(name for name, m in together.items() if name != tensor and not m.ok)
+        why = (f"bisection stopped at {tensor!r} ({label}, {figure}), but with its inputs "
+               f"marked, input {bad!r} differs too: the difference moves with what is "
+               f"marked, and no single node can be named")
+    else:
+        verdict = "node"
+        agree = f" with {named} marked and agreeing" if inputs else ""
+        why = (f"{tensor!r} ({label}) is the first to differ ({figure}), and it still "
+               f"differs{agree}: {where} computes this node differently")
+    record["verdict"] = verdict
+    record["engine_runs"] = probe.probes
+    record["note"] = f"{hidden}; {why} ({probe.probes} engine runs, input set {index + 1})"
+    return record
+
+
+def _failing_output(probe: _Prober, failing) -> tuple[str, int, OutputMetrics] | None:
+    """The first failing output that differs again with no tensor marked, its feed and its
+    metrics."""
+    shared = set(probe.names)
+    candidates = [n for n in failing if n in shared]
+    for index in range(len(probe.expected) if candidates else 0):
+        for name, metrics in probe(candidates, index).items():
+            if not metrics.ok:
+                return name, index, metrics
+    return None
+
+
+def _ancestors(tensor: str, producers: dict[str, onnx.NodeProto]) -> set[str]:
+    seen, stack = set(), [tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in producers:
+            continue
+        seen.add(name)
+        stack.extend(i for i in producers[name].input if i)
+    return seen
+
+
+def _tensors(values: dict) -> dict[str, np.ndarray]:
+    """The tensor-valued outputs (sequences and optionals have no one array to compare)."""
+    return {n: v for n, v in values.items() if isinstance(v, np.ndarray) and v.dtype.kind != "O"}
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def _describe(first: OutputMetrics, ref_graph, cand_graph, by_name: dict) -> dict:
+    """The first differing tensor, the nodes that make it in each model, and how the inputs of
+    the candidate's node (the model under test; the reference's where the candidate has none)
+    compare, where `by_name` has them."""
+    ref_node = _producers(ref_graph)[first.name]
+    cand_node = _producers(cand_graph).get(first.name)
+    graph, node = (cand_graph, cand_node) if cand_node is not None else (ref_graph, ref_node)
+    constants = {t.name for t in graph.initializer}
+    graph_inputs = {v.name for v in graph.input}
+    inputs = []
+    for name in dict.fromkeys(node.input):
+        if not name:
+            continue
+        if name in by_name:
+            m = by_name[name]
+            inputs.append({"name": name, "status": "agrees" if m.ok else "differs",
+                           "max_rel_error": m.max_rel_error})
+        elif name in constants:
+            inputs.append({"name": name, "status": "weight"})
+        elif name in graph_inputs:
+            inputs.append({"name": name, "status": "graph input"})
+        else:
+            inputs.append({"name": name, "status": "not compared"})
+    return {
+        "tensor": first.name,
+        "metrics": asdict(first),
+        "reference_node": _node_record(ref_node),
+        "candidate_node": _node_record(cand_node) if cand_node is not None else None,
+        "inputs": inputs,
+    }
+
+
+def _its_inputs(names: list[str]) -> str:
+    return f"its input{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)}"
+
+
+def _node_record(node: onnx.NodeProto) -> dict:
+    return {"name": node.name, "op_type": node.op_type}
+
+
+def _node_label(record: dict | None) -> str:
+    if record is None:
+        return "?"
+    return f"{record['op_type']} {record['name']!r}" if record["name"] else record["op_type"]
+
+
+def _first_note(first: dict, differing: int, compared: int, index: int, where: str) -> str:
+    m = first["metrics"]
+    ref_node, cand_node = first["reference_node"], first["candidate_node"]
+    made_by = f"made by {_node_label(ref_node)} in the reference"
+    if cand_node is not None and cand_node != ref_node:
+        made_by += f" and by {_node_label(cand_node)} in the candidate"
+    agree = [i["name"] for i in first["inputs"] if i["status"] == "agrees"]
+    inputs = f"; {_its_inputs(agree)} {'agree' if len(agree) > 1 else 'agrees'}" if agree else ""
+    return (f"first tensor to differ on {where} (input set {index + 1}): {first['tensor']!r}, "
+            f"{made_by}: max abs err {m['max_abs_error']:.3g} > tolerance {m['tolerance']:.3g} "
+            f"({m['max_rel_error']:.3g} scale-relative){inputs}; {differing} of {compared} "
+            f"shared tensors differ")
+
+
+def _record(method: str, note: str, differing: list[OutputMetrics] = (),
+            index: int | None = None, error: str | None = None) -> dict:
+    worst = max(differing, key=lambda m: m.max_rel_error) if differing else None
+    return {
+        "method": method,
+        "compared": 0,
+        "input_set": None if index is None else index + 1,
+        "differing": len(differing),
+        "first": None,
+        "listed": [asdict(m) for m in differing[:LISTED + 1]],
+        "worst": asdict(worst) if worst is not None else None,
+        "note": note,
+        "error": error,
+    }
