@@ -64,6 +64,22 @@ def test_ort_cpu_bad_feed_is_a_clear_error():
                      inputs={"input": np.zeros((2, 3, 5), np.float32)}, **BUDGET)
 
 
+def test_ort_cpu_opens_a_model_given_as_path_proto_or_bytes(tmp_path):
+    """verify hands engines serialized models of its own (the reference after a failure,
+    outputs marked by --locate): all three forms give the same outputs."""
+    model = build_sample_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    feed = {"input": np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)}
+    engine = get_engine("ort-cpu", EngineOptions())
+    values = []
+    for form in (str(path), model, model.SerializeToString()):
+        opened = engine.open("m", form, feed)
+        values.append(opened.outputs(feed))
+        opened.close()
+    assert all(np.array_equal(v["head_bn.out"], values[0]["head_bn.out"]) for v in values)
+
+
 def make_tiny_net():
     """A factory for `--model test_engines:make_tiny_net` (Conv→BN→ReLU, Linear→BN)."""
     torch.manual_seed(0)
