@@ -223,3 +223,24 @@ def test_an_engine_that_is_not_repeatable_is_named(monkeypatch, files):
                result.notes)
     repeatable = verify(files["original"], files["folded"], engine="ort-cpu", ground_truth=False)
     assert repeatable.ok and repeatable.engine["run_to_run"] == {}
+
+
+def test_a_candidate_folder_that_refuses_scratch_files_falls_back_to_the_system_one(
+        monkeypatch, files):
+    """`bnfold verify` may be given models in a read-only folder: the marked copies go to the
+    system's temporary folder instead of failing with a traceback."""
+    import tempfile
+
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir is not None:
+            raise PermissionError(13, "Permission denied", dir)
+        made.append(kwargs.get("prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", refusing)
+    result = verify(files["original"], files["wrong2"], locate=True, ground_truth=False)
+    assert result.located["first"]["tensor"] == "y2"
+    assert made == [".bnfold-locate-"]

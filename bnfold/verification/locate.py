@@ -24,7 +24,6 @@ every inner tensor of the input sets in memory: this runs only when asked for.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict
 
 import numpy as np
@@ -83,11 +82,9 @@ class _Prober:
         self.on_engine = backend is not None
 
     def __enter__(self) -> _Prober:
-        from bnfold.verification.runs import _is_path, _with_outputs
+        from bnfold.verification.runs import _with_outputs, scratch_beside, scratch_folder
 
-        candidate = self._candidate
-        beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
-        self._folder = tempfile.TemporaryDirectory(prefix=".bnfold-locate-", dir=beside)
+        self._folder = scratch_folder(".bnfold-locate-", scratch_beside(self._candidate))
         try:
             marked = _with_outputs(self._reference, self._names,
                                    os.path.join(self._folder.name, "reference.onnx"))

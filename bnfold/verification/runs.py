@@ -191,8 +191,7 @@ def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds)
         result.notes.append(f"{len(undecided)} output(s)/site(s) over the noise cap could not "
                             f"be judged against float64: {skipped}")
         return
-    # Scratch files beside the candidate (the output's folder), never the input's.
-    beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
+    beside = scratch_beside(candidate)
     original = _values_at(runner, reference, names, feeds, "reference", beside)
     folded = _values_at(runner, candidate, names, feeds, "candidate", beside)
     for m in undecided:
@@ -207,7 +206,7 @@ def _judge_exactness(result, runner, reference, candidate, model, wanted, feeds)
 def _values_at(runner, source, names, feeds, role, beside) -> list[dict[str, np.ndarray]]:
     """The tensors `names` (graph outputs or inner ones) of `source`, per feed, from ORT;
     scratch files go in folder `beside` (None: the system's)."""
-    with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
+    with scratch_folder(".bnfold-sites-", beside) as folder:
         payload = _with_outputs(source, names, os.path.join(folder, "model.onnx"))
         session = runner.session(payload, role)
         values = [runner.run(session, feed, role, names) for feed in feeds]
@@ -287,13 +286,27 @@ def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
                  precision: str | None = None) -> list[OutputMetrics]:
     """Compare fold sites: both models rewritten with the sites as extra outputs (weights
     copied file to file, beside the candidate when it is a file)."""
-    beside = os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
-    with tempfile.TemporaryDirectory(prefix=".bnfold-sites-", dir=beside) as folder:
+    with scratch_folder(".bnfold-sites-", scratch_beside(candidate)) as folder:
         ref_payload = _with_outputs(reference, sites, os.path.join(folder, "reference.onnx"))
         cand_payload = _with_outputs(candidate, sites, os.path.join(folder, "candidate.onnx"))
         metrics, _, _ = _judge(runner, [], ref_payload, cand_payload, feeds, atol, rtol, sites,
                                precision)
     return metrics
+
+
+def scratch_beside(candidate: ModelSource) -> str | None:
+    """Where models rewritten for a comparison go: beside the candidate (the output's folder,
+    on the disk the user chose for it), never the input's; None for the system's."""
+    return os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
+
+
+def scratch_folder(prefix: str, beside: str | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder in `beside`, or the system's where that folder refuses one (a
+    read-only folder given to `bnfold verify`)."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=prefix, dir=beside)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix=prefix)
 
 
 def _is_path(source: ModelSource) -> bool:
