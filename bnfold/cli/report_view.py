@@ -110,12 +110,13 @@ def render_verification(result: dict, console: Console) -> None:
 def _print_located(located: dict | None, console: Console, shown: int = 5) -> None:
     """The tensors after the first that differ (the note already names the first), in the
     reference's node order, with their scale-relative errors: where the error grows."""
-    if not located or located["differing"] < 2:
+    if not located or len(located["listed"]) < 2:
         return
     later = located["listed"][1:shown + 1]
-    console.print(Text("then: " + ", ".join(f"{m['name']} {m['max_rel_error']:.3g}" for m in later)
-                       + (f" … and {located['differing'] - 1 - len(later)} more"
-                          if located["differing"] - 1 > len(later) else ""),
+    console.print(Text("then: " + ", ".join(
+        f"{m['name']} " + (f"{m['max_rel_error']:.3g}" if m["max_rel_error"] != float("inf")
+                           else f"({m['note']})") for m in later)
+                       + (" …" if len(located["listed"]) > shown + 1 else ""),
                        style="dim"), soft_wrap=True)
 
 
