@@ -152,3 +152,27 @@ def test_ort_cuda_bench_reports_gpu_and_host_time():
 def test_ort_cuda_graphs_refuse_transfers():
     with pytest.raises(BnfoldError, match="--cuda-graphs"):
         get_engine("ort-cuda", EngineOptions(cuda_graphs=True, include_transfers=True))
+
+
+@pytest.mark.parametrize("text,said", [
+    # silero-vad with an If inlined: OpenVINO 2026.4's message, first line and all
+    ("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at src/frontends/"
+     "common_translators/src/unconverted_ops_report.cpp:151:\nFrontEnd API failed with "
+     "OpConversionFailure:\nModel wasn't fully converted. Failed operations detailed log:\n-- "
+     "Conv-16 with a message:\nWhile validating ONNX node '<Node(Conv): c>': Check 'data."
+     "get_partial_shape().rank().is_static()' failed at src/frontends/onnx/frontend/src/op/"
+     "conv.cpp:38:\nFrontEnd API failed with GeneralFailure:\nThe input data tensor's rank has to "
+     "be known (static)\n\nSummary:\n-- Conversion is failed for: Conv-16, ReduceMean-16\n\n",
+     "Conversion is failed for: Conv-16, ReduceMean-16 (The input data tensor's rank has to be "
+     "known (static))"),
+    ("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at src/frontends/"
+     "common_translators/src/unconverted_ops_report.cpp:151:\nFrontEnd API failed with "
+     "OpConversionFailure:\nModel wasn't fully converted.\nSummary:\n-- No conversion rule found "
+     "for operations: ai.onnx.ml.LabelEncoder\n\n",
+     "No conversion rule found for operations: ai.onnx.ml.LabelEncoder"),
+    ("plain message", "plain message"),
+])
+def test_openvino_errors_are_told_by_their_cause_not_the_file_that_raised_them(text, said):
+    from bnfold.deploy.engines.openvino import openvino_message
+
+    assert openvino_message(RuntimeError(text)) == said

@@ -160,8 +160,9 @@ class OpenVinoEngine:
             raise
         except Exception as exc:  # OpenVINO's frontend and plugin errors share no base class
             raise BnfoldError(
-                f"OpenVINO cannot load {label}: {first_line(exc)}; check the model with "
-                f"onnx.checker, or use --engine ort-cpu"
+                f"OpenVINO cannot load {label}: {openvino_message(exc)}; check the model with "
+                f"onnx.checker, give it other input sizes with --shape NAME=DxD..., or use "
+                f"--engine ort-cpu"
             ) from None
         precision = _with_graph_precision(compiled_precision(compiled), model)
         self._compiled_properties[label] = {
@@ -242,6 +243,24 @@ def _with_graph_precision(compiled: Precision, model) -> Precision:
         return compiled
     return Precision(lowest, f"{compiled.source}; the graph's own types ({declared.source})",
                      compiled.layers)
+
+
+# Lines of an OpenVINO error that say where in its sources it was raised, not what went wrong.
+_WHERE_RAISED = ("Exception from ", "Check '", "FrontEnd API failed", "While validating",
+                 "-- ", "Model wasn't fully converted", "Summary:")
+
+
+def openvino_message(exc: BaseException, limit: int = 300) -> str:
+    """What an OpenVINO error says went wrong, on one line. Its first line only names the C++
+    file that raised it ("Exception from src/inference/src/cpp/core.cpp:84:"); the cause is a
+    few lines further, and a failed conversion ends with a summary of the operations."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_WHERE_RAISED)]
+    summary = (lines[lines.index("Summary:") + 1:] if "Summary:" in lines else [])
+    parts = [line.lstrip("- ") for line in summary][:2]
+    if reasons:
+        parts.append(f"({reasons[0]})" if parts else reasons[0])
+    return " ".join(parts)[:limit] if parts else first_line(exc, limit)
 
 
 def _hint_of(compiled) -> str:
