@@ -283,6 +283,20 @@ def test_torch_engine_runs_the_fused_module_against_its_export(resnet_files):
             "cannot interrupt a forward") in result.notes
 
 
+def test_locate_on_torch_says_a_module_cannot_be_marked(resnet_files):
+    import torch
+
+    from bnfold.deploy.engines.torch_engine import fuse_bn
+
+    module = fuse_bn(_resnet()).module
+    with torch.no_grad():
+        next(module.parameters()).add_(0.5)  # a wrong candidate: something to locate
+    result = verify(resnet_files[0], module, engine="torch", ground_truth=False, locate=True)
+    assert not result.ok and result.located is None
+    assert ("--locate needs an ONNX candidate: the tensors inside a PyTorch module cannot be "
+            "marked as outputs") in result.notes
+
+
 # --- GPU paths: run as-is on a machine with the hardware; skip with the reason here. ---
 
 @pytest.mark.gpu
