@@ -244,3 +244,19 @@ def test_a_candidate_folder_that_refuses_scratch_files_falls_back_to_the_system_
     result = verify(files["original"], files["wrong2"], locate=True, ground_truth=False)
     assert result.located["first"]["tensor"] == "y2"
     assert made == [".bnfold-locate-"]
+
+
+def test_bench_warns_of_an_engine_that_is_not_repeatable(monkeypatch, files):
+    from bnfold.deploy import engines
+    from bnfold.deploy.bench import bench_models, warnings_for
+
+    monkeypatch.setitem(engines.ENGINES, "flickering", (__name__, "FlickeringEngine", "test"))
+    result = bench_models([("folded", files["folded"])], "flickering", runs=3, min_time=0,
+                          warmup_time=0, reference=files["original"])
+    check = result.models[0].check
+    assert not check.ok and 5e-4 < check.run_to_run["z"]["max_rel_error"] < 2e-3
+    warnings = warnings_for(result)
+    assert any(w.startswith("folded: outputs on flickering change from run to run (the same "
+                            "input twice: z ") for w in warnings)
+    assert any("`bnfold verify REFERENCE MODEL --engine flickering --locate` finds where" in w
+               for w in warnings)

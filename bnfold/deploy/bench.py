@@ -327,7 +327,14 @@ def warnings_for(result: BenchResult) -> list[str]:
     for m in result.models:
         if not m.equivalent:
             found.append(f"{m.label}: outputs on {result.engine} are NOT equivalent to the "
-                         f"reference ({m.check.summary()}); no speed-up reported for it")
+                         f"reference ({m.check.summary()}); no speed-up reported for it (`bnfold "
+                         f"verify REFERENCE MODEL --engine {result.engine} --locate` finds where)")
+        drift = m.check.run_to_run if m.check is not None else {}
+        if drift:
+            name = max(drift, key=lambda n: drift[n]["max_rel_error"])
+            found.append(f"{m.label}: outputs on {result.engine} change from run to run (the "
+                         f"same input twice: {name} {drift[name]['max_rel_error']:.3g} "
+                         f"scale-relative apart); {result.engine} is not repeatable on it")
         if m.primary.cov > COV_WARN:
             found.append(
                 f"{m.label}: timings are noisy (CoV {m.primary.cov:.1%} > {COV_WARN:.1%}); "

@@ -53,6 +53,8 @@ class OutputCheck:
     tolerance_precision: str  # whose tolerance judged it
     outputs: list[OutputMetrics] = field(default_factory=list)
     problem: str = ""  # why no comparison was possible (interface mismatch)
+    # outputs that differ between two runs of the same input on this session (run_to_run)
+    run_to_run: dict = field(default_factory=dict)
 
     @property
     def worst(self) -> OutputMetrics | None:
@@ -176,15 +178,17 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
         precision = opened.precision.compute
         judged_as = tolerance_precision or coarser_precision(precision, weights)
         outputs = opened.outputs()
+        drift = run_to_run(outputs, opened.outputs())
         try:
             _check_outputs_match(ref_outputs[0], outputs)
         except BnfoldError as exc:
-            checks.append(OutputCheck(opened.label, False, precision, judged_as, [], str(exc)))
+            checks.append(OutputCheck(opened.label, False, precision, judged_as, [], str(exc),
+                                      drift))
             continue
         metrics = judge_outputs(runner, ref_payload, [feed], ref_outputs, [outputs], None, None,
                                 judged_as)
         checks.append(OutputCheck(opened.label, all(m.ok for m in metrics), precision,
-                                  judged_as, metrics))
+                                  judged_as, metrics, run_to_run=drift))
     return checks
 
 
