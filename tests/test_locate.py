@@ -260,3 +260,15 @@ def test_bench_warns_of_an_engine_that_is_not_repeatable(monkeypatch, files):
                             "input twice: z ") for w in warnings)
     assert any("`bnfold verify REFERENCE MODEL --engine flickering --locate` finds where" in w
                for w in warnings)
+
+
+def test_the_engine_search_stops_at_its_budget_and_says_where(monkeypatch, files):
+    from bnfold.deploy import engines
+    from bnfold.verification import locate
+
+    monkeypatch.setitem(engines.ENGINES, "fusing", (__name__, "FusingEngine", "test"))
+    monkeypatch.setattr(locate, "MAX_PROBES", 3)  # all marked, the output, one bisection step
+    result = verify(files["original"], files["folded"], engine="fusing", locate=True,
+                    ground_truth=False)
+    assert result.located["first"] is None
+    assert "the search stopped after 3 engine runs at " in result.located["note"]

@@ -33,7 +33,7 @@ from bnfold.deploy.engines import ENGINES
               help="--engine torch: weights for the model SPEC.")
 @click.option("--locate", is_flag=True,
               help="If they differ, mark every tensor both models compute as an output and name "
-                   "the first that differs (holds all of one input set's tensors in memory).")
+                   "the first that differs (holds every tensor of the input sets in memory).")
 @verify_options
 def verify_command(reference, candidate, json_path, ground_truth, engine, inference_precision,
                    tolerance_precision, threads, checkpoint, locate, seed, runs, atol, rtol,

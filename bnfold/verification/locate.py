@@ -169,7 +169,9 @@ def _locate(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
 
 
 def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
-    """One tensor marked at a time: the first ancestor of a failing output that differs."""
+    """One tensor marked at a time: bisect the failing output's dominators, then walk back
+    from the first that differs through the inputs that differ (bnfold.verification.data_path);
+    the node reached is rerun with its inputs marked, to tell a node from a fusion."""
     method = "one tensor marked at a time"
     hidden = (f"with every shared tensor marked as an output the outputs agree on {where} "
               f"(marking stops fusion)")
@@ -193,7 +195,8 @@ def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
             high = middle
     tensor, agreed = chain[high], {chain[low]} if low >= 0 else set()
     # back from the first dominator that differs, to a node whose inputs all agree
-    while probe.probes < MAX_PROBES:
+    settled = high - low <= 1
+    while settled and probe.probes < MAX_PROBES:
         differing = None
         for name in data_inputs(ref_graph, tensor, is_data, shared):
             if name in agreed:
@@ -208,7 +211,9 @@ def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
         if differing is None:
             break
         tensor = differing
-    if probe.probes >= MAX_PROBES:
+    else:
+        settled = False  # the budget ran out, or the bisection did
+    if not settled:
         return _record(method, f"{hidden}; the search stopped after {probe.probes} engine runs "
                                f"at {tensor!r}")
     alone = seen.get(tensor) or probe([tensor], index)[tensor]
