@@ -34,6 +34,12 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.verification.comparison import OutputMetrics, compare
 from bnfold.verification.data_path import data_inputs, dominator_chain
+from bnfold.verification.model_sources import (
+    load_source,
+    scratch_beside,
+    scratch_folder,
+    with_outputs,
+)
 
 LISTED = 20  # differing tensors the record lists after the first, in node order
 MAX_PROBES = 64  # engine compilations the bisection may take (log2 of the ancestors, +3)
@@ -45,11 +51,9 @@ def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rto
     leaves `reference`, as a JSON-able record with a one-line `note`. `failing` names the
     outputs that failed verification (bisected from, when marking everything hides the
     difference)."""
-    from bnfold.verification.runs import _load
-
-    ref_graph = _load(reference)[0].graph
+    ref_graph = load_source(reference)[0].graph
     cand_graph = (candidate if isinstance(candidate, onnx.ModelProto)
-                  else _load(candidate)[0]).graph
+                  else load_source(candidate)[0]).graph
     names = shared_tensors(ref_graph, cand_graph)
     where = backend.name if backend is not None else "ONNX Runtime"
     if not names:
@@ -85,11 +89,9 @@ class _Prober:
         self.on_engine = backend is not None
 
     def __enter__(self) -> _Prober:
-        from bnfold.verification.runs import _with_outputs, scratch_beside, scratch_folder
-
         self._folder = scratch_folder(".bnfold-locate-", scratch_beside(self._candidate))
         try:
-            marked = _with_outputs(self._reference, self._names,
+            marked = with_outputs(self._reference, self._names,
                                    os.path.join(self._folder.name, "reference.onnx"))
             role = "reference (tensors marked)"
             session = self._runner.session(marked, role)
@@ -109,10 +111,8 @@ class _Prober:
 
     def __call__(self, names: list[str], index: int) -> dict[str, OutputMetrics]:
         """The candidate with `names` marked, run on feed `index`, each compared."""
-        from bnfold.verification.runs import _with_outputs
-
         self.probes += 1
-        marked = _with_outputs(self._candidate, names,
+        marked = with_outputs(self._candidate, names,
                                os.path.join(self._folder.name, f"candidate{self.probes}.onnx"),
                                self._types)
         try:

@@ -35,6 +35,7 @@ from bnfold.verification.comparison import (
 )
 from bnfold.deploy.engines import PRECISIONS, EngineOptions, get_engine
 from bnfold.errors import BnfoldError
+from bnfold.verification.model_sources import load_source
 
 # Engines whose runs cannot be interrupted from the host (EngineOptions.run_timeout).
 UNBOUNDED_ENGINES = {
@@ -88,7 +89,6 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     from bnfold.verification.runs import (
         VerifyResult,
         _feeds,
-        _load,
         _Runner,
         judge_outputs,
         locate_into,
@@ -96,7 +96,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     )
 
     _check_precision_name(tolerance_precision)
-    ref_model, ref_payload = _load(reference)
+    ref_model, ref_payload = load_source(reference)
     candidate = _vetted_candidate(candidate, engine)
     runner = _Runner(timeout)
     session = runner.session(ref_payload, "reference")
@@ -164,10 +164,10 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
                    tolerance_precision: str | None = None) -> list[OutputCheck]:
     """Each open session's outputs on `feed` against `reference` (an ONNX model) run by ORT on
     the CPU with optimisation off: what `bnfold bench` does once before timing."""
-    from bnfold.verification.runs import _load, _Runner, judge_outputs, weight_precision
+    from bnfold.verification.runs import _Runner, judge_outputs, weight_precision
 
     _check_precision_name(tolerance_precision)
-    ref_model, ref_payload = _load(reference)
+    ref_model, ref_payload = load_source(reference)
     weights = weight_precision(ref_model)
     runner = _Runner(timeout)
     session = runner.session(ref_payload, "reference")
@@ -276,8 +276,6 @@ def _check_precision_name(name: str | None) -> None:
 def _vetted_candidate(candidate, engine: str):
     """An ONNX candidate path is vetted by bnfold's loader (external data confined to its
     folder) before an engine reads it; TensorRT engine files and torch modules pass as they are."""
-    from bnfold.verification.runs import _load
-
     if engine == "torch":
         if isinstance(candidate, os.PathLike) or (isinstance(candidate, str)
                                                    and candidate.endswith(".onnx")):
@@ -294,10 +292,10 @@ def _vetted_candidate(candidate, engine: str):
             if not os.path.isfile(path):
                 raise BnfoldError(f"{path!r} does not exist: give a built engine file")
             return path
-        _load(path)
+        load_source(path)
         return path
     if isinstance(candidate, (bytes,)) or type(candidate).__name__ == "ModelProto":
-        return _load(candidate)[0]
+        return load_source(candidate)[0]
     return candidate  # a torch module
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,13 +40,20 @@ from bnfold.verification.ground_truth import (
     time_budget,
 )
 from bnfold.verification.inputs import load_npz_inputs, names_of, plan_inputs
+from bnfold.verification.model_sources import (
+    ModelSource,
+    is_path,
+    load_source,
+    scratch_beside,
+    scratch_folder,
+    with_outputs,
+)
 
 DEFAULT_TIMEOUT_S = 300.0
 # A symbolic batch is verified at 1: every fold acts on each sample alone, so a second sample
 # adds run time (the default command's largest cost) and no evidence.
 VERIFY_BATCH = 1
 
-ModelSource = onnx.ModelProto | str | os.PathLike | bytes
 
 
 @dataclass
@@ -117,8 +123,8 @@ def verify(
                                 timeout=timeout, options=engine_options,
                                 tolerance_precision=tolerance_precision,
                                 torch_checkpoint=torch_checkpoint, locate=locate)
-    ref_model, ref_payload = _load(reference)
-    _, cand_payload = _load(candidate)
+    ref_model, ref_payload = load_source(reference)
+    _, cand_payload = load_source(candidate)
     runner = _Runner(timeout)
     holder = [runner.session(ref_payload, "reference")]
     feeds, notes = _feeds(ref_model, holder[0], runner, inputs, seed, runs, shapes)
@@ -207,7 +213,7 @@ def _values_at(runner, source, names, feeds, role, beside) -> list[dict[str, np.
     """The tensors `names` (graph outputs or inner ones) of `source`, per feed, from ORT;
     scratch files go in folder `beside` (None: the system's)."""
     with scratch_folder(".bnfold-sites-", beside) as folder:
-        payload = _with_outputs(source, names, os.path.join(folder, "model.onnx"))
+        payload = with_outputs(source, names, os.path.join(folder, "model.onnx"))
         session = runner.session(payload, role)
         values = [runner.run(session, feed, role, names) for feed in feeds]
         del session
@@ -287,83 +293,15 @@ def _judge_sites(runner, reference, candidate, sites, feeds, atol, rtol,
     """Compare fold sites: both models rewritten with the sites as extra outputs (weights
     copied file to file, beside the candidate when it is a file)."""
     with scratch_folder(".bnfold-sites-", scratch_beside(candidate)) as folder:
-        ref_payload = _with_outputs(reference, sites, os.path.join(folder, "reference.onnx"))
-        cand_payload = _with_outputs(candidate, sites, os.path.join(folder, "candidate.onnx"))
+        ref_payload = with_outputs(reference, sites, os.path.join(folder, "reference.onnx"))
+        cand_payload = with_outputs(candidate, sites, os.path.join(folder, "candidate.onnx"))
         metrics, _, _ = _judge(runner, [], ref_payload, cand_payload, feeds, atol, rtol, sites,
                                precision)
     return metrics
 
 
-def scratch_beside(candidate: ModelSource) -> str | None:
-    """Where models rewritten for a comparison go: beside the candidate (the output's folder,
-    on the disk the user chose for it), never the input's; None for the system's."""
-    return os.path.dirname(os.path.abspath(candidate)) if _is_path(candidate) else None
-
-
-def scratch_folder(prefix: str, beside: str | None) -> tempfile.TemporaryDirectory:
-    """A temporary folder in `beside`, or the system's where that folder refuses one (a
-    read-only folder given to `bnfold verify`)."""
-    try:
-        return tempfile.TemporaryDirectory(prefix=prefix, dir=beside)
-    except OSError:
-        return tempfile.TemporaryDirectory(prefix=prefix)
-
-
-def _is_path(source: ModelSource) -> bool:
-    return isinstance(source, (str, os.PathLike))
-
-
-def _with_outputs(source: ModelSource, names: list[str], path: str,
-                  types: dict[str, int] | None = None) -> str | bytes:
-    """`source` with `names` appended to its graph outputs, as what ORT takes; `types` gives
-    their element types (engines other than ORT need them), else they are left to infer."""
-    if not _is_path(source):
-        model = onnx.ModelProto()
-        model.CopyFrom(source if isinstance(source, onnx.ModelProto) else _load(source)[0])
-        _add_outputs(model, names, types)
-        return model.SerializeToString()
-    from bnfold.onnxio.files import load_model_deferred, save_model
-
-    model, deferred, _ = load_model_deferred(source)
-    try:
-        _add_outputs(model, names, types)
-        save_model(model, path, deferred=deferred, check=False)  # typeless extra outputs: ORT infers them
-    finally:
-        deferred.close()
-    return path
-
-
-def _add_outputs(model: onnx.ModelProto, names: list[str],
-                 types: dict[str, int] | None = None) -> None:
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            value = model.graph.output.add(name=name)
-            if types and name in types:
-                value.type.tensor_type.elem_type = types[name]
-
-
 def _worse(new: OutputMetrics, old: OutputMetrics) -> bool:
     return (not new.ok and old.ok) or new.max_rel_error > old.max_rel_error
-
-
-def _load(source: ModelSource, header_only: bool = True) -> tuple[onnx.ModelProto | None, str | bytes]:
-    """The model's graph (weights left out for a path: ORT reads the file itself, once
-    bnfold's loader has vetted it) and what to hand ONNX Runtime."""
-    if isinstance(source, onnx.ModelProto):
-        return source, source.SerializeToString()
-    if isinstance(source, bytes):
-        try:
-            return onnx.load_from_string(source), source
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise BnfoldError(f"the model bytes do not parse as ONNX ({exc})") from None
-    from bnfold.onnxio.files import load_model, load_model_deferred
-
-    if not header_only:
-        return load_model(source), os.fspath(source)
-    model, deferred, _ = load_model_deferred(source)
-    deferred.close()
-    return model, os.fspath(source)
 
 
 class _Runner:
