@@ -414,3 +414,20 @@ def test_a_failure_on_the_engine_says_whose_difference_it_is(monkeypatch, sample
     else:
         assert note.startswith("the reference also differs on offset (")
         assert "and there the candidate differs from it too (head_bn.out: " in note
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_a_scalar_input_reaches_the_engine_as_a_scalar(tmp_path, engine):
+    """A 0-d feed (a temperature, a scale, a piece `verify --repro` cut) stays 0-d on its way to
+    the engine: np.ascontiguousarray made it [1], which OpenVINO refused."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), golden.bn_node("c", "b"),
+             helper.make_node("Mul", ["b", "s"], ["y"])]
+    w = golden.rng(6).normal(size=(3, 2, 1, 1)).astype(np.float32)
+    model = golden.model(nodes, [("x", [1, 2, 4, 4]), ("s", [])], [("y", None)],
+                         [golden.tensor("w", w), *golden.bn_params("bn", 3)])
+    save_model(model, str(tmp_path / "m.onnx"))
+    save_model(fold(model).model, str(tmp_path / "f.onnx"))
+    result = verify(str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx"), engine=engine,
+                    ground_truth=False)
+    assert result.ok and result.shapes["s"] == []
+    assert result.outputs[0].max_rel_error < 1e-5

@@ -105,7 +105,7 @@ class PendingTensors:
         """`stored`: an array, or a WeightProduct (bnfold.folding.product) left uncomputed
         until it is written or read back."""
         if not isinstance(stored, WeightProduct):
-            stored = np.ascontiguousarray(stored)
+            stored = np.asarray(stored, order="C")
         self._items[name] = (stored, elem_type)
 
     def names(self) -> set[str]:

@@ -63,7 +63,7 @@ class OpenVinoSession:
             if name not in feed:
                 raise BnfoldError(f"{self.label} takes input {name!r}, which the inputs lack")
             # A Tensor over the caller's array: no copy per run, as with ORT's feed.
-            value = np.ascontiguousarray(feed[name])
+            value = np.asarray(feed[name], order="C")
             try:
                 self._request.set_tensor(port, ov.Tensor(value))
             except Exception as exc:  # OpenVINO's ParameterMismatch and friends

@@ -229,7 +229,7 @@ class OrtCudaSession:
             return
         self._binding = session.io_binding()
         for name, array in feed.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+            value = ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), "cuda", 0)
             self._binding.bind_ortvalue_input(name, value)
             self._keep.append(value)
             self._inputs[name] = value
@@ -270,7 +270,7 @@ class OrtCudaSession:
         if self._binding is None:
             return _host_outputs(self._session, feed, self.label, self._timeout)
         for name, value in self._inputs.items():
-            array = np.ascontiguousarray(feed[name])
+            array = np.asarray(feed[name], order="C")
             if tuple(value.shape()) != array.shape:
                 raise BnfoldError(
                     f"{self.label}: input {name!r} is bound as {value.shape()}, the feed has "

@@ -225,7 +225,7 @@ class TorchSession:
         args, keywords = self._inputs, self._keywords
         if feed is not None:
             device = args[0].device if args else next(iter(keywords.values())).device
-            tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            tensors = {name: torch.from_numpy(np.asarray(a, order="C")).to(device)
                        for name, a in feed.items()}
             args, keywords = split_call(self._module, tensors)
         with torch.inference_mode():
@@ -285,7 +285,7 @@ class TorchEngine:
         if not isinstance(model, torch.nn.Module):
             raise BnfoldError(f"the torch engine takes torch modules (--model SPEC), not {label}")
         module = model.eval().to(self.device)
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        tensors = {name: torch.from_numpy(np.asarray(a, order="C")).to(self.device)
                    for name, a in feed.items()}
         args, keywords = split_call(module, tensors)
         if self.options.torch_compile:
@@ -398,7 +398,7 @@ def fused_candidate(spec: str, checkpoint: str | None, feed: dict) -> tuple[obje
     notes: list[str] = []
     module, prepared = eval_copy(zoo.create(spec, checkpoint, notes=notes))
     notes += prepared
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in feed.items()}
+    tensors = {name: torch.from_numpy(np.asarray(a, order="C")) for name, a in feed.items()}
     args, keywords = split_call(module, tensors)
     fusion = fuse_bn(module, args if not keywords else _positional(module, keywords))
     notes.append(f"torch: {len(fusion.fused)} Conv/Linear+BN pair(s) fused in the candidate"

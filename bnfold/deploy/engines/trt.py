@@ -345,7 +345,7 @@ class TrtSession:
         with torch.cuda.stream(self._timer.stream):
             for name in self._host_inputs:
                 device = self._device[name]
-                source = torch.from_numpy(np.ascontiguousarray(feed[name])).to(device.dtype)
+                source = torch.from_numpy(np.asarray(feed[name], order="C")).to(device.dtype)
                 if tuple(source.shape) != tuple(device.shape):
                     raise BnfoldError(
                         f"{self.label}: input {name!r} is bound as {list(device.shape)}, the "
