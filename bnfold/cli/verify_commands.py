@@ -34,10 +34,14 @@ from bnfold.deploy.engines import ENGINES
 @click.option("--locate", is_flag=True,
               help="If they differ, mark every tensor both models compute as an output and name "
                    "the first that differs (holds every tensor of the input sets in memory).")
+@click.option("--repro", type=click.Path(file_okay=False),
+              help="With --locate (implied): write the smallest piece of CANDIDATE that still "
+                   "differs, its inputs and the reference's output to this new folder, for a bug "
+                   "report.")
 @verify_options
 def verify_command(reference, candidate, json_path, ground_truth, engine, inference_precision,
-                   tolerance_precision, threads, checkpoint, locate, seed, runs, atol, rtol,
-                   shapes, inputs_path, timeout):
+                   tolerance_precision, threads, checkpoint, locate, repro, seed, runs, atol,
+                   rtol, shapes, inputs_path, timeout):
     """Check that CANDIDATE computes what REFERENCE does (exit 0 if so, 1 if not).
 
     With --engine, CANDIDATE runs on that engine (what you deploy) and is judged with the
@@ -60,11 +64,11 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
                     rtol=rtol, shapes=parse_shapes(shapes), ground_truth=ground_truth,
                     timeout=timeout, engine=engine, engine_options=engine_options,
                     tolerance_precision=tolerance_precision, torch_checkpoint=checkpoint,
-                    locate=locate)
+                    locate=locate, repro=repro)
     render_verification(result.to_dict(), console)
     if json_path:
         write_json(json_path, result.to_dict())
     if not result.ok:
-        if not locate:
+        if not (locate or repro):
             console.print("[dim]rerun with --locate to name the first tensor that differs[/]")
         raise SystemExit(1)

@@ -46,11 +46,13 @@ MAX_PROBES = 64  # engine compilations the bisection may take (log2 of the ances
 
 
 def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rtol,
-                      precision: str | None, backend=None, failing: list[str] = ()) -> dict:
+                      precision: str | None, backend=None, failing: list[str] = (),
+                      repro: str | None = None) -> dict:
     """Where `candidate` (run in ORT with optimisation off, or opened by engine `backend`)
     leaves `reference`, as a JSON-able record with a one-line `note`. `failing` names the
     outputs that failed verification (bisected from, when marking everything hides the
-    difference)."""
+    difference). `repro` is a folder for the smallest piece of the candidate that still
+    differs there (bnfold.verification.reduce), when a tensor is located."""
     ref_graph = load_source(reference)[0].graph
     cand_graph = (candidate if isinstance(candidate, onnx.ModelProto)
                   else load_source(candidate)[0]).graph
@@ -62,7 +64,12 @@ def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rto
     try:
         with _Prober(reference, candidate, feeds, runner, backend, names,
                      (atol, rtol, precision)) as probe:
-            return _locate(probe, ref_graph, cand_graph, failing, where)
+            record = _locate(probe, ref_graph, cand_graph, failing, where)
+            if repro is not None:
+                from bnfold.verification.reduce import repro_into
+
+                repro_into(record, probe, candidate, ref_graph, repro, where)
+            return record
     except BnfoldError as exc:
         return _record("", f"could not mark the models' tensors as outputs on {where}: {exc}",
                        error=str(exc))
@@ -130,13 +137,36 @@ class _Prober:
                         worst[name] = metrics
         return worst
 
-    def _run(self, marked, feed: dict) -> list[dict[str, np.ndarray]]:
+    def environment(self) -> dict:
+        return self._backend.environment() if self._backend is not None else {}
+
+    def values(self, index: int) -> dict[str, np.ndarray]:
+        """Input set `index` and the reference's value of every shared tensor on it."""
+        return {**self._feeds[index], **self.expected[index]}
+
+    def differs(self, name: str, want: np.ndarray, model: bytes, feed: dict,
+                on_engine: bool = True) -> OutputMetrics:
+        """How `model`'s output `name` compares with `want` (the worse of the engine's two
+        runs), run where the candidate runs or, with `on_engine` False, in ORT."""
+        runs = (self._run(model, feed, "the piece") if on_engine else
+                [_tensors(self._runner.run(self._runner.session(model, "the piece"), feed,
+                                           "the piece"))])
+        worst = None
+        for got in runs:
+            metrics = compare(name, want, got[name], *self._tolerance)
+            if worst is None or (worst.ok, -worst.max_rel_error) > (metrics.ok,
+                                                                    -metrics.max_rel_error):
+                worst = metrics
+        return worst
+
+    def _run(self, marked, feed: dict, label: str = "the candidate (tensors marked)"
+             ) -> list[dict[str, np.ndarray]]:
         """The candidate's tensors: one ORT run, or two engine runs (an engine that is not
         repeatable may get a fused kernel right once; either run differing counts)."""
         if self._backend is None:
-            session = self._runner.session(marked, "candidate (tensors marked)")
-            return [_tensors(self._runner.run(session, feed, "candidate (tensors marked)"))]
-        opened = self._backend.open("the candidate (tensors marked)", marked, feed)
+            session = self._runner.session(marked, label)
+            return [_tensors(self._runner.run(session, feed, label))]
+        opened = self._backend.open(label, marked, feed)
         try:
             return [_tensors(opened.outputs(feed)) for _ in range(2)]
         finally:

@@ -83,7 +83,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                      runs: int = 1, atol=None, rtol=None, shapes=None, ground_truth=None,
                      timeout=None, options: EngineOptions | None = None,
                      tolerance_precision: str | None = None, torch_checkpoint: str | None = None,
-                     locate: bool = False):
+                     locate: bool = False, repro: str | None = None):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
     from bnfold.verification.ground_truth import record_ground_truth
     from bnfold.verification.runs import (
@@ -154,7 +154,8 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                             f"{'a PyTorch module' if engine == 'torch' else 'a built engine'} "
                             f"cannot be marked as outputs")
     elif locate:
-        locate_into(result, reference, candidate, feeds, runner, atol, rtol, judged_as, backend)
+        locate_into(result, reference, candidate, feeds, runner, atol, rtol, judged_as, backend,
+                    repro)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
                   cand_outputs[0])
     return result

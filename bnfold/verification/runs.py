@@ -95,6 +95,7 @@ def verify(
     tolerance_precision: str | None = None,
     torch_checkpoint: str | None = None,
     locate: bool = False,
+    repro: str | os.PathLike | None = None,
 ) -> VerifyResult:
     """Run both models on the same inputs and compare every output.
 
@@ -111,10 +112,16 @@ def verify(
     (bnfold.verification.on_engine).
 
     `locate` marks every tensor both models compute, when verification fails, and names the
-    first that differs (bnfold.verification.locate): `result.located`.
+    first that differs (bnfold.verification.locate): `result.located`. `repro` (a new or
+    empty folder; implies `locate`) receives the smallest piece of the candidate that still
+    differs there, with its inputs and the reference's output (bnfold.verification.reduce).
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
+    if repro is not None:
+        from bnfold.verification.reduce import check_repro_folder
+
+        repro, locate = check_repro_folder(repro), True
     if engine is not None:
         from bnfold.verification.on_engine import verify_on_engine
 
@@ -122,7 +129,7 @@ def verify(
                                 atol=atol, rtol=rtol, shapes=shapes, ground_truth=ground_truth,
                                 timeout=timeout, options=engine_options,
                                 tolerance_precision=tolerance_precision,
-                                torch_checkpoint=torch_checkpoint, locate=locate)
+                                torch_checkpoint=torch_checkpoint, locate=locate, repro=repro)
     ref_model, ref_payload = load_source(reference)
     _, cand_payload = load_source(candidate)
     runner = _Runner(timeout)
@@ -157,14 +164,15 @@ def verify(
     if any(exactness.undecided(m) for m in (*result.outputs, *result.sites)):
         _judge_exactness(result, runner, reference, candidate, ref_model, ground_truth, feeds)
     if locate:
-        locate_into(result, reference, candidate, feeds, runner, atol, rtol, precision)
+        locate_into(result, reference, candidate, feeds, runner, atol, rtol, precision,
+                    repro=repro)
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_first,
                         cand_first)
     return result
 
 
 def locate_into(result: VerifyResult, reference, candidate, feeds, runner, atol, rtol,
-                precision: str | None, backend=None) -> None:
+                precision: str | None, backend=None, repro: str | None = None) -> None:
     """After a failed verification, `result.located` and its note: the first tensor that
     differs (bnfold.verification.locate). A passing one has nothing to locate."""
     if result.ok:
@@ -174,7 +182,7 @@ def locate_into(result: VerifyResult, reference, candidate, feeds, runner, atol,
 
     failing = [m.name for m in result.outputs if not m.ok]
     result.located = locate_divergence(reference, candidate, feeds, runner, atol, rtol,
-                                       precision, backend, failing)
+                                       precision, backend, failing, repro)
     result.notes.append(result.located["note"])
 
 
