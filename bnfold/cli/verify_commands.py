@@ -33,7 +33,7 @@ from bnfold.deploy.engines import ENGINES
               help="--engine torch: weights for the model SPEC.")
 @click.option("--locate", is_flag=True,
               help="If they differ, mark every tensor both models compute as an output and name "
-                   "the first that differs (holds every tensor of the input sets in memory).")
+                   "the first that differs (a group of 256 MiB of tensors at a time).")
 @click.option("--repro", type=click.Path(file_okay=False),
               help="With --locate (implied): write the smallest piece of CANDIDATE that still "
                    "differs, its inputs and the reference's output to this new folder, for a bug "

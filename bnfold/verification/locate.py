@@ -19,13 +19,16 @@ it) and compares each marked tensor with the outputs' own tolerance.
 
 Inner tensors are judged by the fixed tolerance alone (ORT's optimised run has no inner tensors
 to measure the model's own noise against), so the record lists each differing tensor's relative
-error: the jump from rounding size to the error's size shows where the cause is. Step 1 holds
-every inner tensor of the input sets in memory: this runs only when asked for.
+error: the jump from rounding size to the error's size shows where the cause is. Tensors are
+marked a group at a time when all of them would not fit in GROUP_BYTES
+(bnfold.verification.marked_values); on an engine a group leaves the rest free to fuse, so step
+1 may then name a tensor that fusion across the group's edge made differ.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -34,6 +37,8 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.verification.comparison import OutputMetrics, compare
 from bnfold.verification.data_path import data_inputs, dominator_chain
+from bnfold.verification import marked_values
+from bnfold.verification.marked_values import LazyValues, ReferenceValues, plan_groups
 from bnfold.verification.model_sources import (
     load_source,
     scratch_beside,
@@ -53,7 +58,8 @@ def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rto
     outputs that failed verification (bisected from, when marking everything hides the
     difference). `repro` is a folder for the smallest piece of the candidate that still
     differs there (bnfold.verification.reduce), when a tensor is located."""
-    ref_graph = load_source(reference)[0].graph
+    ref_model = load_source(reference)[0]
+    ref_graph = ref_model.graph
     cand_graph = (candidate if isinstance(candidate, onnx.ModelProto)
                   else load_source(candidate)[0]).graph
     names = shared_tensors(ref_graph, cand_graph)
@@ -63,7 +69,7 @@ def locate_divergence(reference, candidate, feeds: list[dict], runner, atol, rto
                            f"on {where}")
     try:
         with _Prober(reference, candidate, feeds, runner, backend, names,
-                     (atol, rtol, precision)) as probe:
+                     (atol, rtol, precision), ref_model) as probe:
             record = _locate(probe, ref_graph, cand_graph, failing, where)
             if repro is not None:
                 from bnfold.verification.reduce import repro_into
@@ -85,64 +91,72 @@ def shared_tensors(ref_graph: onnx.GraphProto, cand_graph: onnx.GraphProto) -> l
 
 
 class _Prober:
-    """The reference's values of every shared tensor (one ORT run per feed, kept), and the
-    candidate run with chosen tensors marked, compared with them."""
+    """The reference's values of the shared tensors (bnfold.verification.marked_values: a
+    group of them per ORT run, kept while they fit), and the candidate run with chosen tensors
+    marked, compared with them."""
 
-    def __init__(self, reference, candidate, feeds, runner, backend, names, tolerance):
-        self._reference, self._candidate = reference, candidate
+    def __init__(self, reference, candidate, feeds, runner, backend, names, tolerance,
+                 ref_model: onnx.ModelProto):
+        self._reference, self._candidate, self._ref_model = reference, candidate, ref_model
         self._feeds, self._runner, self._backend = feeds, runner, backend
-        self._names, self._tolerance = names, tolerance
+        self.names, self._tolerance = names, tolerance
         self.probes = 0  # candidate runs (each an engine compilation)
         self.on_engine = backend is not None
+        self.types: dict[str, int] = {}  # element types of the tensors seen so far
 
     def __enter__(self) -> _Prober:
         self._folder = scratch_folder(".bnfold-locate-", scratch_beside(self._candidate))
-        try:
-            marked = with_outputs(self._reference, self._names,
-                                   os.path.join(self._folder.name, "reference.onnx"))
-            role = "reference (tensors marked)"
-            session = self._runner.session(marked, role)
-            self.expected = [_tensors(self._runner.run(session, feed, role))
-                             for feed in self._feeds]
-            del session
-        except BaseException:
-            self._folder.cleanup()
-            raise
-        self.names = [n for n in self._names if n in self.expected[0]]
-        self._types = {n: onnx.helper.np_dtype_to_tensor_dtype(self.expected[0][n].dtype)
-                       for n in self.names}
+        self.reference = ReferenceValues(self._reference, self._feeds, self._runner,
+                                         self._folder.name)
+        biggest = max(self._feeds, key=lambda feed: sum(v.nbytes for v in feed.values()))
+        self.groups = plan_groups(self._ref_model, biggest, self.names)
         return self
 
     def __exit__(self, *exc) -> None:
         self._folder.cleanup()
 
+    @property
+    def input_sets(self) -> int:
+        return len(self._feeds)
+
+    def expected(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
+        """The reference's values of `names` (those that are tensors) on input set `index`."""
+        values = self.reference.get(index, names)
+        self.types.update((n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype))
+                          for n, v in values.items() if n not in self.types)
+        return values
+
+    def keep_tensors(self) -> None:
+        """Drop the names whose values are not tensors (sequences), once all were seen."""
+        self.names = [n for n in self.names if n in self.types]
+
     def __call__(self, names: list[str], index: int) -> dict[str, OutputMetrics]:
         """The candidate with `names` marked, run on feed `index`, each compared."""
+        want = self.expected(index, names)
         self.probes += 1
         marked = with_outputs(self._candidate, names,
                                os.path.join(self._folder.name, f"candidate{self.probes}.onnx"),
-                               self._types)
+                               self.types)
+        worst: dict[str, OutputMetrics] = {}
         try:
-            runs = self._run(marked, self._feeds[index])
+            for got in self._run(marked, self._feeds[index]):
+                for name in names:
+                    if name in got and name in want:
+                        _keep_worse(worst, compare(name, want[name], got[name],
+                                                   *self._tolerance))
+                del got  # one run's tensors at a time
         finally:
             if isinstance(marked, str):
                 os.unlink(marked)
-        want, worst = self.expected[index], {}
-        for got in runs:
-            for name in names:
-                if name in got:
-                    metrics = compare(name, want[name], got[name], *self._tolerance)
-                    if name not in worst or (worst[name].ok, -worst[name].max_rel_error) > (
-                            metrics.ok, -metrics.max_rel_error):
-                        worst[name] = metrics
         return worst
 
     def environment(self) -> dict:
         return self._backend.environment() if self._backend is not None else {}
 
-    def values(self, index: int) -> dict[str, np.ndarray]:
-        """Input set `index` and the reference's value of every shared tensor on it."""
-        return {**self._feeds[index], **self.expected[index]}
+    def values(self, index: int) -> LazyValues:
+        """Input set `index` and the reference's value of every shared tensor on it, each
+        computed when read."""
+        return LazyValues(self._feeds[index], self.names, self.reference, index)
 
     def differs(self, name: str, want: np.ndarray, model: bytes, feed: dict,
                 on_engine: bool = True) -> OutputMetrics:
@@ -151,35 +165,46 @@ class _Prober:
         runs = (self._run(model, feed, "the piece") if on_engine else
                 [_tensors(self._runner.run(self._runner.session(model, "the piece"), feed,
                                            "the piece"))])
-        worst = None
+        worst: dict[str, OutputMetrics] = {}
         for got in runs:
-            metrics = compare(name, want, got[name], *self._tolerance)
-            if worst is None or (worst.ok, -worst.max_rel_error) > (metrics.ok,
-                                                                    -metrics.max_rel_error):
-                worst = metrics
-        return worst
+            _keep_worse(worst, compare(name, want, got[name], *self._tolerance))
+        return worst[name]
 
     def _run(self, marked, feed: dict, label: str = "the candidate (tensors marked)"
-             ) -> list[dict[str, np.ndarray]]:
+             ) -> Iterator[dict[str, np.ndarray]]:
         """The candidate's tensors: one ORT run, or two engine runs (an engine that is not
-        repeatable may get a fused kernel right once; either run differing counts)."""
+        repeatable may get a fused kernel right once; either run differing counts), one at a
+        time."""
         if self._backend is None:
             session = self._runner.session(marked, label)
-            return [_tensors(self._runner.run(session, feed, label))]
+            yield _tensors(self._runner.run(session, feed, label))
+            return
         opened = self._backend.open(label, marked, feed)
         try:
-            return [_tensors(opened.outputs(feed)) for _ in range(2)]
+            for _ in range(2):
+                yield _tensors(opened.outputs(feed))
         finally:
             opened.close()
 
 
+def _keep_worse(worst: dict[str, OutputMetrics], metrics: OutputMetrics) -> None:
+    held = worst.get(metrics.name)
+    if held is None or (held.ok, -held.max_rel_error) > (metrics.ok, -metrics.max_rel_error):
+        worst[metrics.name] = metrics
+
+
 def _locate(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
     outputs = {value.name for value in ref_graph.output}
-    for index in range(len(probe.expected)):
-        compared = list(probe(probe.names, index).values())
+    method = "every shared tensor marked"
+    if len(probe.groups) > 1:
+        method += (f", in {len(probe.groups)} runs of up to "
+                   f"{marked_values.GROUP_BYTES / 2**20:.3g} MiB of tensors each")
+    for index in range(probe.input_sets):
+        compared = [m for group in probe.groups for m in probe(group, index).values()]
+        probe.keep_tensors()
         differing = [m for m in compared if not m.ok]
         if any(m.name in outputs for m in differing) or (differing and not probe.on_engine):
-            record = _record("every shared tensor marked", "", differing, index)
+            record = _record(method, "", differing, index)
             record["compared"] = len(compared)
             by_name = {m.name: m for m in compared}
             # the first that feeds a failing output (an unused Dropout mask may differ first)
@@ -192,7 +217,7 @@ def _locate(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
                                          index, where)
             return record
     if not probe.on_engine:
-        return _record("every shared tensor marked",
+        return _record(method,
                        f"with every shared tensor marked as an output, all agree on {where}: "
                        f"the difference is in no tensor both models compute")
     return _bisect(probe, ref_graph, cand_graph, failing, where)
@@ -211,7 +236,7 @@ def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
                                f"again: the difference did not repeat")
     output, index, metrics = start
     producers = _producers(ref_graph)
-    is_data = _data_test(ref_graph, probe.expected[index])
+    is_data = data_test(ref_graph, probe.types)
     shared = set(probe.names)
     chain = [n for n in dominator_chain(ref_graph, output, is_data) if n in shared] or [output]
     seen = {output: metrics}
@@ -282,16 +307,16 @@ def _bisect(probe: _Prober, ref_graph, cand_graph, failing, where: str) -> dict:
     return record
 
 
-def _data_test(graph: onnx.GraphProto, values: dict[str, np.ndarray]):
-    """Whether a tensor carries data (float values) rather than a shape or an index: from its
-    value where both models compute it, its declared type for a graph input; a tensor only the
-    reference computes is a folded-away activation."""
+def data_test(graph: onnx.GraphProto, types: dict[str, int]):
+    """Whether a tensor carries data (float values) rather than a shape or an index: from the
+    element type its value had where both models compute it, its declared type for a graph
+    input; a tensor only the reference computes is a folded-away activation."""
     declared = {v.name: v.type.tensor_type.elem_type for v in graph.input}
     constants = {t.name for t in graph.initializer}
 
     def is_data(name: str) -> bool:
-        if name in values:
-            return values[name].dtype.kind == "f"
+        if name in types:
+            return types[name] in _FLOAT_TYPES
         if name in constants:
             return False
         if name in declared:
@@ -310,7 +335,7 @@ def _failing_output(probe: _Prober, failing) -> tuple[str, int, OutputMetrics] |
     metrics."""
     shared = set(probe.names)
     candidates = [n for n in failing if n in shared]
-    for index in range(len(probe.expected) if candidates else 0):
+    for index in range(probe.input_sets if candidates else 0):
         for name, metrics in probe(candidates, index).items():
             if not metrics.ok:
                 return name, index, metrics

@@ -82,6 +82,7 @@ def reduce_to_piece(model: onnx.ModelProto, tensor: str, values: dict[str, np.nd
         if piece is None or piece.nodes == last:
             break
         last = piece.nodes
+        _require(values, [*piece.inputs, *piece.constants, tensor])
         payload = build_piece(model, piece, tensor, values).SerializeToString()
         runs += 1
         metrics = differs(payload, {name: values[name] for name in piece.inputs})
@@ -93,6 +94,13 @@ def reduce_to_piece(model: onnx.ModelProto, tensor: str, values: dict[str, np.nd
             break
         region |= grown
     return None, None, None, runs
+
+
+def _require(values, names: list[str]) -> None:
+    """Values a piece is about to read, fetched together where they are computed on demand
+    (bnfold.verification.marked_values.LazyValues): one reference run, not one each."""
+    if hasattr(values, "require"):
+        values.require(names)
 
 
 def _trim(model, tensor, piece, payload, metrics, runs, values, is_data, differs):
@@ -117,6 +125,7 @@ def _trim(model, tensor, piece, payload, metrics, runs, values, is_data, differs
                          producers, values, weights, is_data)
         if smaller is None:
             continue
+        _require(values, [*smaller.inputs, *smaller.constants])
         trial = build_piece(model, smaller, tensor, values).SerializeToString()
         runs += 1
         found = differs(trial, {name: values[name] for name in smaller.inputs})
@@ -226,7 +235,7 @@ def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folde
                where: str) -> None:
     """Cut the piece around `record`'s located tensor, write it to `folder` when it still
     differs where the candidate ran, and say so in `record["repro"]` and its note."""
-    from bnfold.verification.locate import _data_test
+    from bnfold.verification.locate import data_test
     from bnfold.verification.model_sources import load_source
 
     first = record.get("first")
@@ -245,7 +254,7 @@ def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folde
 
     try:
         piece, payload, metrics, runs = reduce_to_piece(
-            model, tensor, values, _data_test(ref_graph, values), differs)
+            model, tensor, values, data_test(ref_graph, probe.types), differs)
     except BnfoldError as exc:
         record["repro"] = {"written": False, "why": str(exc)}
         record["note"] += f"; --repro: a piece could not be run on {where} ({exc})"
