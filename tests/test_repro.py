@@ -114,6 +114,14 @@ def test_a_wrong_fold_is_cut_to_its_node_in_onnx_runtime(files, tmp_path):
     assert np.abs(got - expected).max() > 1e-3  # the piece carries the wrong weight
 
 
+def test_models_that_agree_get_no_repro(files, tmp_path):
+    result = verify(files["original"], files["folded"], repro=str(tmp_path / "r"),
+                    ground_truth=False)
+    assert result.ok and result.located is None and not (tmp_path / "r").exists()
+    assert ("the models agree: --locate had nothing to look for and --repro wrote nothing"
+            in result.notes)
+
+
 def test_a_folder_in_use_is_refused_before_any_work(files, tmp_path):
     folder = tmp_path / "used"
     folder.mkdir()

@@ -176,7 +176,8 @@ def locate_into(result: VerifyResult, reference, candidate, feeds, runner, atol,
     """After a failed verification, `result.located` and its note: the first tensor that
     differs (bnfold.verification.locate). A passing one has nothing to locate."""
     if result.ok:
-        result.notes.append("the models agree: --locate had nothing to look for")
+        result.notes.append("the models agree: --locate had nothing to look for"
+                            + (" and --repro wrote nothing" if repro else ""))
         return
     from bnfold.verification.locate import locate_divergence
 
