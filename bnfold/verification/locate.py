@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.verification import marked_values
 from bnfold.verification.comparison import OutputMetrics, compare
 from bnfold.verification.data_path import data_inputs, dominator_chain
-from bnfold.verification import marked_values
 from bnfold.verification.marked_values import LazyValues, ReferenceValues, plan_groups
 from bnfold.verification.model_sources import (
     load_source,
@@ -106,10 +106,14 @@ class _Prober:
 
     def __enter__(self) -> _Prober:
         self._folder = scratch_folder(".bnfold-locate-", scratch_beside(self._candidate))
-        self.reference = ReferenceValues(self._reference, self._feeds, self._runner,
-                                         self._folder.name)
-        biggest = max(self._feeds, key=lambda feed: sum(v.nbytes for v in feed.values()))
-        self.groups = plan_groups(self._ref_model, biggest, self.names)
+        try:
+            self.reference = ReferenceValues(self._reference, self._feeds, self._runner,
+                                             self._folder.name)
+            biggest = max(self._feeds, key=lambda feed: sum(v.nbytes for v in feed.values()))
+            self.groups = plan_groups(self._ref_model, biggest, self.names)
+        except BaseException:
+            self._folder.cleanup()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
