@@ -9,25 +9,12 @@ import pytest
 from onnx import helper
 
 import golden
-from bnfold.folding.api import fold
-from bnfold.onnxio.files import save_model
 from bnfold.verification import marked_values
 from bnfold.verification.marked_values import estimated_sizes, plan_groups
 from bnfold.verification.runs import verify
-from test_locate import _chain, _perturbed
+from test_locate import _chain, files  # noqa: F401 (files: a fixture)
 
 TENSORS = ["y1", "r1", "y2", "z"]  # what both the chain and its fold compute, 1×4×8×8 each
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("marked")
-    original = _chain()
-    folded = fold(original).model
-    paths = {"original": original, "folded": folded, "wrong1": _perturbed(folded, "conv1")}
-    for name, model in paths.items():
-        save_model(model, str(folder / f"{name}.onnx"))
-    return {name: str(folder / f"{name}.onnx") for name in paths}
 
 
 def test_sizes_come_from_shape_inference_at_the_feed_shapes():

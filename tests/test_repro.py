@@ -9,26 +9,12 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
 from bnfold.cli import cli
-from bnfold.folding.api import fold
-from bnfold.onnxio.files import save_model
 from bnfold.verification.runs import verify
-from test_locate import FusingEngine, _chain, _perturbed, _scaled
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("repro")
-    original = _chain()
-    folded = fold(original).model
-    paths = {"original": original, "folded": folded, "wrong2": _perturbed(folded, "conv2")}
-    for name, model in paths.items():
-        save_model(model, str(folder / f"{name}.onnx"))
-    return {name: str(folder / f"{name}.onnx") for name in paths}
+from test_locate import FusingEngine, _scaled, files  # noqa: F401 (files: a fixture)
 
 
 class ChainFusingEngine(FusingEngine):
