@@ -277,3 +277,29 @@ def test_ground_truth_is_skipped_above_the_input_limit_and_says_why(monkeypatch)
         "inputs too large for the float64 reference evaluator (")
     assert result.ground_truth_skipped.endswith(" values, limit 1; --ground-truth forces it)")
     assert bnfold.verify(original, folded, ground_truth=True).ground_truth
+
+
+@pytest.mark.parametrize("op_type,attrs,opset,shape", [
+    ("MeanVarianceNormalization", {}, 13, [2, 3, 4, 5]),
+    ("MeanVarianceNormalization", {"axes": [1]}, 13, [2, 3, 4]),
+    ("Upsample", {"mode": "linear"}, 9, [1, 2, 3, 4]),
+    ("Upsample", {"mode": "linear", "scales": [1.0, 1.0, 2.0, 1.5]}, 7, [1, 2, 3, 4]),
+    ("Upsample", {"mode": "linear"}, 9, [2, 5]),
+])
+def test_kernels_onnx_reference_lacks_in_float64_match_onnx_runtime(op_type, attrs, opset,
+                                                                    shape):
+    """onnx.reference cannot run MeanVarianceNormalization in float64 (its body's constants
+    are float32) nor a linear Upsample: without these the ground truth was skipped."""
+    inputs, inits = ["x"], []
+    if op_type == "Upsample" and opset >= 9:
+        factors = [1.0] * (len(shape) - 2) + [2.0, 1.5]
+        inits.append(tensor("scales", np.array(factors, np.float32)))
+        inputs.append("scales")
+    out = shape if op_type == "MeanVarianceNormalization" else None  # a body inference skips
+    m = model([helper.make_node(op_type, inputs, ["y"], **attrs)], [("x", shape)],
+              [("y", out)], inits, opset=opset, ir_version=7 if opset < 9 else 8)
+    x = rng(9).standard_normal(shape).astype(np.float32)
+    expected = run(m, {"x": x})[0]
+    truth = evaluate_float64(m, {"x": x})["y"]
+    assert truth.dtype == np.float64 and truth.shape == expected.shape
+    assert np.abs(truth - expected).max() <= 2e-6 * np.abs(truth).max()
