@@ -9,12 +9,14 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
 from bnfold.cli import cli
+from bnfold.folding.api import fold
 from bnfold.verification.runs import verify
-from test_locate import FusingEngine, _scaled, files  # noqa: F401 (files: a fixture)
+from test_locate import FusingEngine, _perturbed, _scaled, files  # noqa: F401 (files: a fixture)
 
 
 class ChainFusingEngine(FusingEngine):
@@ -174,3 +176,35 @@ def test_the_piece_keeps_subgraph_reads_and_freezes_shapes():
     onnx.checker.check_model(built, full_check=True)
     got = ort.InferenceSession(payload).run(None, {"a": values["a"], "k": values["k"]})[0]
     np.testing.assert_array_equal(got, values["t"])
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_piece_reads_its_weights_from_a_model_loaded_without_them(tmp_path, external):
+    """The candidate is read with its large weights left in the file (inline or external
+    data): the piece gets the bytes of its own weights, not an empty tensor."""
+    from onnx import helper
+
+    import golden
+    from bnfold.onnxio.files import save_model
+
+    r = golden.rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             golden.bn_node("c", "y", prefix="bn", name="bn"),
+             helper.make_node("Relu", ["y"], ["z"])]
+    weights = [golden.tensor("w", r.normal(size=(32, 16, 3, 3))),  # 18 KiB: deferred
+               *golden.bn_params("bn", 32, seed=4)]
+    original = golden.model(nodes, [("x", [1, 16, 6, 6])], [("z", None)], weights)
+    save_model(original, str(tmp_path / "o.onnx"))
+    save_model(_perturbed(fold(original).model, "conv"), str(tmp_path / "f.onnx"),
+               external_data=external)
+    result = verify(str(tmp_path / "o.onnx"), str(tmp_path / "f.onnx"),
+                    repro=str(tmp_path / "r"), ground_truth=False)
+    assert result.located["repro"]["op_types"] == ["Conv"]
+    model, feed, expected = _read_case(tmp_path / "r")
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.dims[0] == 32
+                                        and len(t.dims) == 4))
+    stored = numpy_helper.to_array(next(
+        t for t in onnx.load(str(tmp_path / "f.onnx")).graph.initializer if len(t.dims) == 4))
+    np.testing.assert_array_equal(weight, stored)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    assert np.abs(got - expected).max() > 1e-3  # the broken weight came with it

@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
+from bnfold.onnxio.deferred import DeferredData
 from bnfold.onnxio.tensors import names_read_by_subgraphs
 from bnfold.verification.comparison import OutputMetrics
 
@@ -65,12 +66,14 @@ def check_repro_folder(folder: str | os.PathLike) -> str:
 
 def reduce_to_piece(model: onnx.ModelProto, tensor: str, values: dict[str, np.ndarray],
                     is_data: Callable[[str], bool],
-                    differs: Callable[[bytes, dict], OutputMetrics | None]
+                    differs: Callable[[bytes, dict], OutputMetrics | None],
+                    deferred: DeferredData | None = None
                     ) -> tuple[Piece, bytes, OutputMetrics, int] | tuple[None, None, None, int]:
     """The smallest cut of `model` ending at `tensor` whose run (`differs(piece, feed)`, the
     metrics when it differs, else None) still differs, grown back from the node making it;
     with the runs it took. `values` holds the reference's value of every tensor a cut may be
-    fed (graph inputs included)."""
+    fed (graph inputs included); `deferred` the bytes of weights `model` was loaded without
+    (a piece reads only its own)."""
     graph = model.graph
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     if tensor not in producers:
@@ -83,12 +86,13 @@ def reduce_to_piece(model: onnx.ModelProto, tensor: str, values: dict[str, np.nd
             break
         last = piece.nodes
         _require(values, [*piece.inputs, *piece.constants, tensor])
-        payload = build_piece(model, piece, tensor, values).SerializeToString()
+        payload = build_piece(model, piece, tensor, values, deferred).SerializeToString()
         runs += 1
         metrics = differs(payload, {name: values[name] for name in piece.inputs})
         if metrics is not None:
-            return _trim(model, tensor, piece, payload, metrics, runs, values, is_data,
-                         differs)
+            found = piece, payload, metrics, runs
+            return _trim(model, tensor, found, producers, weights, values, is_data, differs,
+                         deferred)
         grown = {producers[name] for name in piece.inputs if name in producers}
         if grown <= region:
             break
@@ -103,13 +107,13 @@ def _require(values, names: list[str]) -> None:
         values.require(names)
 
 
-def _trim(model, tensor, piece, payload, metrics, runs, values, is_data, differs):
-    """`piece` with nodes at its inputs' end cut off one at a time (their outputs fed instead)
-    while it still differs: growing back by whole levels takes in parallel nodes the
-    difference does not need. At most MAX_TRIM_RUNS more runs."""
+def _trim(model, tensor, found, producers, weights, values, is_data, differs, deferred):
+    """The piece `found` (with its payload, metrics and runs so far) with nodes at its inputs'
+    end cut off one at a time (their outputs fed instead) while it still differs: growing back
+    by whole levels takes in parallel nodes the difference does not need. At most
+    MAX_TRIM_RUNS more runs."""
     graph = model.graph
-    producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    weights = {t.name for t in graph.initializer}
+    piece, payload, metrics, runs = found
     tried: set[int] = set()
     budget = runs + MAX_TRIM_RUNS
     while runs < budget:
@@ -126,7 +130,7 @@ def _trim(model, tensor, piece, payload, metrics, runs, values, is_data, differs
         if smaller is None:
             continue
         _require(values, [*smaller.inputs, *smaller.constants])
-        trial = build_piece(model, smaller, tensor, values).SerializeToString()
+        trial = build_piece(model, smaller, tensor, values, deferred).SerializeToString()
         runs += 1
         found = differs(trial, {name: values[name] for name in smaller.inputs})
         if found is not None:
@@ -170,10 +174,18 @@ def _reads(node: onnx.NodeProto) -> list[str]:
 
 
 def build_piece(model: onnx.ModelProto, piece: Piece, tensor: str,
-                values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """`piece` as a model of its own: static-shaped inputs, frozen constants, `tensor` out."""
+                values: dict[str, np.ndarray],
+                deferred: DeferredData | None = None) -> onnx.ModelProto:
+    """`piece` as a model of its own: static-shaped inputs, frozen constants, `tensor` out;
+    its weights read from `deferred` where the model was loaded without them."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = {t.name: t for t in graph.initializer if t.name in piece.weights}
+    if deferred is not None:
+        for name, weight in initializers.items():
+            if deferred.holds(weight):
+                initializers[name] = whole = onnx.TensorProto()
+                whole.CopyFrom(weight)
+                whole.raw_data = deferred.read(name)
     inputs = [_value_info(name, values[name]) for name in piece.inputs]
     constants = [numpy_helper.from_array(values[name], name) for name in piece.constants]
     output = _value_info(tensor, values[tensor]) if tensor in values else \
@@ -227,16 +239,12 @@ def _write_tensor(path: str, value: np.ndarray, name: str) -> None:
         stream.write(numpy_helper.from_array(value, name).SerializeToString())
 
 
-def metrics_record(metrics: OutputMetrics | None) -> dict | None:
-    return None if metrics is None else asdict(metrics)
-
-
 def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folder: str,
                where: str) -> None:
     """Cut the piece around `record`'s located tensor, write it to `folder` when it still
     differs where the candidate ran, and say so in `record["repro"]` and its note."""
     from bnfold.verification.locate import data_test
-    from bnfold.verification.model_sources import load_source
+    from bnfold.verification.model_sources import is_path, load_source
 
     first = record.get("first")
     if not first:
@@ -245,20 +253,29 @@ def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folde
         return
     tensor, index = first["tensor"], record["input_set"] - 1
     values = probe.values(index)
-    model = load_source(candidate, header_only=False)[0]
     want = values[tensor]
 
     def differs(payload: bytes, feed: dict) -> OutputMetrics | None:
         metrics = probe.differs(tensor, want, payload, feed)
         return None if metrics.ok else metrics
 
+    deferred = None
+    if is_path(candidate):  # weights left in the file: a piece reads a few of them
+        from bnfold.onnxio.files import load_model_deferred
+
+        model, deferred, _ = load_model_deferred(candidate)
+    else:
+        model = load_source(candidate)[0]
     try:
         piece, payload, metrics, runs = reduce_to_piece(
-            model, tensor, values, data_test(ref_graph, probe.types), differs)
+            model, tensor, values, data_test(ref_graph, probe.types), differs, deferred)
     except BnfoldError as exc:
         record["repro"] = {"written": False, "why": str(exc)}
         record["note"] += f"; --repro: a piece could not be run on {where} ({exc})"
         return
+    finally:
+        if deferred is not None:
+            deferred.close()
     if piece is None:
         why = (f"no piece of up to {MAX_LEVELS} steps back from {tensor!r} differs on "
                f"{where} ({runs} runs): the difference needs more of the model")
