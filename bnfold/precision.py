@@ -19,6 +19,14 @@ _LIMITS = {
     BFLOAT16: (3.3895313892515355e38, 2.0**-133),
 }
 
+# The floating-point element types: what carries data, not shapes or indices.
+FLOAT_TYPES = frozenset({
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+})
+
 ONNX_DTYPE_NAME = {
     onnx.TensorProto.FLOAT16: FLOAT16,
     onnx.TensorProto.BFLOAT16: BFLOAT16,

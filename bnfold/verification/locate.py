@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.precision import FLOAT_TYPES
 from bnfold.verification import marked_values
 from bnfold.verification.comparison import OutputMetrics, compare
 from bnfold.verification.data_path import data_inputs, dominator_chain
@@ -320,18 +321,14 @@ def data_test(graph: onnx.GraphProto, types: dict[str, int]):
 
     def is_data(name: str) -> bool:
         if name in types:
-            return types[name] in _FLOAT_TYPES
+            return types[name] in FLOAT_TYPES
         if name in constants:
             return False
         if name in declared:
-            return declared[name] in _FLOAT_TYPES
+            return declared[name] in FLOAT_TYPES
         return True
 
     return is_data
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
 
 
 def _failing_output(probe: _Prober, failing) -> tuple[str, int, OutputMetrics] | None:

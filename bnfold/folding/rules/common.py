@@ -20,6 +20,7 @@ from bnfold.folding.graph import GraphView
 from bnfold.folding.names import node_label
 from bnfold.folding.product import WeightProduct
 from bnfold.precision import (
+    FLOAT_TYPES,
     ONNX_DTYPE_NAME,
     float32_to_bfloat16_bits,
     headroom_problem,
@@ -27,12 +28,6 @@ from bnfold.precision import (
 )
 
 DEFAULT_EPSILON = 1e-5
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-}
 
 
 @dataclass
