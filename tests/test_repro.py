@@ -79,8 +79,14 @@ def test_a_fusion_grows_the_piece_back_one_node_and_trims_nothing_it_needs(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     saved = json.loads((folder / "repro.json").read_text())
     assert saved["tensor"] == "y2" and saved["on"] == "chain"
-    assert saved["command"].endswith("--engine chain --inputs " + os.path.join(
-        os.path.relpath(folder), "inputs.npz"))
+    bound = repro["metrics"]["tolerance"]
+    assert saved["command"] == (f"bnfold verify {os.path.relpath(folder)} --engine chain "
+                                f"--atol {bound!r} --rtol 0")
+    # the folder is a test case: rerun against its stored value, it fails as it did here
+    rerun = verify(str(folder), engine="chain", atol=bound, rtol=0, ground_truth=False)
+    assert not rerun.ok and rerun.test_case["tolerance_from"] == "--rtol/--atol"
+    assert rerun.outputs[0].max_abs_error == repro["metrics"]["max_abs_error"]
+    assert verify(str(folder), atol=bound, rtol=0, ground_truth=False).ok  # ORT agrees
     assert "--repro: 2 node(s) (Relu, Conv) ending at 'y2' still differ on chain" in \
         " ".join(result.located["note"].split())
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold")]
@@ -100,6 +106,12 @@ def test_a_wrong_fold_is_cut_to_its_node_in_onnx_runtime(files, tmp_path):
     assert list(feed) == ["r1"]
     got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     assert np.abs(got - expected).max() > 1e-3  # the piece carries the wrong weight
+    # its rerun command judges the piece in ONNX Runtime against the stored reference value
+    command = json.loads((folder / "repro.json").read_text())["command"].split()
+    assert command[:3] == ["bnfold", "verify", os.path.relpath(folder)] and "--engine" not in command
+    rerun = CliRunner().invoke(cli, command[1:], prog_name="bnfold")
+    assert rerun.exit_code == 1, rerun.output
+    assert "NOT equivalent over the 1 stored input set(s)" in rerun.output
 
 
 def test_models_that_agree_get_no_repro(files, tmp_path):

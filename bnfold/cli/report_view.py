@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -56,10 +58,20 @@ def _print_summary(report: FoldReport, console: Console) -> None:
 def render_verification(result: dict, console: Console) -> None:
     """`result` is VerifyResult.to_dict() (what reports carry)."""
     engine = result.get("engine")
+    case = result.get("test_case")
     title = "verification (ONNX Runtime, graph optimisation off)"
     if engine:
         title = (f"verification: candidate on {engine['name']} ({engine['precision']}) vs "
                  f"reference on ONNX Runtime CPU, graph optimisation off")
+    if case:
+        where = (f"{engine['name']} ({engine['precision']})" if engine else
+                 "ONNX Runtime CPU, graph optimisation off")
+        own = os.path.abspath(case["candidate"]) == os.path.abspath(case["model"])
+        which = "the case's model.onnx" if own else "the candidate"
+        title = f"verification: {which} on {where} vs the case's stored outputs"
+        console.print(Text(f"test case {case['folder']}: {len(case['data_sets'])} data set(s)"
+                           + ("" if own else f"; candidate {case['candidate']}"), style="dim"),
+                      soft_wrap=True)
     table = Table(title=escape(title), title_justify="left")
     for column in ("output", "max abs err", "max rel err", "cosine", "tolerance", "ok"):
         table.add_column(column, justify="right" if column != "output" else "left")
@@ -92,19 +104,27 @@ def render_verification(result: dict, console: Console) -> None:
         console.print(Text(note, style="dim"))
     _print_located(result.get("located"), console)
     if engine:
-        _print_engine_precision(engine, console)
+        _print_engine_precision(engine, console, tolerance=not case)
+    if case:
+        console.print(Text(f"tolerance: rtol {case['rtol']:.3g} (scale-relative), atol "
+                           f"{case['atol']:.3g}: from {case['tolerance_from']}"), soft_wrap=True)
     truth = result.get("ground_truth")
+    labels = (("stored", "candidate") if case else ("reference", "candidate") if engine
+              else ("original", "folded"))
     if truth:
         for name, errors in truth.items():
             console.print(
-                f"float64 ground truth, {escape(name)}: {'reference' if engine else 'original'} "
-                f"{errors['reference_rel_error']:.3g}, {'candidate' if engine else 'folded'} "
+                f"float64 ground truth, {escape(name)}: {labels[0]} "
+                f"{errors['reference_rel_error']:.3g}, {labels[1]} "
                 f"{errors['candidate_rel_error']:.3g} (scale-relative error)"
             )
     elif result.get("ground_truth_skipped"):
         console.print(f"[dim]float64 ground truth skipped: {escape(result['ground_truth_skipped'])}[/]")
     verdict = "[green]equivalent[/]" if result["ok"] else "[red]NOT equivalent[/]"
-    console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")
+    if case:
+        console.print(f"{verdict} over the {result['runs']} stored input set(s)")
+    else:
+        console.print(f"{verdict} over {result['runs']} input set(s), seed {result['seed']}")
 
 
 def _print_located(located: dict | None, console: Console, shown: int = 5) -> None:
@@ -120,12 +140,14 @@ def _print_located(located: dict | None, console: Console, shown: int = 5) -> No
                        style="dim"), soft_wrap=True)
 
 
-def _print_engine_precision(engine: dict, console: Console) -> None:
+def _print_engine_precision(engine: dict, console: Console, tolerance: bool = True) -> None:
     """Which precision the engine computes in, where that was read, and which tolerance ran."""
     layers = engine.get("layer_precisions") or {}
     shown = ", ".join(f"{k} {v}" for k, v in sorted(layers.items()))
     console.print(Text(f"engine precision: {engine['precision']} (from {engine['precision_source']})"
                        + (f"; layers: {shown}" if shown else ""), style="dim"), soft_wrap=True)
+    if not tolerance:
+        return
     if engine.get("explicit_tolerance"):
         how = "given with --rtol/--atol"
     else:

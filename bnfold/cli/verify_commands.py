@@ -6,6 +6,8 @@ which `fold` never does; registered lazily on the main group (bnfold/cli/__init_
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, write_json
@@ -14,7 +16,7 @@ from bnfold.deploy.engines import ENGINES
 
 @click.command("verify")
 @click.argument("reference", type=click.Path())
-@click.argument("candidate", type=click.Path())
+@click.argument("candidate", type=click.Path(), required=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result as JSON.")
 @click.option("--ground-truth/--no-ground-truth", default=None,
               help="Compare with a float64 evaluation, with no size or time limit [auto: up "
@@ -46,12 +48,20 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
 
     With --engine, CANDIDATE runs on that engine (what you deploy) and is judged with the
     tolerance of the precision the engine really computes in.
+
+    REFERENCE may be an ONNX test-case folder (model.onnx and test_data_set_N/ of input_K.pb,
+    output_K.pb, as onnx's backend tests, the old model zoo and --repro write them): CANDIDATE,
+    its model.onnx unless given, then runs on the stored inputs and is judged against the stored
+    outputs (rtol 1e-3, atol 1e-7 as onnx's test runner, unless --rtol/--atol).
     """
     from bnfold.cli.common import console
     from bnfold.cli.report_view import render_verification
     from bnfold.verification.runs import verify
 
     require_folder_of(json_path, "--json")
+    if candidate is None and not os.path.isdir(reference):
+        raise click.UsageError("missing CANDIDATE: only an ONNX test-case folder (model.onnx, "
+                               "test_data_set_N/) is verified alone")
     if engine is None and (inference_precision or tolerance_precision or threads or checkpoint):
         raise click.UsageError("--inference-precision, --tolerances, --threads and --checkpoint "
                                "need --engine")
@@ -69,6 +79,6 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
     if json_path:
         write_json(json_path, result.to_dict())
     if not result.ok:
-        if not (locate or repro):
+        if not (locate or repro or result.test_case):
             console.print("[dim]rerun with --locate to name the first tensor that differs[/]")
         raise SystemExit(1)

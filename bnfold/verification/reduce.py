@@ -292,9 +292,11 @@ def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folde
     if probe.on_engine:
         info["onnxruntime"] = asdict(probe.differs(tensor, want, payload, feed, on_engine=False))
         info["environment"] = _environment(probe)
-        info["command"] = (f"bnfold verify {_join(folder, 'model.onnx')} "
-                           f"{_join(folder, 'model.onnx')} --engine {where} "
-                           f"--inputs {_join(folder, 'inputs.npz')}")
+    # The folder is a test case: verify judges the piece against the stored reference value,
+    # with the very bound it failed here (atol + rtol·max|reference|, as one number).
+    info["command"] = (f"bnfold verify {shlex.quote(os.path.relpath(folder))}"
+                       + (f" --engine {where}" if probe.on_engine else "")
+                       + f" --atol {metrics.tolerance!r} --rtol 0")
     write_repro(folder, payload, feed, tensor, want, info)
     record["repro"] = info
     shown = ", ".join(ops[:6]) + (" …" if len(ops) > 6 else "")
@@ -302,8 +304,7 @@ def repro_into(record: dict, probe, candidate, ref_graph: onnx.GraphProto, folde
               else "")
     record["note"] += (f"; --repro: {len(ops)} node(s) ({shown}) ending at {tensor!r} still "
                        f"differ on {where} ({_how_far(info['metrics'])}{in_ort}), written to "
-                       f"{folder}"
-                       + (f"; rerun: {info['command']}" if "command" in info else ""))
+                       f"{folder}; rerun: {info['command']}")
 
 
 def _how_far(metrics: dict) -> str:
@@ -321,5 +322,3 @@ def _environment(probe) -> dict:
         return {"error": str(exc)}
 
 
-def _join(folder: str, name: str) -> str:
-    return shlex.quote(os.path.join(os.path.relpath(folder), name))

@@ -72,6 +72,8 @@ class VerifyResult:
     engine: dict | None = None
     # `locate`: the first tensor where the candidate leaves the reference (verification.locate)
     located: dict | None = None
+    # an ONNX test case's stored outputs as the reference (verification.test_case)
+    test_case: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +81,7 @@ class VerifyResult:
 
 def verify(
     reference: ModelSource,
-    candidate: ModelSource,
+    candidate: ModelSource | None = None,
     *,
     inputs: str | os.PathLike | dict[str, np.ndarray] | None = None,
     seed: int = 0,
@@ -115,9 +117,29 @@ def verify(
     first that differs (bnfold.verification.locate): `result.located`. `repro` (a new or
     empty folder; implies `locate`) receives the smallest piece of the candidate that still
     differs there, with its inputs and the reference's output (bnfold.verification.reduce).
+
+    A `reference` folder is an ONNX test case (model.onnx, test_data_set_N/): the candidate,
+    its model unless given, is judged against the outputs stored there, on their inputs
+    (bnfold.verification.test_case).
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
+    from bnfold.verification.test_case import is_test_case, verify_test_case
+
+    if is_test_case(reference):
+        if inputs is not None or shapes or runs != 1 or seed != 0 or sites or locate or repro:
+            raise BnfoldError(
+                "a test-case folder brings its inputs and its reference outputs: --inputs, "
+                "--shape, --runs, --seed, --locate and --repro do not apply (to locate, verify "
+                "CASE/model.onnx against the candidate)")
+        return verify_test_case(reference, candidate, atol=atol, rtol=rtol,
+                                ground_truth=ground_truth, timeout=timeout, engine=engine,
+                                engine_options=engine_options,
+                                tolerance_precision=tolerance_precision,
+                                torch_checkpoint=torch_checkpoint)
+    if candidate is None:
+        raise BnfoldError("give the CANDIDATE model to compare with the reference (only an "
+                          "ONNX test-case folder is verified alone)")
     if repro is not None:
         from bnfold.verification.reduce import check_repro_folder
 
@@ -335,7 +357,8 @@ class _Runner:
             self._optimised[key] = (payload, list(feeds), outputs)  # holds what the ids name
         return self._optimised[key][2]
 
-    def session(self, payload: str | bytes, role: str, optimised: bool = False):
+    def session(self, payload: str | bytes, role: str, optimised: bool = False,
+                advice: str | None = None):
         ort = self.ort
         options = ort.SessionOptions()
         options.graph_optimization_level = (
@@ -347,9 +370,9 @@ class _Runner:
             return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types per failure kind
             raise BnfoldError(
-                f"ONNX Runtime cannot load the {role} model ({_first_line(exc)}); verification "
-                f"needs ORT to run it: skip it with --no-verify, or check the model with "
-                f"onnx.checker"
+                f"ONNX Runtime cannot load the {role} model ({_first_line(exc)}); "
+                + (advice or "verification needs ORT to run it: skip it with --no-verify, or "
+                   "check the model with onnx.checker")
             ) from None
 
     def try_run(self, session, feed: dict[str, np.ndarray]) -> str | None:
@@ -363,7 +386,9 @@ class _Runner:
         return None
 
     def run(self, session, feed: dict[str, np.ndarray], role: str,
-            names: list[str] | None = None) -> dict[str, np.ndarray]:
+            names: list[str] | None = None, advice: str | None = None) -> dict[str, np.ndarray]:
+        """`session`'s outputs (`names`, else all) on `feed`; a failure is one line ending in
+        `advice` (else: how to give other inputs)."""
         try:
             return self._run(session, feed, names)
         except _Timeout:
@@ -378,9 +403,9 @@ class _Runner:
                     f"({_first_line(exc)}): pass real data with --inputs data.npz"
                 ) from None
             raise BnfoldError(
-                f"ONNX Runtime failed to run the {role} model ({_first_line(exc)}): give the "
-                f"input shapes with --shape NAME=DxD..., real inputs with --inputs data.npz, "
-                f"or skip verification with --no-verify"
+                f"ONNX Runtime failed to run the {role} model ({_first_line(exc)}): "
+                + (advice or "give the input shapes with --shape NAME=DxD..., real inputs "
+                   "with --inputs data.npz, or skip verification with --no-verify")
             ) from None
 
     def _run(self, session, feed, names: list[str] | None = None):

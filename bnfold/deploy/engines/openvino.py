@@ -44,7 +44,8 @@ def available() -> bool:
 
 class OpenVinoSession:
     def __init__(self, label: str, compiled, feed: dict, precision: Precision,
-                 graph_names: frozenset = frozenset(), timeout: float | None = None):
+                 graph_names: frozenset = frozenset(), timeout: float | None = None,
+                 graph_inputs: tuple = ()):
         self.label = label
         self._timeout = timeout
         self.precision = precision
@@ -53,13 +54,13 @@ class OpenVinoSession:
         self._request = compiled.create_infer_request()
         self._feed = feed
         self._names = [_name(port, graph_names) for port in compiled.outputs]
+        self._input_names = input_names(compiled.inputs, graph_inputs)
         self._set_inputs(feed)
 
     def _set_inputs(self, feed: dict) -> None:
         import openvino as ov
 
-        for port in self._compiled.inputs:
-            name = _name(port, self._graph_names)
+        for port, name in zip(self._compiled.inputs, self._input_names):
             if name not in feed:
                 raise BnfoldError(f"{self.label} takes input {name!r}, which the inputs lack")
             # A Tensor over the caller's array: no copy per run, as with ORT's feed.
@@ -147,12 +148,11 @@ class OpenVinoEngine:
             else:
                 payload = model if isinstance(model, bytes) else model.SerializeToString()
                 read = self._core.read_model(payload, ov.Tensor(np.empty(0, np.uint8)))
-            graph_names = _graph_io_names(model)
+            graph_names, graph_inputs = _graph_io_names(model)
             shapes = {}
-            for port in read.inputs:
-                name = _name(port, graph_names)
-                if name in feed:
-                    shapes[name] = list(np.shape(feed[name]))
+            for index, name in enumerate(input_names(read.inputs, graph_inputs)):
+                if name in feed:  # by position: a port may lack the graph's name for it
+                    shapes[index] = list(np.shape(feed[name]))
             if shapes:
                 read.reshape(shapes)
             compiled = self._core.compile_model(read, "CPU", self._config())
@@ -172,7 +172,7 @@ class OpenVinoEngine:
             "layer_precisions": precision.layers,
         }
         session = OpenVinoSession(label, compiled, feed, precision, graph_names,
-                                  self.options.run_timeout)
+                                  self.options.run_timeout, graph_inputs)
         session.outputs()  # a bad shape or dtype fails here, in one line, before any timing
         return session
 
@@ -218,8 +218,24 @@ def _name(port, graph_names: frozenset = frozenset()) -> str:
     return port.get_any_name()
 
 
-def _graph_io_names(model) -> frozenset:
-    """Input and output names of the ONNX graph, read without its weights."""
+def input_names(ports, graph_inputs: tuple) -> list[str]:
+    """The ONNX graph's name for each input port: one of the port's own names, else the graph
+    input at its position. OpenVINO may give an input only a later tensor's name (an input that
+    SequenceAt passes through to the output `out` is named 'out'); its parameters keep the
+    graph's input order."""
+    wanted = set(graph_inputs)
+    by_position = len(ports) == len(graph_inputs)
+    names = []
+    for index, port in enumerate(ports):
+        own = sorted(set(port.get_names()) & wanted)
+        names.append(own[0] if own else graph_inputs[index] if by_position
+                     else port.get_any_name())
+    return names
+
+
+def _graph_io_names(model) -> tuple[frozenset, tuple]:
+    """Input and output names of the ONNX graph, and its real inputs (not initializers) in
+    order, read without its weights."""
     import onnx
 
     if isinstance(model, (str, os.PathLike)):
@@ -229,7 +245,9 @@ def _graph_io_names(model) -> frozenset:
         deferred.close()
     elif isinstance(model, bytes):
         model = onnx.load_from_string(model)
-    return frozenset(v.name for v in (*model.graph.input, *model.graph.output))
+    weights = {t.name for t in model.graph.initializer}
+    return (frozenset(v.name for v in (*model.graph.input, *model.graph.output)),
+            tuple(v.name for v in model.graph.input if v.name not in weights))
 
 
 def _with_graph_precision(compiled: Precision, model) -> Precision:
