@@ -60,6 +60,8 @@ def render_verification(result: dict, console: Console) -> None:
     engine = result.get("engine")
     case = result.get("test_case")
     title = "verification (ONNX Runtime, graph optimisation off)"
+    if result.get("evaluator", "onnxruntime") != "onnxruntime":
+        title = f"verification ({result['evaluator']})"
     if engine:
         title = (f"verification: candidate on {engine['name']} ({engine['precision']}) vs "
                  f"reference on ONNX Runtime CPU, graph optimisation off")

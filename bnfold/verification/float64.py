@@ -19,7 +19,11 @@ from onnx import numpy_helper
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors, names_read_by_subgraphs
 from bnfold.onnxio.validity import sort_nodes_topologically
-from bnfold.verification.float64_extra_ops import mean_variance_normalization, upsample
+from bnfold.verification.float64_extra_ops import (
+    legacy_broadcast_ops,
+    mean_variance_normalization,
+    upsample,
+)
 from bnfold.verification.float64_ops import conv_by_taps, conv_transpose_by_taps, pool_by_taps
 
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
@@ -301,6 +305,8 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
                *_tap_by_tap_pools(), _label_encoder(), _one_hot(), _erf(),
                _gelu(), mean_variance_normalization(), upsample()]
+    if any(o.domain in ("", "ai.onnx") and o.version < 7 for o in model.opset_import):
+        new_ops += legacy_broadcast_ops()
     names = outputs if names is None else list(names)
     try:
         with np.errstate(all="ignore"), _memory_cap():

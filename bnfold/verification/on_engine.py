@@ -97,6 +97,14 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
 
     _check_precision_name(tolerance_precision)
     ref_model, ref_payload = load_source(reference)
+    from bnfold.verification.float64_check import ORT_MIN_OPSET, opset_before_ort
+
+    old_opset = opset_before_ort(ref_model)
+    if old_opset is not None:
+        raise BnfoldError(
+            f"--engine judges the candidate against the reference run in ONNX Runtime, which "
+            f"runs opset {ORT_MIN_OPSET} and later; this model is opset {old_opset}: verify it "
+            f"without --engine (in float64), or against a test case's stored outputs")
     candidate = _vetted_candidate(candidate, engine)
     runner = _Runner(timeout)
     session = runner.session(ref_payload, "reference")

@@ -74,6 +74,8 @@ class VerifyResult:
     located: dict | None = None
     # an ONNX test case's stored outputs as the reference (verification.test_case)
     test_case: dict | None = None
+    # what ran both models: ONNX Runtime, or onnx.reference in float64 for opsets ORT lacks
+    evaluator: str = "onnxruntime"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +155,16 @@ def verify(
                                 tolerance_precision=tolerance_precision,
                                 torch_checkpoint=torch_checkpoint, locate=locate, repro=repro)
     ref_model, ref_payload = load_source(reference)
+    from bnfold.verification.float64_check import opset_before_ort, verify_in_float64
+
+    old_opset = opset_before_ort(ref_model)
+    if old_opset is not None:
+        if locate:
+            raise BnfoldError("--locate and --repro need ONNX Runtime, which runs opset 7 and "
+                              f"later; this model is opset {old_opset}")
+        return verify_in_float64(reference, candidate, ref_model, old_opset, inputs=inputs,
+                                 seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=shapes,
+                                 timeout=timeout)
     _, cand_payload = load_source(candidate)
     runner = _Runner(timeout)
     holder = [runner.session(ref_payload, "reference")]
@@ -470,14 +482,15 @@ def _check_interfaces(ref: tuple[list[str], list[str]], cand: tuple[list[str], l
         )
 
 
-def _feeds(model, session, runner: _Runner, inputs, seed, runs, shapes):
-    """The input sets to run, and notes on how they were chosen."""
+def _feeds(model, session, runner: _Runner, inputs, seed, runs, shapes, try_feed=None):
+    """The input sets to run, and notes on how they were chosen. Symbolic dims are settled by
+    running `session` (or `try_feed`: None on success, else why not)."""
     if isinstance(inputs, dict):
         return [inputs], []
     if inputs is not None:
         return [load_npz_inputs(model, inputs)], []
     plan = plan_inputs(model, shapes, batch=VERIFY_BATCH)
-    plan.settle(lambda feed: runner.try_run(session, feed), seed)
+    plan.settle(try_feed or (lambda feed: runner.try_run(session, feed)), seed)
     plan.check_size()
     notes = list(plan.notes)
     if plan.has_bool and runs < 2:
