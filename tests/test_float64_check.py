@@ -97,3 +97,55 @@ def test_the_legacy_broadcast_aligns_at_axis_as_onnx_runtime_does_at_opset_7():
     (expected,) = golden.run(new, {"x": x})
     got = evaluate_float64(old, {"x": x})["y"]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _zoo_era(opset: int) -> onnx.ModelProto:
+    """An AlexNet-era graph at opset 3 (BatchNormalization-1 with consumed_inputs, Clip-1,
+    Dropout-1, Reshape-1 with a shape attribute, Gemm-1 with broadcast, Add-1 with axis), or
+    the same computation written at opset 13 for ONNX Runtime."""
+    rng = golden.rng(12)
+    old = opset < 7
+    weights = [golden.tensor("W", rng.standard_normal((4, 3, 3, 3))),
+               golden.tensor("b", rng.standard_normal(4)), *golden.bn_params("bn", 4),
+               golden.tensor("fw", rng.standard_normal((5, 64))),
+               golden.tensor("fb", rng.standard_normal(5)),
+               golden.tensor("shift", rng.standard_normal(4) if old else
+                             rng.standard_normal((4, 1, 1)))]
+    bn = {"consumed_inputs": [0, 0, 0, 1, 1], "is_test": 1, "spatial": 1} if old else {}
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1]),
+             golden.bn_node("c", "n", **bn),
+             helper.make_node("Add", ["n", "shift"], ["a"], **(
+                 {"broadcast": 1, "axis": 1} if old else {})),
+             helper.make_node("Clip", ["a", *([] if old else ["lo", "hi"])], ["r"],
+                              **({"min": -0.5, "max": 2.0} if old else {})),
+             helper.make_node("Dropout", ["r"], ["d"], **({"is_test": 1} if old else {})),
+             helper.make_node("Reshape", ["d", *([] if old else ["to"])], ["f"],
+                              **({"shape": [0, -1]} if old else {})),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1,
+                              **({"broadcast": 1} if old else {}))]
+    if not old:
+        weights += [golden.tensor("lo", np.float32(-0.5)), golden.tensor("hi", np.float32(2.0)),
+                    numpy_helper.from_array(np.array([0, -1], np.int64), "to")]
+    f32 = onnx.TensorProto.FLOAT
+    listed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights]
+    graph = helper.make_graph(nodes, "zoo", [helper.make_tensor_value_info(
+        "x", f32, [1, 3, 4, 4]), *(listed if old else [])],
+        [helper.make_tensor_value_info("y", f32, [1, 5])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             ir_version=3 if old else 7)
+
+
+def test_an_opset3_graph_evaluates_as_its_opset13_twin_and_its_fold_is_verified(tmp_path):
+    from bnfold.verification.float64 import evaluate_float64
+
+    x = golden.rng(13).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    (expected,) = golden.run(_zoo_era(13), {"x": x})
+    got = evaluate_float64(_zoo_era(3), {"x": x})["y"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    path = str(tmp_path / "zoo.onnx")
+    save_model(_zoo_era(3), path)
+    run = CliRunner().invoke(cli, ["fold", path], prog_name="bnfold")
+    assert run.exit_code == 0, run.output
+    assert "folded 1" in run.output and "verification (onnx.reference float64)" in run.output
+    result = verify(path, str(tmp_path / "zoo.folded.onnx"))
+    assert result.ok and 0 < result.outputs[0].max_rel_error < 1e-6

@@ -20,7 +20,7 @@ from bnfold.errors import BnfoldError
 from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors, names_read_by_subgraphs
 from bnfold.onnxio.validity import sort_nodes_topologically
 from bnfold.verification.float64_extra_ops import (
-    legacy_broadcast_ops,
+    legacy_ops,
     mean_variance_normalization,
     upsample,
 )
@@ -170,7 +170,7 @@ def _inference_batch_normalization():
         op_domain = ""
 
         def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, spatial=None,
-                 is_test=None, training_mode=None):
+                 is_test=None, training_mode=None, **_attributes):
             epsilon = 1e-5 if epsilon is None else epsilon
             training = bool(training_mode) or (is_test is not None and not is_test)
             if not training:
@@ -306,7 +306,7 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
                *_tap_by_tap_pools(), _label_encoder(), _one_hot(), _erf(),
                _gelu(), mean_variance_normalization(), upsample()]
     if any(o.domain in ("", "ai.onnx") and o.version < 7 for o in model.opset_import):
-        new_ops += legacy_broadcast_ops()
+        new_ops += legacy_ops()
     names = outputs if names is None else list(names)
     try:
         with np.errstate(all="ignore"), _memory_cap():

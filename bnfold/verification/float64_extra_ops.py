@@ -3,9 +3,10 @@
 - MeanVarianceNormalization: onnx.reference expands its function body, whose constants
   (the exponent 2, epsilon 1e-9) are float32, and Pow then refuses a float64 input. Here it
   is the body computed in the input's dtype, epsilon rounded through float32 as there.
-- Add, Sub, Mul, Div and Pow before opset 7, with `broadcast=1`: the second input aligned
-  at `axis` (a bias [C] against [N, C, H, W] at axis 1), where numpy aligns trailing dims.
-  onnx.reference knows only numpy's broadcasting, so the old model zoo's models failed there.
+- Opset 1-6 (models ONNX Runtime does not run): Add, Sub, Mul, Div and Pow with
+  `broadcast=1` align the second input at `axis` (a bias [C] against [N, C, H, W] at axis 1),
+  where numpy aligns trailing dims; and onnx.reference has no Dropout-1/6, Reshape-1 (shape
+  as an attribute), Gemm-1 or Clip-1. The old model zoo's models failed on each.
 - Upsample (opset 7 and 9) with mode "linear": onnx.reference has only integer-scale
   "nearest". Upsample is Resize with asymmetric coordinates (input position = output position
   / scale), which is how ONNX Runtime computes it, so onnx.reference's Resize does the work.
@@ -53,9 +54,50 @@ def upsample():
     return Upsample
 
 
+def legacy_ops() -> list:
+    """Kernels for a model of opset 1-6 (only such a model gets them: they replace
+    onnx.reference's for every version of their op)."""
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops.op_reshape import reshape_reference_implementation
+
+    class Dropout(OpRun):  # inference: the input; the mask, if asked for, keeps everything
+        op_domain = ""
+
+        def _run(self, x, **_attributes):
+            if len(self.onnx_node.output) > 1:
+                return x, np.ones(x.shape, dtype=x.dtype)
+            return (x,)
+
+    class Reshape(OpRun):  # Reshape-1: the shape is an attribute
+        op_domain = ""
+
+        def _run(self, data, shape=None, **_attributes):
+            return (reshape_reference_implementation(data, np.asarray(shape, np.int64)),)
+
+    class Gemm(OpRun):  # Gemm-1: C is required, `broadcast` says it may broadcast
+        op_domain = ""
+
+        def _run(self, a, b, c, alpha=None, beta=None, transA=None, transB=None,
+                 **_attributes):
+            a, b = (a.T if transA else a), (b.T if transB else b)
+            alpha = 1.0 if alpha is None else alpha
+            beta = 1.0 if beta is None else beta
+            return ((alpha * (a @ b) + beta * c).astype(a.dtype),)
+
+    class Clip(OpRun):  # Clip-1: bounds as attributes
+        op_domain = ""
+
+        def _run(self, x, min=None, max=None, **_attributes):  # noqa: A002 (ONNX's names)
+            low = -np.inf if min is None else min
+            high = np.inf if max is None else max
+            return (np.clip(x, low, high).astype(x.dtype),)
+
+    return [*legacy_broadcast_ops(), Dropout, Reshape, Gemm, Clip]
+
+
 def legacy_broadcast_ops() -> list:
     """Add, Sub, Mul, Div, Pow that honour opset 1-6's `broadcast` and `axis` attributes
-    (onnx.reference's kernels otherwise, so opset 7 and later is unchanged)."""
+    (onnx.reference's kernels otherwise)."""
     from onnx.reference.ops.op_add import Add
     from onnx.reference.ops.op_div import Div
     from onnx.reference.ops.op_mul import Mul
