@@ -79,6 +79,7 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
     if json_path:
         write_json(json_path, result.to_dict())
     if not result.ok:
-        if not (locate or repro or result.test_case):
+        # --locate needs ORT on both models: not for a test case or a float64-only check
+        if not (locate or repro or result.test_case or result.evaluator != "onnxruntime"):
             console.print("[dim]rerun with --locate to name the first tensor that differs[/]")
         raise SystemExit(1)

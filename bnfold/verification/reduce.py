@@ -320,5 +320,3 @@ def _environment(probe) -> dict:
         return probe.environment()
     except Exception as exc:  # an engine that cannot describe itself still has a repro
         return {"error": str(exc)}
-
-
