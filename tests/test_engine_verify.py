@@ -389,12 +389,12 @@ def test_a_failure_on_the_engine_says_whose_difference_it_is(monkeypatch, sample
     A wrong candidate differs from both."""
     from bnfold.deploy import engines
 
-    from bnfold.verification.runs import _Runner
+    from bnfold.verification.ort_runner import OrtRunner
 
     monkeypatch.setitem(engines.ENGINES, "offset", (__name__, "OffsetEngine", "test"))
     optimised_sessions = []
-    plain_session = _Runner.session
-    monkeypatch.setattr(_Runner, "session", lambda self, payload, role, optimised=False: (
+    plain_session = OrtRunner.session
+    monkeypatch.setattr(OrtRunner, "session", lambda self, payload, role, optimised=False: (
         optimised_sessions.append(role) if optimised else None,
         plain_session(self, payload, role, optimised))[1])
     result = verify(sample_files["original"], sample_files[candidate], engine="offset",

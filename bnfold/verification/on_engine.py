@@ -86,10 +86,10 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                      locate: bool = False, repro: str | None = None):
     """`bnfold verify REFERENCE CANDIDATE --engine ENGINE` (see bnfold.verification.runs.verify)."""
     from bnfold.verification.ground_truth import record_ground_truth
+    from bnfold.verification.ort_runner import OrtRunner
     from bnfold.verification.runs import (
         VerifyResult,
         _feeds,
-        _Runner,
         judge_outputs,
         locate_into,
         weight_precision,
@@ -106,7 +106,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
             f"runs opset {ORT_MIN_OPSET} and later; this model is opset {old_opset}: verify it "
             f"without --engine (in float64), or against a test case's stored outputs")
     candidate = _vetted_candidate(candidate, engine)
-    runner = _Runner(timeout)
+    runner = OrtRunner(timeout)
     session = runner.session(ref_payload, "reference")
     feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
     ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
@@ -173,12 +173,13 @@ def check_sessions(reference, sessions, feed: dict, timeout: float | None = None
                    tolerance_precision: str | None = None) -> list[OutputCheck]:
     """Each open session's outputs on `feed` against `reference` (an ONNX model) run by ORT on
     the CPU with optimisation off: what `bnfold bench` does once before timing."""
-    from bnfold.verification.runs import _Runner, judge_outputs, weight_precision
+    from bnfold.verification.ort_runner import OrtRunner
+    from bnfold.verification.runs import judge_outputs, weight_precision
 
     _check_precision_name(tolerance_precision)
     ref_model, ref_payload = load_source(reference)
     weights = weight_precision(ref_model)
-    runner = _Runner(timeout)
+    runner = OrtRunner(timeout)
     session = runner.session(ref_payload, "reference")
     ref_outputs = [runner.run(session, feed, "reference")]
     del session

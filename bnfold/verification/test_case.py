@@ -193,11 +193,12 @@ def verify_test_case(folder, candidate=None, *, atol=None, rtol=None, ground_tru
     given) run on every stored input set, judged against the stored outputs."""
     from bnfold.verification.ground_truth import record_ground_truth
     from bnfold.verification.model_sources import load_source
-    from bnfold.verification.runs import VerifyResult, _Runner, judge_outputs, weight_precision
+    from bnfold.verification.ort_runner import OrtRunner
+    from bnfold.verification.runs import VerifyResult, judge_outputs, weight_precision
 
     case = load_test_case(folder)
     candidate = case.model_path if candidate is None else candidate
-    runner = _Runner(timeout)
+    runner = OrtRunner(timeout)
     notes: list[str] = []
     if engine is None:
         cand_model, payload = load_source(candidate)
