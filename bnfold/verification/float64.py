@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from bnfold.errors import BnfoldError
 from bnfold.onnxio.tensors import iter_other_tensors, iter_tensors, names_read_by_subgraphs
 from bnfold.onnxio.validity import sort_nodes_topologically
+from bnfold.verification.float64_check import opset_before_ort
 from bnfold.verification.float64_extra_ops import (
     legacy_ops,
     mean_variance_normalization,
@@ -305,7 +306,7 @@ def evaluate_float64(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     new_ops = [_conv_transpose(), _inference_batch_normalization(), _tap_by_tap_conv(),
                *_tap_by_tap_pools(), _label_encoder(), _one_hot(), _erf(),
                _gelu(), mean_variance_normalization(), upsample()]
-    if any(o.domain in ("", "ai.onnx") and o.version < 7 for o in model.opset_import):
+    if opset_before_ort(model) is not None:  # opset 1-6, before numpy-style broadcasting
         new_ops += legacy_ops()
     names = outputs if names is None else list(names)
     try:

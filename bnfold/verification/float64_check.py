@@ -37,14 +37,12 @@ def verify_in_float64(reference, candidate, ref_model: onnx.ModelProto, opset: i
     from bnfold.verification.comparison import blind_note, blind_outputs
     from bnfold.verification.ground_truth import full_model
     from bnfold.verification.model_sources import load_source
-    from bnfold.verification.runs import VerifyResult, _feeds
+    from bnfold.verification.ort_runner import check_interfaces
+    from bnfold.verification.runs import VerifyResult, _feeds, judge_outputs
 
     ref_full = full_model(reference, ref_model)
     cand_full = full_model(candidate, load_source(candidate)[0])
-    ref_io, cand_io = _interface(ref_full), _interface(cand_full)
-    if ref_io != cand_io:
-        raise BnfoldError(f"the models have different interfaces (inputs, outputs {ref_io} vs "
-                          f"{cand_io}): compare a model with its own folded version")
+    check_interfaces(_interface(ref_full), _interface(cand_full))
 
     def evaluate(model, feed, role):
         try:
@@ -65,7 +63,8 @@ def verify_in_float64(reference, candidate, ref_model: onnx.ModelProto, opset: i
     ref_outputs = [evaluate(ref_full, feed, "reference") for feed in feeds]
     cand_outputs = [evaluate(cand_full, feed, "candidate") for feed in feeds]
     # float32's tolerance: the candidate's weights were rounded to float32, not its arithmetic.
-    metrics = _judge_float32(ref_outputs, cand_outputs, atol, rtol)
+    metrics = judge_outputs(None, None, feeds, ref_outputs, cand_outputs, atol, rtol,
+                            "float32", noise_floor=False)
     notes.insert(0, f"ONNX Runtime runs opset {ORT_MIN_OPSET} and later and this model is opset "
                     f"{opset}: both models were evaluated in float64 by onnx.reference instead, "
                     f"and judged at float32 tolerance")
@@ -77,20 +76,6 @@ def verify_in_float64(reference, candidate, ref_model: onnx.ModelProto, opset: i
     result.ground_truth_skipped = "the check itself ran in float64"
     result.evaluator = "onnx.reference float64"
     return result
-
-
-def _judge_float32(ref_outputs, cand_outputs, atol, rtol):
-    """Worst metrics per output at float32's tolerance (unless given), with no noise floor."""
-    from bnfold.verification.comparison import compare
-    from bnfold.verification.runs import _worse
-
-    worst = {}
-    for ref_out, cand_out in zip(ref_outputs, cand_outputs):
-        for name, value in ref_out.items():
-            metrics = compare(name, value, cand_out[name], atol, rtol, "float32")
-            if name not in worst or _worse(metrics, worst[name]):
-                worst[name] = metrics
-    return list(worst.values())
 
 
 def _evaluate(model: onnx.ModelProto, feed: dict, timeout: float | None) -> dict:

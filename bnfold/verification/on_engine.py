@@ -111,27 +111,11 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     feeds, notes = _feeds(ref_model, session, runner, inputs, seed, runs, shapes)
     ref_outputs = [runner.run(session, feed, "reference") for feed in feeds]
     del session  # the reference's session goes before the engine loads the candidate
-    # The candidate's runs get the reference's bound where the engine can interrupt a run.
-    backend = get_engine(engine, replace(options or EngineOptions(), run_timeout=timeout))
-    if timeout and engine in UNBOUNDED_ENGINES:
-        notes.append(f"the candidate's runs on {engine} are not bounded by the {timeout:g} s "
-                     f"timeout: {UNBOUNDED_ENGINES[engine]}")
-    if engine == "torch" and isinstance(candidate, str):
-        from bnfold.deploy.engines.torch_engine import fused_candidate
-
-        candidate, fusion_notes = fused_candidate(candidate, torch_checkpoint, feeds[0])
-        notes += fusion_notes
-    opened = backend.open("the candidate", candidate, feeds[0])
-    try:
-        if hasattr(opened, "output_names") and opened.output_names is None:
-            opened.output_names = list(ref_outputs[0])  # torch: outputs in export order
-        cand_outputs = [opened.outputs(feed) for feed in feeds]
-        again = opened.outputs(feeds[0])  # the same input once more: is the engine repeatable?
-        precision = opened.precision
-    finally:
-        opened.close()
+    run = run_candidate(candidate, engine, options, feeds, timeout, torch_checkpoint, notes,
+                        list(ref_outputs[0]))
+    backend, cand_outputs, precision = run.backend, run.outputs, run.precision
     _check_outputs_match(ref_outputs[0], cand_outputs[0])
-    drift = run_to_run(cand_outputs[0], again)
+    drift = run_to_run(cand_outputs[0], run.again)
     # A model whose weights are float16 computes in float16 on any engine.
     judged_as = tolerance_precision or coarser_precision(precision.compute,
                                                          weight_precision(ref_model))
@@ -146,12 +130,7 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
                                    ref_outputs[0])
     result.engine["run_to_run"] = drift
     if drift:
-        name = max(drift, key=lambda n: drift[n]["max_rel_error"])
-        result.notes.append(
-            f"the candidate's outputs on {engine} change from run to run: the same input set run "
-            f"twice in one session gives {name} {drift[name]['max_abs_error']:.3g} apart "
-            f"({drift[name]['max_rel_error']:.3g} scale-relative); {engine} is not repeatable on "
-            f"this model, so no comparison with it is finer than that")
+        result.notes.append(drift_note(engine, drift))
     if not result.ok and _reference_runs_there(engine, candidate):
         record, note = _reference_on_engine(backend, runner, ref_payload, feeds, ref_outputs,
                                             cand_outputs, atol, rtol, judged_as)
@@ -167,6 +146,47 @@ def verify_on_engine(reference, candidate, engine: str, *, inputs=None, seed: in
     record_ground_truth(result, reference, ref_model, ground_truth, feeds[0], ref_outputs[0],
                   cand_outputs[0])
     return result
+
+
+@dataclass
+class EngineRun:
+    backend: object
+    outputs: list[dict]  # per feed
+    again: dict  # the first feed's outputs once more: is the engine repeatable?
+    precision: object  # the engine's Precision
+
+
+def run_candidate(candidate, engine: str, options, feeds, timeout, checkpoint, notes: list,
+                  output_names: list[str]) -> EngineRun:
+    """The vetted `candidate` opened on `engine` and run on each feed; `notes` gets what the
+    timeout cannot bound and torch's fusions. `output_names` name a torch module's outputs."""
+    # The candidate's runs get the reference's bound where the engine can interrupt a run.
+    backend = get_engine(engine, replace(options or EngineOptions(), run_timeout=timeout))
+    if timeout and engine in UNBOUNDED_ENGINES:
+        notes.append(f"the candidate's runs on {engine} are not bounded by the {timeout:g} s "
+                     f"timeout: {UNBOUNDED_ENGINES[engine]}")
+    if engine == "torch" and isinstance(candidate, str):
+        from bnfold.deploy.engines.torch_engine import fused_candidate
+
+        candidate, fusion_notes = fused_candidate(candidate, checkpoint, feeds[0])
+        notes += fusion_notes
+    opened = backend.open("the candidate", candidate, feeds[0])
+    try:
+        if hasattr(opened, "output_names") and opened.output_names is None:
+            opened.output_names = list(output_names)  # torch: outputs in export order
+        outputs = [opened.outputs(feed) for feed in feeds]
+        return EngineRun(backend, outputs, opened.outputs(feeds[0]), opened.precision)
+    finally:
+        opened.close()
+
+
+def drift_note(engine: str, drift: dict) -> str:
+    """What run_to_run found, for the report."""
+    name = max(drift, key=lambda n: drift[n]["max_rel_error"])
+    return (f"the candidate's outputs on {engine} change from run to run: the same input set "
+            f"run twice in one session gives {name} {drift[name]['max_abs_error']:.3g} apart "
+            f"({drift[name]['max_rel_error']:.3g} scale-relative); {engine} is not repeatable "
+            f"on this model, so no comparison with it is finer than that")
 
 
 def check_sessions(reference, sessions, feed: dict, timeout: float | None = None,

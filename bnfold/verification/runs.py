@@ -307,12 +307,13 @@ def _judge(runner, holder: list, ref_payload, cand_payload, feeds, atol, rtol,
 
 
 def judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, rtol,
-                  precision: str | None = None, noise_outputs=None) -> list[OutputMetrics]:
+                  precision: str | None = None, noise_outputs=None,
+                  noise_floor: bool = True) -> list[OutputMetrics]:
     """Worst metrics per reference output over the feeds; an output that fails the fixed
     tolerance is judged again against the reference's own float32 noise (measured here, against
     `noise_outputs`: ORT's unoptimised run of `ref_payload`, when `ref_outputs` are another
-    engine's). `precision` is the candidate's compute precision (None: each output dtype's
-    own)."""
+    engine's), unless `noise_floor` is False (no ORT run of the reference exists). `precision`
+    is the candidate's compute precision (None: each output dtype's own)."""
     explicit = atol is not None or rtol is not None
     worst: dict[str, OutputMetrics] = {}
     for ref_out, cand_out in zip(ref_outputs, cand_outputs):
@@ -320,7 +321,7 @@ def judge_outputs(runner, ref_payload, feeds, ref_outputs, cand_outputs, atol, r
             metrics = compare(name, ref_out[name], cand_out[name], atol, rtol, precision)
             if name not in worst or _worse(metrics, worst[name]):
                 worst[name] = metrics
-    failing = [n for n, m in worst.items() if needs_noise_floor(m, explicit)]
+    failing = [n for n, m in worst.items() if noise_floor and needs_noise_floor(m, explicit)]
     if failing:
         floors = _noise_floors(ref_payload, runner, feeds, noise_outputs or ref_outputs, failing)
         for name in failing:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ _TENSOR_FILE = re.compile(r"^(input|output)_(\d+)\.pb$")
 class TestCase:
     folder: str
     model_path: str
+    model: onnx.ModelProto  # its graph, weights left in the file
     data_sets: list[str]  # folder names, in numeric order
     feeds: list[dict[str, np.ndarray]]
     expected: list[dict[str, np.ndarray]]
@@ -85,7 +86,7 @@ def load_test_case(folder: str | os.PathLike) -> TestCase:
     if any(set(e) != set(expected[0]) for e in expected):
         raise BnfoldError(f"the data sets in {folder!r} store different outputs: give each the "
                           f"same output_K.pb files")
-    return TestCase(folder, model_path, [name for _, name in sets], feeds, expected)
+    return TestCase(folder, model_path, model, [name for _, name in sets], feeds, expected)
 
 
 def _model_in(folder: str) -> str | None:
@@ -193,39 +194,48 @@ def verify_test_case(folder, candidate=None, *, atol=None, rtol=None, ground_tru
     given) run on every stored input set, judged against the stored outputs."""
     from bnfold.verification.ground_truth import record_ground_truth
     from bnfold.verification.model_sources import load_source
+    from bnfold.verification.on_engine import (
+        _engine_record,
+        _vetted_candidate,
+        drift_note,
+        run_candidate,
+        run_to_run,
+    )
     from bnfold.verification.ort_runner import OrtRunner
     from bnfold.verification.runs import VerifyResult, judge_outputs, weight_precision
 
     case = load_test_case(folder)
-    candidate = case.model_path if candidate is None else candidate
+    own = candidate is None
+    candidate = case.model_path if own else candidate
     runner = OrtRunner(timeout)
     notes: list[str] = []
+    run = None
     if engine is None:
-        cand_model, payload = load_source(candidate)
+        cand_model, payload = (case.model, candidate) if own else load_source(candidate)
         session = runner.session(payload, "candidate", advice="run it on another engine "
                                  "with --engine, or check the model with onnx.checker")
-        outputs = [_run(runner, session, feed, case, name)
+        outputs = [runner.run(session, feed, "candidate", advice=f"the inputs stored in "
+                              f"{name} of {case.folder!r} do not fit it")
                    for feed, name in zip(case.feeds, case.data_sets)]
         del session
-        computed_in, record = None, None
     else:
         cand_model = None
-        outputs, computed_in, record = _on_engine(candidate, engine, engine_options, case,
-                                                  timeout, torch_checkpoint, notes)
+        run = run_candidate(_vetted_candidate(candidate, engine), engine, engine_options,
+                            case.feeds, timeout, torch_checkpoint, notes, list(case.expected[0]))
+        outputs = run.outputs
     for name in case.expected[0]:
         if name not in outputs[0]:
             raise BnfoldError(f"the candidate has no output {name!r}, which {case.folder!r} "
                               f"stores: give a model with the test case's outputs")
-    case_model = load_source(case.model_path)[0]
-    judged_as = tolerance_precision or coarser_precision(computed_in, weight_precision(
-        cand_model or case_model))
+    judged_as = tolerance_precision or coarser_precision(
+        run.precision.compute if run else None, weight_precision(cand_model or case.model))
     default_rtol, default_atol = _default_tolerance(judged_as)
     used_rtol = default_rtol if rtol is None else rtol
     used_atol = default_atol if atol is None else atol
     # Explicit tolerances: the stored outputs are the reference; ORT's noise says nothing of them.
     metrics = judge_outputs(runner, None, case.feeds, case.expected,
                             [{n: out[n] for n in case.expected[0]} for out in outputs],
-                            used_atol, used_rtol, judged_as)
+                            used_atol, used_rtol, judged_as, noise_floor=False)
     unjudged = sorted(set(outputs[0]) - set(case.expected[0]))
     if unjudged:
         notes.append(f"the test case stores no value for output(s) {', '.join(unjudged)}: "
@@ -240,60 +250,20 @@ def verify_test_case(folder, candidate=None, *, atol=None, rtol=None, ground_tru
                            f"{judged_as} precision" if judged_as and default_rtol >
                            TEST_CASE_TOLERANCE[0] else "onnx's backend test runner"),
     }
-    if record is not None:
-        result.engine = record | {"tolerance_precision": judged_as, "rtol": used_rtol,
-                                  "atol": used_atol, "tolerance_from":
-                                  result.test_case["tolerance_from"],
-                                  "explicit_tolerance": rtol is not None or atol is not None}
-        if record["run_to_run"]:
-            notes.append(f"the candidate's outputs on {engine} change from run to run (the "
-                         f"first data set run twice): see engine.run_to_run")
-    if set(case.expected[0]) == {o.name for o in case_model.graph.output}:
-        record_ground_truth(result, case.model_path, case_model, ground_truth, case.feeds[0],
+    if run is not None:
+        result.engine = _engine_record(run.backend, run.precision, judged_as, tolerance_precision,
+                                       used_atol, used_rtol, case.expected[0]) | {
+            "tolerance_from": result.test_case["tolerance_from"],
+            "explicit_tolerance": rtol is not None or atol is not None,
+            "run_to_run": run_to_run(outputs[0], run.again)}
+        if result.engine["run_to_run"]:
+            notes.append(drift_note(engine, result.engine["run_to_run"]))
+    if set(case.expected[0]) == {o.name for o in case.model.graph.output}:
+        record_ground_truth(result, case.model_path, case.model, ground_truth, case.feeds[0],
                             case.expected[0], outputs[0])
     else:
         result.ground_truth_skipped = "the test case stores only some of the model's outputs"
     return result
-
-
-def _run(runner, session, feed, case: TestCase, data_set: str) -> dict[str, np.ndarray]:
-    return runner.run(session, feed, "candidate",
-                      advice=f"the inputs stored in {data_set} of {case.folder!r} do not fit it")
-
-
-def _on_engine(candidate, engine, options, case: TestCase, timeout, checkpoint, notes):
-    """The candidate's outputs on `engine` for each stored input set, its compute precision
-    and the engine's record (run-to-run drift included)."""
-    from bnfold.deploy.engines import EngineOptions, get_engine
-    from bnfold.verification.on_engine import (
-        UNBOUNDED_ENGINES,
-        _engine_record,
-        _vetted_candidate,
-        run_to_run,
-    )
-
-    candidate = _vetted_candidate(candidate, engine)
-    backend = get_engine(engine, replace(options or EngineOptions(), run_timeout=timeout))
-    if timeout and engine in UNBOUNDED_ENGINES:
-        notes.append(f"the candidate's runs on {engine} are not bounded by the {timeout:g} s "
-                     f"timeout: {UNBOUNDED_ENGINES[engine]}")
-    if engine == "torch":
-        from bnfold.deploy.engines.torch_engine import fused_candidate
-
-        candidate, fusion_notes = fused_candidate(candidate, checkpoint, case.feeds[0])
-        notes += fusion_notes
-    opened = backend.open("the candidate", candidate, case.feeds[0])
-    try:
-        if hasattr(opened, "output_names") and opened.output_names is None:
-            opened.output_names = list(case.expected[0])  # torch: outputs in export order
-        outputs = [opened.outputs(feed) for feed in case.feeds]
-        again = opened.outputs(case.feeds[0])
-        precision = opened.precision
-    finally:
-        opened.close()
-    record = _engine_record(backend, precision, None, None, None, None, case.expected[0])
-    record["run_to_run"] = run_to_run(outputs[0], again)
-    return outputs, precision.compute, record
 
 
 def _default_tolerance(precision: str | None) -> tuple[float, float]:
