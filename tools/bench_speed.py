@@ -7,7 +7,8 @@ quoted as the median with its min-max over the repeats. It prints, and asserts n
 
 (a) graph size: chains of Conv->BN->Tanh triples (bench_scale.py's): the I/O floor (`onnx.load`
     + `onnx.save` in a fresh `python -c`), `fold_file(verify=False)` and `bnfold fold
-    --no-verify`; fold_file over the floor, ms per node, the CLI over fold_file;
+    --no-verify`; fold_file over the floor, ms per node, the CLI over fold_file; and
+    tools/bare_fold.py over the floor, the least any pure-Python fold can cost (no checks);
 (b) the CNN set in --models (tools/onnx_models.py): the same three per model, with the
     geomeans the issue targets (CLI and fold_file <= 1.10x the floor; CLI within 10% of
     fold_file);
@@ -67,6 +68,10 @@ def fold_commands(python: str, cli: list[str], src: str,
     }
 
 
+def bare_command(python: str, src: str, out: dict[str, str]) -> list[str]:
+    return [python, os.path.join(TOOLS_DIR, "bare_fold.py"), src, out["bare"]]
+
+
 def copy_commands(python: str, src: str, out: dict[str, str]) -> dict[str, list[str]]:
     return {"cp": ["cp", src, out["cp"]], "import onnx": [python, "-c", "import onnx"]}
 
@@ -123,7 +128,7 @@ def _rss_columns(runs: dict[str, list[Run]]) -> list[str]:
 
 def chains_table(results: dict[int, dict[str, list[Run]]]) -> str:
     header = ["nodes", "floor s", "fold_file s", "fold_file/floor", "ms/node", "cli s",
-              "cli/floor", "cli/fold_file", *RSS_HEADER]
+              "cli/floor", "cli/fold_file", "bare/floor", *RSS_HEADER]
     rows = []
     for count, runs in results.items():
         nodes = 3 * count
@@ -131,7 +136,8 @@ def chains_table(results: dict[int, dict[str, list[Run]]]) -> str:
         rows.append([str(nodes), _seconds(runs["floor"]), _seconds(runs["fold_file"]),
                      _ratio(_ratios(runs, "fold_file", "floor")), f"{per_node:.3f}",
                      _seconds(runs["cli"]), _ratio(_ratios(runs, "cli", "floor")),
-                     _ratio(_ratios(runs, "cli", "fold_file")), *_rss_columns(runs)])
+                     _ratio(_ratios(runs, "cli", "fold_file")),
+                     _ratio(_ratios(runs, "bare", "floor")), *_rss_columns(runs)])
     return ("== (a) graph size: Conv->BN->Tanh chains; (d) peak RSS over the floor's ==\n"
             + _format_table(header, rows))
 
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         # the snippets and the console script all import the same bnfold.
         os.chdir(workdir)
         out = {name: os.path.join(workdir, f"{name.replace(' ', '_')}.out.onnx")
-               for name in ("floor", "fold_file", "cli", "cp")}
+               for name in ("floor", "fold_file", "cli", "cp", "bare")}
         chains: dict[int, dict[str, list[Run]]] = {}
         for count in args.sizes:
             src = os.path.join(workdir, f"triples{count}.onnx")
@@ -208,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                                args.timeout, os.path.join(workdir, "stderr.txt"))
             if run.returncode != 0:
                 raise SystemExit(f"building the {count}-triple chain failed: {run.error_tail}")
-            chains[count] = measure(fold_commands(python, cli, src, out), list(out.values()),
-                                    args.repeat, workdir, args.timeout)
+            commands = fold_commands(python, cli, src, out)
+            commands["bare"] = bare_command(python, src, out)
+            chains[count] = measure(commands, list(out.values()), args.repeat, workdir,
+                                    args.timeout)
             os.remove(src)
         if chains:
             print("\n" + chains_table(chains), flush=True)
