@@ -47,7 +47,7 @@ def run_demo(out_dir: str, console: Console) -> None:
 
 def _fold_and_verify(path: str, out_dir: str, console: Console) -> str:
     from bnfold.folding.api import default_output_path, fold_file
-    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.onnxio.staged_files import write_text_atomic
     from bnfold.cli.report_view import render_fold_report, render_verification
 
     folded = default_output_path(path)
@@ -87,7 +87,7 @@ def _bench(original: str, folded: str, shape, out_dir: str, console: Console) ->
     from bnfold.deploy.bench import bench_models
     from bnfold.cli.bench_view import render
     from bnfold.deploy.engines import best_available
-    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.onnxio.staged_files import write_text_atomic
 
     from bnfold.verification.inputs import graph_inputs
     from bnfold.onnxio.files import load_model
@@ -120,7 +120,8 @@ def deploy_engine() -> tuple[str, str]:
 
 def _cross_engine(original: str, folded: str, shape, out_dir: str, console: Console) -> None:
     from bnfold.verification.inputs import graph_inputs
-    from bnfold.onnxio.files import load_model, write_text_atomic
+    from bnfold.onnxio.files import load_model
+    from bnfold.onnxio.staged_files import write_text_atomic
     from bnfold.cli.report_view import render_verification
     from bnfold.verification.runs import verify
 

@@ -76,7 +76,7 @@ def test_string_input_needs_inputs_file(tmp_path):
 
 @pytest.mark.parametrize("args,code,text", [
     (["--engine", "tvm"], 2, "'tvm' is not one of"),
-    (["--engine", "torch"], 1, "--model SPEC"),
+    (["--engine", "torch"], 2, "--model SPEC"),  # an ONNX MODEL with --engine torch
     (["--engine", "ort-cpu", "--shape", "input"], 2, "NAME=DxDxD"),
     (["--engine", "ort-cpu", "--shape", "other=1x3"], 1, "does not take"),
 ])
@@ -87,9 +87,16 @@ def test_bench_user_errors(sample_path, args, code, text):
     assert "Traceback" not in result.output
 
 
-def test_bench_needs_a_model():
+def test_bench_needs_a_model():  # bad usage: exit 2, as click's own
     result = CliRunner().invoke(_cli(), ["bench", "--engine", "ort-cpu"])
-    assert result.exit_code == 1 and "give an ONNX MODEL" in result.output
+    assert result.exit_code == 2 and "give an ONNX MODEL" in result.output
+
+
+def test_bench_checks_its_json_path_before_measuring(sample_path, tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", sample_path, "--engine", "ort-cpu",
+                                         "--json", str(tmp_path / "missing" / "b.json"), *FAST])
+    assert result.exit_code == 1 and "--json" in result.output
+    assert result.output.count("\n") == 1  # its one error line: refused before any timing
 
 
 def test_bench_torch_engine_with_a_factory():

@@ -120,6 +120,86 @@ def test_fold_in_place(model_path, tmp_path):
     assert bnfold("verify", original, model_path).exit_code == 0
 
 
+def test_fold_in_place_alone_replaces_the_input(model_path, tmp_path):
+    result = bnfold("fold", model_path, "--in-place", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert count_bn(model_path) == 1 and os.listdir(tmp_path) == ["M.onnx"]
+    assert f"wrote {model_path}\n" in result.stdout
+
+
+def test_fold_names_the_data_file_it_writes_and_the_one_it_leaves_unread(tmp_path):
+    # an exporter's layout: the weights in weights.bin, not the M.onnx.data bnfold writes
+    model = build_sample_model()
+    onnx.save(model, tmp_path / "M.onnx", save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    out = tmp_path / "out" / "F.onnx"
+    out.parent.mkdir()
+    result = bnfold("fold", tmp_path / "M.onnx", "-o", out, "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} and its external data F.onnx.data (keep them together)\n" in (
+        result.stdout)
+    assert sorted(os.listdir(out.parent)) == ["F.onnx", "F.onnx.data"]
+
+    result = bnfold("fold", tmp_path / "M.onnx", "--in-place", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path)) == ["M.onnx", "M.onnx.data", "out", "weights.bin"]
+    assert ("M.onnx.data (keep them together); weights.bin, which the input read its weights "
+            "from, is no longer read by it: delete it if no other model uses it") in result.stdout
+    os.remove(tmp_path / "weights.bin")  # as the message says: the folded model stands alone
+    assert count_bn(tmp_path / "M.onnx") == 1
+
+
+def test_fold_checks_its_report_path_before_writing_the_model(model_path, tmp_path, monkeypatch):
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # a read-only folder, even for root
+        if dir is not None and os.path.samefile(dir, locked):
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    result = bnfold("fold", model_path, "--report", locked / "R.json")
+    assert_user_error(result, "--report", "cannot write in", "Permission denied")
+    assert sorted(os.listdir(tmp_path)) == ["M.onnx", "locked"]  # no folded model either
+
+
+def test_reports_get_the_permissions_of_a_new_file(model_path, tmp_path):
+    mask = os.umask(0o022)
+    try:
+        report = tmp_path / "R.json"
+        assert bnfold("fold", model_path, "--no-verify", "--report", report).exit_code == 0
+        assert report.stat().st_mode & 0o777 == 0o644
+        os.chmod(report, 0o640)  # replacing a file keeps its mode
+        assert bnfold("inspect", model_path, "--json", report).exit_code == 0
+        assert report.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--verify", "fold", "--no-verify", "--runs", "3"], "--runs"),
+    (["--verify", "fold", "--no-verify", "--seed", "0", "--shape", "x=1x3x8x8"],
+     "--shape, --seed"),
+    (["--verify", "fold", "--no-verify", "--inputs", "x.npz"], "--inputs"),
+    (["verify", "--runs", "0"], "--runs"),
+    (["verify", "--atol", "-1"], "--atol"),
+    (["verify", "--rtol", "-1e-5"], "--rtol"),
+])
+def test_bad_usage_exits_2_before_any_work(model_path, args, named):
+    if args[0] == "--verify":  # fold with options --no-verify would silently ignore
+        args = [args[1], model_path, *args[2:]]
+    else:
+        args = [args[0], model_path, model_path, *args[1:]]
+    result = bnfold(*args)
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "Traceback" not in result.output
+    assert os.listdir(model_path.parent) == ["M.onnx"]
+
+
 def test_fold_no_verify(model_path, tmp_path):
     report = tmp_path / "R.json"
     result = bnfold("fold", model_path, "--no-verify", "--report", report)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
 import click
 import numpy as np
 import onnx
@@ -389,3 +391,17 @@ def test_lazy_modules_and_too_new_opsets_name_the_cause(tmp_path, monkeypatch, a
     result = CliRunner().invoke(bnfold_cli, ["export", *args, "--input-shape", "1x3x8x8",
                                              "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and text in result.output, result.output
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "paper", "--steps", "0"], "--steps"),
+    (["train", "paper", "--lr", "0"], "--lr"),
+    (["recalibrate", "resnet18", "--checkpoint", "c.pt", "-o", "o.pt", "--batches", "0"],
+     "--batches"),
+])
+def test_counts_below_one_are_bad_usage(cli, tmp_path, args, named):
+    if args[0] == "train":
+        args = [*args, "--out", tmp_path / "run"]
+    result = invoke(cli, *args)
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert os.listdir(tmp_path) == []  # refused before any output or folder

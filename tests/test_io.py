@@ -222,7 +222,7 @@ def test_raw_data_shorter_than_dims_loads_but_fold_names_the_tensor(tmp_path):
 def test_external_data_round_trip_gives_identical_tensors(tmp_path):
     model = build_sample_model()
     path = tmp_path / "m.onnx"
-    assert save_model(model, path, external_data=True) is True
+    assert save_model(model, path, external_data=True) == [str(path), f"{path}.data"]
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
     assert len(external_names(path)) == 5  # the five weights of 1 KiB or more
 
@@ -240,7 +240,7 @@ def test_external_data_round_trip_gives_identical_tensors(tmp_path):
 def test_plain_save_round_trip_has_no_data_file(tmp_path):
     model = build_sample_model()
     path = tmp_path / "m.onnx"
-    assert save_model(model, path) is True
+    assert save_model(model, path) == [str(path)]
     assert os.listdir(tmp_path) == ["m.onnx"]
     loaded, data_files = load_model_info(path)
     assert not data_files
@@ -251,7 +251,7 @@ def test_large_model_switches_to_external_data_automatically(tmp_path, monkeypat
     model = build_sample_model()
     monkeypatch.setattr(bnfold.onnxio.files, "_PROTOBUF_LIMIT", 1000)
     path = tmp_path / "big.onnx"
-    assert save_model(model, path) is True
+    assert save_model(model, path) == [str(path), f"{path}.data"]
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
     assert EXTERNAL_TENSOR in external_names(path)
     assert all(np.array_equal(a, arrays(load_model(path))[n]) for n, a in arrays(model).items())
@@ -291,7 +291,7 @@ def test_rejected_save_leaves_nothing(tmp_path, external):
         return False
 
     model = build_sample_model()
-    assert save_model(model, tmp_path / "m.onnx", external_data=external, accept=accept) is False
+    assert save_model(model, tmp_path / "m.onnx", external_data=external, accept=accept) == []
     assert len(seen) == 1 and np.array_equal(seen[0]["fc.weight"], arrays(model)["fc.weight"])
     assert snapshot(tmp_path) == {}
 

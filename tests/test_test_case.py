@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 import golden
 from bnfold.cli import cli
+from bnfold.errors import BnfoldError
 from bnfold.folding.api import fold
 from bnfold.onnxio.files import save_model
 from bnfold.verification.runs import verify
@@ -164,11 +165,14 @@ def test_a_bad_case_is_refused_in_one_line(case, damage, message):
 
 
 def test_options_a_case_brings_itself_are_refused(case, tmp_path):
+    # bad usage (exit 2) at the command line; the library's verify() refuses them too
     run = _invoke(case, "--shape", "x=1x3x8x8")
-    assert run.exit_code == 1 and "do not apply" in run.output
+    assert run.exit_code == 2 and "do not apply" in run.output
     run = _invoke(case, "--locate")
-    assert run.exit_code == 1 and "to locate, verify CASE/model.onnx" in " ".join(
+    assert run.exit_code == 2 and "to locate, verify CASE/model.onnx" in " ".join(
         run.output.split())
+    with pytest.raises(BnfoldError, match="do not apply"):
+        verify(case, runs=2)
     model = str(tmp_path / "alone.onnx")
     save_model(_conv_bn(), model)
     run = _invoke(model)

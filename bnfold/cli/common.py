@@ -88,11 +88,12 @@ def parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 def verify_options(f):
     """The options of an ONNX Runtime verification, shared by `fold` and `verify`."""
     f = click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")(f)
-    f = click.option("--runs", default=1, show_default=True, help="Random input sets to try.")(f)
-    f = click.option("--atol", type=float, help="Absolute tolerance (default by dtype).")(f)
-    f = click.option(
-        "--rtol", type=float, help="Tolerance relative to max|output| (fp32 default 1e-5)."
-    )(f)
+    f = click.option("--runs", default=1, show_default=True, type=click.IntRange(1),
+                     help="Random input sets to try.")(f)
+    f = click.option("--atol", type=click.FloatRange(0),
+                     help="Absolute tolerance (default by dtype).")(f)
+    f = click.option("--rtol", type=click.FloatRange(0),
+                     help="Tolerance relative to max|output| (fp32 default 1e-5).")(f)
     f = click.option(
         "--shape",
         "shapes",
@@ -115,13 +116,33 @@ def verify_options(f):
     return f
 
 
-def require_folder_of(path: str | None, option: str) -> None:
-    """Check an output option's folder before any work, so nothing is half done."""
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise BnfoldError(f"{option} {path!r}: its folder does not exist; create it first")
+# verify_options' parameters: what only a verification reads
+VERIFY_PARAMETERS = ("seed", "runs", "atol", "rtol", "shapes", "timeout", "inputs_path")
+
+
+def given_options(ctx: click.Context, names) -> list[str]:
+    """The options among parameter `names` that the command line set (not left at a default),
+    as the user spelled them (`--runs`)."""
+    from click.core import ParameterSource
+
+    given = []
+    for parameter in ctx.command.params:
+        if parameter.name in names and ctx.get_parameter_source(parameter.name) not in (
+                ParameterSource.DEFAULT, None):
+            given.append(max(parameter.opts, key=len))
+    return given
+
+
+def require_writable(path: str | None, option: str) -> None:
+    """Check an output option's file can be written before any work, so nothing is half done
+    (a folded model written, then its report refused)."""
+    if path:
+        from bnfold.onnxio.staged_files import check_writable
+
+        check_writable(path, option)
 
 
 def write_json(path: str, data: dict) -> None:
-    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.onnxio.staged_files import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")

@@ -11,7 +11,7 @@ import os
 
 import click
 
-from bnfold.cli.common import console, parse_shapes
+from bnfold.cli.common import console, parse_shapes, require_writable
 from bnfold.deploy.engines import ENGINES
 from bnfold.errors import BnfoldError
 
@@ -136,6 +136,8 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
     from bnfold.deploy.engines import EngineOptions, best_available
 
     shape_map = parse_shapes(shapes)
+    require_writable(json_path, "--json")
+    require_writable(plot_path, "--plot")
     if engine == "auto":
         engine, why = best_available()
         console.print(f"engine: {engine} ({why})")
@@ -144,10 +146,11 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
                             inference_precision=inference_precision)
     if engine == "torch":
         if model or compare:
-            raise BnfoldError("--engine torch measures PyTorch modules: give --model SPEC "
-                              "instead of an ONNX file")
+            raise click.UsageError("--engine torch measures PyTorch modules: give --model "
+                                   "SPEC instead of an ONNX file")
         if not torch_spec:
-            raise BnfoldError("--engine torch needs --model SPEC (e.g. resnet18 or module:factory)")
+            raise click.UsageError("--engine torch needs --model SPEC (e.g. resnet18 or "
+                                   "module:factory)")
         from bnfold.deploy.engines.torch_engine import torch_models
 
         models, feed, torch_notes = torch_models(torch_spec, checkpoint, shape_map, seed,
@@ -155,9 +158,11 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         inputs = feed
     else:
         if torch_spec or checkpoint:
-            raise BnfoldError("--model/--checkpoint are for --engine torch: give an ONNX MODEL")
+            raise click.UsageError("--model/--checkpoint are for --engine torch: give an ONNX "
+                                   "MODEL")
         if not model:
-            raise BnfoldError("give an ONNX MODEL to benchmark (or --engine torch --model SPEC)")
+            raise click.UsageError("give an ONNX MODEL to benchmark (or --engine torch --model "
+                                   "SPEC)")
         models = comparison_models(model, tuple(compare))
         inputs = inputs_path
     result = bench_models(models, engine, inputs=inputs, shapes=shape_map, seed=seed, runs=runs,
@@ -167,7 +172,7 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
         result.notes += torch_notes
     render(result, console)
     if json_path:
-        from bnfold.onnxio.files import write_text_atomic
+        from bnfold.onnxio.staged_files import write_text_atomic
 
         write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         console.print(f"wrote {json_path}")

@@ -11,7 +11,14 @@ import os
 
 import click
 
-from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, write_json
+from bnfold.cli.common import (
+    VERIFY_PARAMETERS,
+    given_options,
+    parse_shapes,
+    require_writable,
+    verify_options,
+    write_json,
+)
 
 
 @click.command("fold")
@@ -22,7 +29,8 @@ from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, w
 @click.option(
     "--lower-standalone", is_flag=True, help="Turn a BN with nothing to fold into into Mul+Add."
 )
-@click.option("--in-place", is_flag=True, help="Allow the output to overwrite the input.")
+@click.option("--in-place", is_flag=True,
+              help="Replace MODEL with the folded model (also what lets -o name MODEL).")
 @click.option("--list", "list_all", is_flag=True,
               help="List every BatchNormalization, folded ones too (default: counts per rule "
                    "and every one kept).")
@@ -36,7 +44,12 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
     from bnfold.cli.fold_summary import echo, print_fold_report
     from bnfold.folding.api import fold_file
 
-    require_folder_of(report_path, "--report")
+    require_writable(report_path, "--report")
+    if no_verify:
+        ignored = given_options(click.get_current_context(), VERIFY_PARAMETERS)
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)} set the verification, which "
+                                   f"--no-verify skips: drop one or the other")
     options = dict(seed=seed, runs=runs, atol=atol, rtol=rtol, shapes=parse_shapes(shapes),
                    inputs=inputs_path, timeout=timeout)
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
@@ -58,7 +71,20 @@ def fold_command(model, output, report_path, no_verify, lower_standalone, in_pla
                       "--no-verify, then `bnfold verify MODEL OUTPUT --locate` names the first "
                       "tensor that differs)")
         raise SystemExit(1)
-    echo(f"wrote {result.output_path}")
+    echo(wrote_line(result))
+
+
+def wrote_line(result) -> str:
+    """`wrote OUT`, naming the external data file written beside it (ship both) and the input's
+    data files an in-place fold left unread."""
+    line = f"wrote {result.output_path}"
+    if len(result.written) > 1:
+        line += f" and its external data {os.path.basename(result.written[1])} (keep them together)"
+    if result.unused_data:
+        names = ", ".join(os.path.basename(path) for path in result.unused_data)
+        line += (f"; {names}, which the input read its weights from, is no longer read by it: "
+                 f"delete it if no other model uses it")
+    return line
 
 
 @click.command("inspect")
@@ -71,7 +97,7 @@ def inspect_command(model, json_path, freeze_inputs):
     from bnfold.cli.fold_summary import print_fold_report
     from bnfold.folding.api import fold
 
-    require_folder_of(json_path, "--json")
+    require_writable(json_path, "--json")
     freeze = "all" if "all" in freeze_inputs else list(freeze_inputs)
     result = fold(model, freeze_inputs=freeze)
     print_fold_report(result.report, title=f"bnfold inspect {os.path.basename(model)}",

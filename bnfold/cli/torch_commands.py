@@ -97,9 +97,12 @@ def export_command(spec, checkpoint, input_specs, inputs_path, dynamic, dynamic_
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--data", default=None, help="'digits' (sklearn 8×8, paper only) or a .npz file "
               "with x_train, y_train, x_test, y_test.  [paper: digits]")
-@click.option("--steps", type=int, help="Training steps.  [paper: 5000, others: 200]")
-@click.option("--batch-size", type=int, help="Mini-batch size.  [paper: 60, others: 32]")
-@click.option("--lr", type=float, help="Learning rate.  [paper: 0.5 plain SGD, others: 0.05 SGD+momentum]")
+@click.option("--steps", type=click.IntRange(1),
+              help="Training steps.  [paper: 5000, others: 200]")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Mini-batch size.  [paper: 60, others: 32]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True),
+              help="Learning rate.  [paper: 0.5 plain SGD, others: 0.05 SGD+momentum]")
 @click.option("--seed", default=0, show_default=True, type=int)
 def train_command(target, out_dir, data, steps, batch_size, lr, seed):
     """Train a sample network; `paper` reproduces the BN paper §4.1 (BN vs no BN).
@@ -180,8 +183,9 @@ def _train_sample(name, out_dir, data, steps, batch_size, lr, seed):
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
               help="A .npz with x_train (or x): samples shaped like the model input (integer "
                    "arrays, e.g. token ids, stay integer).")
-@click.option("--batches", default=100, show_default=True, type=int, help="Mini-batches to average.")
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--batches", default=100, show_default=True, type=click.IntRange(1),
+              help="Mini-batches to average.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch sampling.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="OUT.pt")
 def recalibrate_command(spec, checkpoint, data, batches, batch_size, seed, output):

@@ -10,7 +10,13 @@ import os
 
 import click
 
-from bnfold.cli.common import parse_shapes, require_folder_of, verify_options, write_json
+from bnfold.cli.common import (
+    given_options,
+    parse_shapes,
+    require_writable,
+    verify_options,
+    write_json,
+)
 from bnfold.deploy.engines import ENGINES
 
 
@@ -58,10 +64,15 @@ def verify_command(reference, candidate, json_path, ground_truth, engine, infere
     from bnfold.cli.report_view import render_verification
     from bnfold.verification.runs import verify
 
-    require_folder_of(json_path, "--json")
+    require_writable(json_path, "--json")
     if candidate is None and not os.path.isdir(reference):
         raise click.UsageError("missing CANDIDATE: only an ONNX test-case folder (model.onnx, "
                                "test_data_set_N/) is verified alone")
+    if os.path.isdir(reference) and (locate or repro or given_options(
+            click.get_current_context(), ("inputs_path", "shapes", "runs", "seed"))):
+        from bnfold.verification.test_case import CASE_OPTIONS_REFUSED
+
+        raise click.UsageError(CASE_OPTIONS_REFUSED)
     if engine is None and (inference_precision or tolerance_precision or threads or checkpoint):
         raise click.UsageError("--inference-precision, --tolerances, --threads and --checkpoint "
                                "need --engine")

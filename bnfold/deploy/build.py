@@ -14,7 +14,7 @@ from bnfold.deploy.trt_options import (  # noqa: F401  (re-exported for callers 
     parse_size,
     profiles_for_model,
 )
-from bnfold.onnxio.files import write_bytes_atomic
+from bnfold.onnxio.staged_files import write_bytes_atomic
 
 
 def build(model_path: str, output: str, options: BuildOptions, verify: bool = True,

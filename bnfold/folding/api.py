@@ -35,6 +35,9 @@ class FoldResult:
         self._file: tuple[str, tuple[int, ...]] | None = None  # a written file holding it all
         self.report = report
         self.output_path = output_path
+        self.written: list[str] = []  # fold_file: the model file, then its external data file
+        # fold_file --in-place: the input's external data files the new model no longer reads
+        self.unused_data: list[str] = []
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -161,14 +164,18 @@ def fold_file(
     verify_options: dict | None = None,
     freeze_inputs: Iterable[str] | str = (),
 ) -> FoldResult:
-    """Fold `input_path` into `output_path` (default MODEL.folded.onnx), written atomically.
+    """Fold `input_path` into `output_path` (default MODEL.folded.onnx; the input itself with
+    `in_place`), written atomically.
 
     With `verify`, the written file is checked against the input with ONNX Runtime (graph
     optimisation off) before it is moved into place; when it does not match, nothing is written
     and `result.output_path` is None, with the failure in `result.report.verification`.
     """
     input_path = os.fspath(input_path)
-    output_path = os.fspath(output_path) if output_path else default_output_path(input_path)
+    if output_path:
+        output_path = os.fspath(output_path)
+    else:
+        output_path = input_path if in_place else default_output_path(input_path)
     replaces_input = _same_file(input_path, output_path)
     if replaces_input and not in_place:
         raise BnfoldError(
@@ -233,6 +240,10 @@ def fold_file(
         deferred.close()
         raise
     result.output_path = output_path if written else None
+    result.written = written
+    if written and replaces_input:
+        kept = {os.path.realpath(path) for path in written}
+        result.unused_data = sorted(path for path in source_data_files if path not in kept)
     if written:
         # The written file holds the model (when verified, accept moved the result there
         # already): result.model reads it back, checked unchanged, and the folded values and

@@ -203,8 +203,9 @@ def save_model(
     overrides=None,
     deferred: DeferredData | None = None,
     check: bool = True,
-) -> bool:
-    """Write `model` to `path` atomically; returns whether it was written.
+) -> list[str]:
+    """Write `model` to `path` atomically; returns the files written (`path`, then its external
+    data file when it has one), an empty list when `accept` vetoed the write.
 
     External data (one `<name>.data` file beside the model) is used when asked, or by default
     when the model would not fit in one protobuf (2 GiB). `accept(staged_path)` can inspect the
@@ -245,7 +246,8 @@ def save_model(
         return _save_staged(model, path, external_data, accept, overrides, deferred, whole)
 
 
-def _save_staged(model, path, external_data, accept, overrides, deferred, whole=None) -> bool:
+def _save_staged(model, path, external_data, accept, overrides, deferred,
+                 whole=None) -> list[str]:
     """`whole`: the model already serialised (serialize_whole), written as it is."""
     folder = os.path.dirname(path)
     name = os.path.basename(path)
@@ -266,12 +268,14 @@ def _save_staged(model, path, external_data, accept, overrides, deferred, whole=
                 else:
                     write_model(model, handle, overrides, deferred)
         if accept is not None and not accept(staged):
-            return False
+            return []
+        written = [path]
         staged_data = os.path.join(staging, data_name)
         if external_data and os.path.getsize(staged_data) > 0:
-            os.replace(staged_data, os.path.join(folder, data_name))
+            written.append(os.path.join(folder, data_name))
+            os.replace(staged_data, written[-1])
         os.replace(staged, path)
-        return True
+        return written
     except OSError as exc:
         raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
     finally:
@@ -379,29 +383,6 @@ def _detach_raw_data(tensor: onnx.TensorProto) -> tuple[bytes | None, Callable[[
             tensor.raw_data = raw
 
     return raw, undo
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file (a report) atomically."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise BnfoldError(f"folder {folder!r} does not exist: create it first")
-    staged = None
-    try:
-        handle, staged = tempfile.mkstemp(prefix=".bnfold-", dir=folder)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(staged, path)
-    except OSError as exc:
-        if staged and os.path.exists(staged):
-            os.unlink(staged)
-        raise BnfoldError(f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
 def ensure_folder(path: str | os.PathLike) -> str:

@@ -124,14 +124,15 @@ def verify(
     """
     if runs < 1:
         raise BnfoldError("--runs must be at least 1")
-    from bnfold.verification.test_case import is_test_case, verify_test_case
+    from bnfold.verification.test_case import (
+        CASE_OPTIONS_REFUSED,
+        is_test_case,
+        verify_test_case,
+    )
 
     if is_test_case(reference):
         if inputs is not None or shapes or runs != 1 or seed != 0 or sites or locate or repro:
-            raise BnfoldError(
-                "a test-case folder brings its inputs and its reference outputs: --inputs, "
-                "--shape, --runs, --seed, --locate and --repro do not apply (to locate, verify "
-                "CASE/model.onnx against the candidate)")
+            raise BnfoldError(CASE_OPTIONS_REFUSED)
         return verify_test_case(reference, candidate, atol=atol, rtol=rtol,
                                 ground_truth=ground_truth, timeout=timeout, engine=engine,
                                 engine_options=engine_options,

@@ -53,6 +53,12 @@ class TestCase:
                 "outputs": list(self.expected[0])}
 
 
+CASE_OPTIONS_REFUSED = (
+    "a test-case folder brings its inputs and its reference outputs: --inputs, --shape, --runs, "
+    "--seed, --locate and --repro do not apply (to locate, verify CASE/model.onnx against the "
+    "candidate)")
+
+
 def is_test_case(source) -> bool:
     """Whether `source` names a folder (which must then be a test case)."""
     return isinstance(source, (str, os.PathLike)) and os.path.isdir(source)

@@ -113,7 +113,7 @@ def build_serialized(model, options):
     plan_bytes = bytes(plan)
     saved = False
     if cache is not None and options.timing_cache:
-        from bnfold.onnxio.files import write_bytes_atomic
+        from bnfold.onnxio.staged_files import write_bytes_atomic
 
         write_bytes_atomic(options.timing_cache, bytes(cache.serialize()))
         saved = True

@@ -201,7 +201,7 @@ def _steps_to(curve, arm: str) -> dict[float, int | None]:
 
 
 def _write_outputs(result: PaperResult, bn_model) -> None:
-    from bnfold.onnxio.files import write_text_atomic
+    from bnfold.onnxio.staged_files import write_text_atomic
     from bnfold.pytorch.train.files import save_figure, save_state_dict
 
     lines = ["step,arm,test_accuracy"] + [f"{s},{arm},{acc:.6f}" for s, arm, acc in result.curve]
