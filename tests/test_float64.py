@@ -303,3 +303,36 @@ def test_kernels_onnx_reference_lacks_in_float64_match_onnx_runtime(op_type, att
     truth = evaluate_float64(m, {"x": x})["y"]
     assert truth.dtype == np.float64 and truth.shape == expected.shape
     assert np.abs(truth - expected).max() <= 2e-6 * np.abs(truth).max()
+
+
+def test_ground_truth_of_a_tiny_output_is_given_in_absolute_terms(tmp_path):
+    # (1 + 1e-6·v) − 1 in float32 keeps v to about 6e-8 absolute: several percent of an output
+    # whose values are all ~1e-6, well within float32's absolute tolerance (1e-7). A PP-OCRv4
+    # detector on random inputs (a sigmoid near 0) reported "original 0.0219" this way.
+    r = rng(7)
+    one = tensor("one", np.ones(1))
+    inits = [tensor("W", r.standard_normal((3, 3, 1, 1)) * 1e-6), tensor("g", r.uniform(1, 2, 3)),
+             tensor("b", r.standard_normal(3) * 1e-7), tensor("m", r.standard_normal(3) * 1e-7),
+             tensor("v", r.uniform(0.5, 2, 3)), one]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Add", ["n", "one"], ["p"]),
+             helper.make_node("Sub", ["p", "one"], ["y"])]
+    original = model(nodes, [("x", [1, 3, 4, 4])], [("y", None)], inits)
+    folded = bnfold.fold(original)
+    assert folded.report.folded
+    from bnfold.verification.runs import verify
+
+    result = verify(original, folded.model, ground_truth=True)
+    truth = result.ground_truth["y"]
+    assert truth["reference_rel_error"] > 1e-2  # the figure that misled
+    assert 0 < truth["reference_abs_error"] <= 1e-7
+    assert truth["candidate_abs_error"] <= np.spacing(np.float32(1))  # one rounding of 1 + n
+    assert truth["scale"] < 1e-5 and truth["atol"] == 1e-7
+    from bnfold.cli.report_view import render_verification
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    render_verification(result.to_dict(), console)
+    text = console.export_text()
+    assert "(absolute error: its values reach only" in text and "scale-relative error)" not in text

@@ -115,6 +115,14 @@ def render_verification(result: dict, console: Console) -> None:
               else ("original", "folded"))
     if truth:
         for name, errors in truth.items():
+            if "reference_abs_error" in errors:
+                console.print(
+                    f"float64 ground truth, {escape(name)}: {labels[0]} "
+                    f"{errors['reference_abs_error']:.3g}, {labels[1]} "
+                    f"{errors['candidate_abs_error']:.3g} (absolute error: its values reach "
+                    f"only {errors['scale']:.3g}, too small for a scale-relative figure; the "
+                    f"absolute tolerance is {errors['atol']:.3g})")
+                continue
             console.print(
                 f"float64 ground truth, {escape(name)}: {labels[0]} "
                 f"{errors['reference_rel_error']:.3g}, {labels[1]} "
