@@ -106,3 +106,41 @@ def test_bench_torch_engine_with_a_factory():
                                          "input=2x3x8x8", *FAST])
     assert result.exit_code == 0, result.output
     assert "fused (2 BN)" in result.output
+
+
+def _conv1d_bn(tmp_path, length="length", name="seq.onnx"):
+    import golden
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1]), golden.bn_node("c", "y")]
+    inits = [golden.tensor("W", golden.rng(0).standard_normal((4, 3, 3))),
+             *golden.bn_params("bn", 4)]
+    path = tmp_path / name
+    save_model(golden.model(nodes, [("x", ["N", 3, length])], [("y", None)], inits), str(path))
+    return str(path)
+
+
+def test_bench_settles_a_symbolic_length_as_verify_does(tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", _conv1d_bn(tmp_path), "--engine", "ort-cpu",
+                                         *FAST])
+    assert result.exit_code == 0, result.output
+    assert "'length' set to 64" in " ".join(result.output.split())
+    assert "original" in result.output and "folded" in result.output
+
+
+def test_bench_refuses_models_with_other_inputs_in_one_line(sample_path, tmp_path):
+    result = CliRunner().invoke(_cli(), ["bench", sample_path, "--compare",
+                                         _conv1d_bn(tmp_path), "--engine", "ort-cpu", *FAST])
+    assert result.exit_code == 1, result.output
+    assert "bench feeds every model the same inputs" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and "Required inputs" not in result.output
+
+
+def test_bench_says_why_a_model_without_batchnorm_is_timed_alone(tmp_path):
+    import golden
+
+    path = tmp_path / "relu.onnx"
+    save_model(golden.model([helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])],
+                            [("y", None)], []), str(path))
+    result = CliRunner().invoke(_cli(), ["bench", str(path), "--engine", "ort-cpu", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "has no BatchNormalization: nothing to fold" in " ".join(result.output.split())

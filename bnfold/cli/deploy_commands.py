@@ -98,8 +98,9 @@ def build_command(model, output, profiles, workspace, opt_level, timing_cache, f
               help="torch engine: zoo name (resnet18, paper-mlp) or module:factory.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="torch engine: weights.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD..",
-              help="Input shape (symbolic dims; batch defaults to 2). torch engine: one per "
-                   "forward argument, by name.")
+              help="Input shape for symbolic dims (default: batch 2, any other dim the first "
+                   "size ONNX Runtime runs, as verify picks it). torch engine: one per forward "
+                   "argument, by name.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
               help="A .npz file with one array per model input.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
@@ -170,6 +171,10 @@ def bench_command(model, compare, engine, torch_spec, checkpoint, shapes, inputs
                           check=not no_check)
     if engine == "torch":
         result.notes += torch_notes
+    elif len(models) == 1:
+        result.notes.append(f"{os.path.basename(model)} has no BatchNormalization: nothing to "
+                            f"fold, so it is timed alone (--compare OTHER.onnx to time others "
+                            f"beside it)")
     render(result, console)
     if json_path:
         from bnfold.onnxio.staged_files import write_text_atomic

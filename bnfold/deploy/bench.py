@@ -211,6 +211,7 @@ def comparison_models(path: str, compare: tuple[str, ...] = ()) -> list[tuple[st
         labels = [label for label, _ in models]
         if len(set(labels)) != len(labels):
             models = [(f"{i}:{label}", m) for i, (label, m) in enumerate(models)]
+        _check_same_inputs(models)
         return models
     if not any(node.op_type == "BatchNormalization" for node in model.graph.node):
         return [(os.path.basename(path), model)]
@@ -218,6 +219,21 @@ def comparison_models(path: str, compare: tuple[str, ...] = ()) -> list[tuple[st
 
     folded = fold(model).model
     return [("original", model), ("folded", folded)]
+
+
+def _check_same_inputs(models: list[tuple[str, Any]]) -> None:
+    """Every model takes the first one's inputs (by name): they all get its feed."""
+    from bnfold.verification.inputs import graph_inputs
+
+    first_label, first = models[0]
+    names = sorted(value.name for value in graph_inputs(first))
+    for label, model in models[1:]:
+        theirs = sorted(value.name for value in graph_inputs(model))
+        if theirs != names:
+            raise BnfoldError(
+                f"{label} takes inputs {theirs} and {first_label} takes {names}: bench feeds "
+                f"every model the same inputs, so compare models with one interface (a model "
+                f"and its folded version)")
 
 
 def bench_models(
@@ -247,7 +263,8 @@ def bench_models(
         raise BnfoldError("nothing to benchmark: give at least one model")
     options = options or EngineOptions()
     backend = get_engine(engine, options)
-    feed = _feed(models[0][1], inputs, shapes, seed)
+    feed_notes: list[str] = []
+    feed = _feed(models[0][1], inputs, shapes, seed, feed_notes)
     sessions = []
     try:
         for label, model in models:
@@ -272,7 +289,8 @@ def bench_models(
                 "input_shapes": {k: list(np.shape(v)) for k, v in feed.items()},
                 "interleaved": True, **asdict(options)}
     settings["outputs_checked"] = checks[0] is not None
-    result = BenchResult(engine, results, environment(backend), settings, list(backend.notes))
+    result = BenchResult(engine, results, environment(backend), settings,
+                         feed_notes + list(backend.notes))
     if checks[0] is not None:
         result.notes.append("outputs checked once on this engine's sessions against the "
                             "reference in ONNX Runtime CPU, optimisation off, before timing")
@@ -286,12 +304,12 @@ def _is_onnx(model) -> bool:
     return isinstance(model, (onnx.ModelProto, str, os.PathLike, bytes))
 
 
-def _feed(model, inputs, shapes, seed) -> dict:
+def _feed(model, inputs, shapes, seed, notes: list[str]) -> dict:
     if isinstance(inputs, dict):
         return inputs
     import onnx
 
-    from bnfold.verification.inputs import make_inputs
+    from bnfold.verification.inputs import DEFAULT_BATCH, make_inputs, plan_inputs
 
     if not isinstance(model, onnx.ModelProto):
         if isinstance(model, (str, os.PathLike)):
@@ -300,6 +318,19 @@ def _feed(model, inputs, shapes, seed) -> dict:
             model = load_model(model)
         else:
             raise BnfoldError("give a feed dict as inputs= when benchmarking a non-ONNX model")
+    if inputs is None:
+        plan = plan_inputs(model, shapes, DEFAULT_BATCH)
+        if plan.open_dims:
+            # A symbolic dim other than the batch: settled as `bnfold verify` settles it, by
+            # the first ladder size ONNX Runtime (CPU, optimisation off) runs; notes says which.
+            from bnfold.verification.ort_runner import OrtRunner
+
+            runner = OrtRunner(None)
+            session = runner.session(model.SerializeToString(), "the model")
+            plan.settle(lambda feed: runner.try_run(session, feed), seed)
+            plan.check_size()
+            notes.extend(plan.notes)
+            return plan.feed(seed, 0)
     return make_inputs(model, shapes, seed, inputs)
 
 
