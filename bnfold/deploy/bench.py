@@ -309,7 +309,7 @@ def _feed(model, inputs, shapes, seed, notes: list[str]) -> dict:
         return inputs
     import onnx
 
-    from bnfold.verification.inputs import DEFAULT_BATCH, make_inputs, plan_inputs
+    from bnfold.verification.inputs import DEFAULT_BATCH, load_npz_inputs, plan_inputs
 
     if not isinstance(model, onnx.ModelProto):
         if isinstance(model, (str, os.PathLike)):
@@ -318,20 +318,20 @@ def _feed(model, inputs, shapes, seed, notes: list[str]) -> dict:
             model = load_model(model)
         else:
             raise BnfoldError("give a feed dict as inputs= when benchmarking a non-ONNX model")
-    if inputs is None:
-        plan = plan_inputs(model, shapes, DEFAULT_BATCH)
-        if plan.open_dims:
-            # A symbolic dim other than the batch: settled as `bnfold verify` settles it, by
-            # the first ladder size ONNX Runtime (CPU, optimisation off) runs; notes says which.
-            from bnfold.verification.ort_runner import OrtRunner
+    if inputs is not None:
+        return load_npz_inputs(model, inputs)
+    plan = plan_inputs(model, shapes, DEFAULT_BATCH)
+    if plan.open_dims:
+        # A symbolic dim other than the batch: settled as `bnfold verify` settles it, by the
+        # first ladder size ONNX Runtime (CPU, optimisation off) runs; `notes` says which.
+        from bnfold.verification.ort_runner import OrtRunner
 
-            runner = OrtRunner(None)
-            session = runner.session(model.SerializeToString(), "the model")
-            plan.settle(lambda feed: runner.try_run(session, feed), seed)
-            plan.check_size()
-            notes.extend(plan.notes)
-            return plan.feed(seed, 0)
-    return make_inputs(model, shapes, seed, inputs)
+        runner = OrtRunner(None)
+        session = runner.session(model.SerializeToString(), "the model")
+        plan.settle(lambda feed: runner.try_run(session, feed), seed)
+        notes.extend(plan.notes)
+    plan.check_size()
+    return plan.feed(seed, 0)
 
 
 def _batch_size(feed: dict) -> int:

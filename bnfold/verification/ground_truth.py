@@ -116,15 +116,17 @@ def record_ground_truth(result, source, model, wanted, feed, ref_out, cand_out) 
                 f"it is no ground truth"
             )
             return
-        errors[name] = {"reference_rel_error": ref_err,
-                        "candidate_rel_error": relative_to(cand_out[name], exact)}
         candidate = _distance(cand_out[name], exact)
+        errors[name] = {"reference_rel_error": ref_err,
+                        "candidate_rel_error": None if candidate is None
+                        else candidate[0] / candidate[1]}
         if ref_err > GROUND_TRUTH_MAX_DISAGREEMENT and gap <= atol and candidate:
             # The original is within the dtype's absolute tolerance of float64 on an output whose
             # values are all tiny (a sigmoid near 0 on random inputs): a scale-relative figure
-            # of a few percent would read as an error where there is none. Absolute ones too.
+            # of a few percent would read as an error where there is none. Absolute ones too,
+            # with the scale they were divided by (the largest finite value, at least atol).
             errors[name].update(reference_abs_error=gap, candidate_abs_error=candidate[0],
-                                scale=float(np.abs(exact).max()), atol=atol)
+                                scale=scale, atol=atol)
     if not errors:
         result.ground_truth_skipped = "no floating-point output to measure"
         return
@@ -143,17 +145,11 @@ def _disagreement_bound(result, name: str) -> float:
     return max(GROUND_TRUTH_MAX_DISAGREEMENT, FLOOR_MULTIPLE * metrics.noise_floor / metrics.scale)
 
 
-def relative_to(values: np.ndarray, exact: np.ndarray) -> float | None:
-    """max|values − exact| / max|exact| over positions finite in both; None when not float.
-    A scale below the dtype's absolute tolerance counts as that tolerance: a sigmoid
-    saturated at 1e-22 in float64 is 0 in ORT's float32, which is no disagreement."""
-    measured = _distance(values, exact)
-    return None if measured is None else measured[0] / measured[1]
-
-
 def _distance(values: np.ndarray, exact: np.ndarray) -> tuple[float, float] | None:
-    """(max|values − exact|, the scale relative_to divides it by) over positions finite in
-    both; None when not float or nothing is finite."""
+    """(max|values − exact|, scale) over positions finite in both, the scale being max|exact|;
+    None when not float or nothing is finite. A scale below the dtype's absolute tolerance
+    counts as that tolerance: a sigmoid saturated at 1e-22 in float64 is 0 in ORT's float32,
+    which is no disagreement."""
     values, exact = np.asarray(values), np.asarray(exact)
     if values.dtype.kind != "f" or exact.dtype.kind != "f" or values.shape != exact.shape:
         return None
